@@ -1,0 +1,21 @@
+//! ferry's store: the chunking core and the content-addressed store on disk.
+//!
+//! Data flows `bytes → chunker → BLAKE3 → index lookup → zstd → pack`, and a
+//! stash is recorded as a manifest (the recipe that rebuilds the bytes)
+//! named by a ref. See `docs/ARCHITECTURE.md` for the whole picture.
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod bench;
+pub mod chunker;
+pub mod compress;
+pub mod dirtar;
+pub mod id;
+pub mod image;
+pub mod index;
+pub mod name;
+pub mod pack;
+pub mod refs;
+pub mod tarsplit;
+
+pub use id::{ChunkId, ManifestId, PackId};
