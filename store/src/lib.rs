@@ -13,9 +13,11 @@ pub mod dirtar;
 pub mod id;
 pub mod image;
 pub mod index;
+pub mod manifest;
 pub mod name;
 pub mod pack;
 pub mod refs;
+pub mod repo;
 pub mod tarsplit;
 
 pub use id::{ChunkId, ManifestId, PackId};

@@ -1,0 +1,1201 @@
+//! The store as a whole: open a directory, stash and unstash byte streams,
+//! files and directories under names, list, inspect, remove, measure and
+//! check. This is the library behind `ferry stash`, `ferry unstash`,
+//! `ferry ls`, `ferry inspect`, `ferry rm`, `ferry du` and `ferry fsck`.
+//!
+//! Stash pipeline: a reader thread reads large blocks and computes the
+//! SHA-256 of the stream; the tar splitter sends tar structure to the
+//! metadata stream and file contents to the content stream; each stream is
+//! chunked and hashed in parallel; chunks the store lacks are compressed in
+//! parallel and appended to a pack. Packs are durable before the manifest,
+//! and the manifest before the name: a killed stash leaves unreferenced
+//! packs, never a name that points at missing data.
+
+use crate::backend::{Backend, BackendError, Kind, LocalDir};
+use crate::chunker::{Batch, Chunker, ChunkerParams, StreamChunker};
+use crate::compress::{self, Codec};
+use crate::dirtar::{self, DirTarError};
+use crate::image::{self, ImageKind};
+use crate::index::{Index, IndexProblem, Location};
+use crate::manifest::{ChunkRef, Header, Manifest, ManifestError, StashKind};
+use crate::name::Name;
+use crate::pack::{self, PackError, PackWriter};
+use crate::refs::{self, RefError};
+use crate::tarsplit::{Part, TarSplitter};
+use crate::{ChunkId, ManifestId};
+use rayon::prelude::*;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{HashSet, VecDeque};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Tunables of a store session.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Chunk sizes.
+    pub chunker: ChunkerParams,
+    /// zstd level for new chunks.
+    pub level: i32,
+    /// Target size of a pack file.
+    pub pack_size: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunker: ChunkerParams::default(),
+            level: compress::DEFAULT_LEVEL,
+            pack_size: pack::DEFAULT_TARGET_SIZE,
+        }
+    }
+}
+
+/// Everything that can go wrong in the store, with what failed and where.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store directory could not be opened or created.
+    #[error("cannot open the store at {}: {source}", path.display())]
+    Open {
+        /// The store's directory.
+        path: PathBuf,
+        /// Why.
+        source: BackendError,
+    },
+    /// A storage operation failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The index could not be loaded.
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
+    /// The chunk sizes are unusable.
+    #[error(transparent)]
+    Config(#[from] crate::chunker::ParamsError),
+    /// Writing or reading a pack failed.
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    /// A name could not be resolved or updated.
+    #[error(transparent)]
+    Ref(#[from] RefError),
+    /// Reading the input failed.
+    #[error("reading {what}: {source}")]
+    Input {
+        /// What was being read.
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// Writing the output failed.
+    #[error("writing {what}: {source}")]
+    Output {
+        /// What was being written.
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// A directory could not be archived or restored.
+    #[error(transparent)]
+    Directory(#[from] DirTarError),
+    /// A manifest did not decode.
+    #[error("the manifest {id} of {name:?} is damaged ({source}); run `ferry fsck`")]
+    Manifest {
+        /// The name that points at it.
+        name: String,
+        /// Its id.
+        id: ManifestId,
+        /// What is wrong.
+        source: ManifestError,
+    },
+    /// A chunk a manifest names is not in the store.
+    #[error("{name:?} cannot be restored: chunk {chunk} is missing from the store; run `ferry fsck`")]
+    MissingChunk {
+        /// The stash.
+        name: String,
+        /// The chunk.
+        chunk: ChunkId,
+    },
+    /// A chunk's stored bytes do not match its id.
+    #[error("{name:?} cannot be restored: chunk {chunk} is corrupt ({detail}); run `ferry fsck --full`")]
+    CorruptChunk {
+        /// The stash.
+        name: String,
+        /// The chunk.
+        chunk: ChunkId,
+        /// Where and how.
+        detail: String,
+    },
+    /// The target exists and overwriting was not asked for.
+    #[error("{} already exists; use --force to overwrite it", path.display())]
+    Exists {
+        /// The target.
+        path: PathBuf,
+    },
+    /// The stash cannot be written to that kind of target.
+    #[error("{name:?} is a {kind} stash: {hint}")]
+    WrongTarget {
+        /// The stash.
+        name: String,
+        /// Its kind.
+        kind: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
+}
+
+fn input_err(what: &str) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Input {
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn output_err(what: &str) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Output {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Reports progress of long operations (bytes read or written). The CLI
+/// draws a bar on a terminal and log lines elsewhere.
+pub trait Progress: Send + Sync {
+    /// `bytes` more were processed.
+    fn advance(&self, bytes: u64);
+}
+
+/// Progress that is not reported.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn advance(&self, _bytes: u64) {}
+}
+
+/// What to stash.
+pub enum Source {
+    /// A byte stream, e.g. standard input (`docker save img | ferry stash x -`).
+    Reader(Box<dyn Read + Send>),
+    /// A file (a `docker save` archive, an OCI layout tar, or anything).
+    File(PathBuf),
+    /// A directory tree.
+    Directory(PathBuf),
+}
+
+/// Where to unstash.
+pub enum Target {
+    /// A byte stream, e.g. standard output (`ferry unstash x - | docker load`).
+    Writer(Box<dyn Write + Send>),
+    /// A file, written to a temporary name and renamed when complete.
+    File(PathBuf),
+    /// A directory, for directory stashes.
+    Directory(PathBuf),
+}
+
+/// What a stash stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StashReport {
+    /// The name.
+    pub name: String,
+    /// The manifest it now points at.
+    pub manifest: ManifestId,
+    /// What was stashed.
+    pub kind: StashKind,
+    /// Bytes read.
+    pub size: u64,
+    /// SHA-256 of the bytes, hex.
+    pub sha256: String,
+    /// Chunks in the recipe.
+    pub chunks: u64,
+    /// Chunks that were new to the store.
+    pub new_chunks: u64,
+    /// Raw bytes of the new chunks.
+    pub new_bytes: u64,
+    /// Bytes written to packs for them (compressed).
+    pub stored_bytes: u64,
+    /// Chunks the store already had.
+    pub reused_chunks: u64,
+    /// Raw bytes of those.
+    pub reused_bytes: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Input throughput, bytes per second.
+    pub bytes_per_second: f64,
+}
+
+/// What an unstash wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnstashReport {
+    /// The name.
+    pub name: String,
+    /// What it was.
+    pub kind: StashKind,
+    /// Bytes written (for directories: of the tar stream restored).
+    pub size: u64,
+    /// Chunks read.
+    pub chunks: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Output throughput, bytes per second.
+    pub bytes_per_second: f64,
+}
+
+/// One line of `ferry ls`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// The name.
+    pub name: String,
+    /// The manifest id.
+    pub manifest: ManifestId,
+    /// Kind, size and so on; `None` if the manifest is unreadable.
+    pub header: Option<Header>,
+}
+
+/// `ferry inspect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// The name.
+    pub name: String,
+    /// The manifest id.
+    pub manifest: ManifestId,
+    /// Kind, size, SHA-256, image metadata.
+    #[serde(flatten)]
+    pub header: Header,
+    /// Chunks in the recipe (both streams).
+    pub chunks: u64,
+    /// Distinct chunks.
+    pub unique_chunks: u64,
+    /// Raw bytes of the distinct chunks.
+    pub unique_bytes: u64,
+    /// Stored (compressed) bytes of the distinct chunks.
+    pub stored_bytes: u64,
+    /// Bytes of tar structure (metadata stream).
+    pub meta_bytes: u64,
+    /// `size / stored_bytes`.
+    pub dedup_ratio: f64,
+}
+
+/// `ferry du`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    /// Names.
+    pub names: u64,
+    /// Sum of the sizes of everything named (what restoring all would write).
+    pub logical_bytes: u64,
+    /// Bytes in pack files.
+    pub pack_bytes: u64,
+    /// Bytes of manifests.
+    pub manifest_bytes: u64,
+    /// Pack files.
+    pub packs: u64,
+    /// Chunks in the index.
+    pub chunks: u64,
+    /// Raw bytes of the chunks still named by some manifest.
+    pub referenced_raw_bytes: u64,
+    /// Stored bytes of chunks no name refers to (what `gc` could free).
+    pub unreferenced_stored_bytes: u64,
+    /// `logical_bytes / (pack_bytes + manifest_bytes)`.
+    pub dedup_ratio: f64,
+}
+
+/// One problem `ferry fsck` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// What is affected (a file, a name, a chunk).
+    pub subject: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// `ferry fsck`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsckReport {
+    /// Whether every chunk was re-read and re-hashed.
+    pub full: bool,
+    /// Packs checked.
+    pub packs: u64,
+    /// Chunks checked (by index, or re-hashed with `full`).
+    pub chunks: u64,
+    /// Names checked.
+    pub names: u64,
+    /// Everything found wrong; empty for a healthy store.
+    pub problems: Vec<Problem>,
+}
+
+/// A content-addressed store in a directory.
+pub struct Store {
+    root: PathBuf,
+    backend: Arc<dyn Backend>,
+    index: RwLock<Index>,
+    index_problems: Vec<IndexProblem>,
+    opts: StoreOptions,
+    chunker: Chunker,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root` with default options.
+    pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Self::open_with(root, StoreOptions::default())
+    }
+
+    /// Opens the store in `root` with `opts`.
+    pub fn open_with(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        let backend = LocalDir::open(&root).map_err(|source| StoreError::Open {
+            path: root.clone(),
+            source,
+        })?;
+        let backend: Arc<dyn Backend> = Arc::new(backend);
+        let (index, index_problems) = Index::load(backend.as_ref())?;
+        let chunker = Chunker::new(opts.chunker)?;
+        Ok(Store {
+            root,
+            backend,
+            index: RwLock::new(index),
+            index_problems,
+            opts,
+            chunker,
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The storage backend (for tools that work below the store).
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Stashes `source` under `name`, replacing what the name pointed at.
+    pub fn stash(&self, name: &Name, source: Source, progress: &dyn Progress) -> Result<StashReport, StoreError> {
+        let started = Instant::now();
+        let (reader, what, kind_hint, source_name, dir_thread): (Box<dyn Read + Send>, String, StashKind, _, _) =
+            match source {
+                Source::Reader(r) => (r, "standard input".to_string(), StashKind::Stream, None, None),
+                Source::File(path) => {
+                    let file = File::open(&path).map_err(input_err(&path.display().to_string()))?;
+                    let meta = file.metadata().map_err(input_err(&path.display().to_string()))?;
+                    if meta.is_dir() {
+                        return self.stash(name, Source::Directory(path), progress);
+                    }
+                    let source_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    (Box::new(file), path.display().to_string(), StashKind::File, source_name, None)
+                }
+                Source::Directory(path) => {
+                    let (pipe_reader, mut pipe_writer) = io::pipe().map_err(input_err("a pipe"))?;
+                    let root = path.clone();
+                    let thread = std::thread::spawn(move || dirtar::write_dir_tar(&root, &mut pipe_writer));
+                    let source_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    (
+                        Box::new(pipe_reader),
+                        path.display().to_string(),
+                        StashKind::Directory,
+                        source_name,
+                        Some(thread),
+                    )
+                }
+            };
+
+        let mut writer = ChunkWriter::new(self)?;
+        let (size, sha256, collected, layout) = {
+            let mut splitter = TarSplitter::new();
+            let mut meta = StreamChunker::new(self.chunker, 4 << 20);
+            let mut content = StreamChunker::new(self.chunker, StreamChunker::DEFAULT_CAPACITY);
+            let mut layout: Vec<(Part, u64)> = Vec::new();
+            let mut failed: Option<StoreError> = None;
+            let mut route = |part: Part, bytes: &[u8], writer: &mut ChunkWriter<'_>, failed: &mut Option<StoreError>| {
+                if failed.is_some() || bytes.is_empty() {
+                    return;
+                }
+                match layout.last_mut() {
+                    Some((p, n)) if *p == part => *n += bytes.len() as u64,
+                    _ => layout.push((part, bytes.len() as u64)),
+                }
+                let (chunker, list) = match part {
+                    Part::Meta => (&mut meta, Part::Meta),
+                    Part::Content => (&mut content, Part::Content),
+                };
+                if let Err(e) = chunker.push(bytes, &mut |b: Batch<'_>| writer.add_batch(&b, list)) {
+                    *failed = Some(e);
+                }
+            };
+            let read = read_blocks(reader, progress, |block| {
+                splitter.feed(block, &mut |part, bytes| route(part, bytes, &mut writer, &mut failed));
+                match failed.take() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }
+            });
+            let (size, sha256) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(t) = dir_thread {
+                        // The archiver's own error says more than the broken pipe.
+                        if let Ok(Err(dir_err)) = t.join() {
+                            return Err(dir_err.into());
+                        }
+                    }
+                    return Err(e.with_input(&what));
+                }
+            };
+            splitter.finish(&mut |part, bytes| route(part, bytes, &mut writer, &mut failed));
+            if let Some(e) = failed.take() {
+                return Err(e);
+            }
+            meta.finish(&mut |b: Batch<'_>| writer.add_batch(&b, Part::Meta))?;
+            content.finish(&mut |b: Batch<'_>| writer.add_batch(&b, Part::Content))?;
+            (size, sha256, splitter.into_collected(), layout)
+        };
+        if let Some(t) = dir_thread {
+            t.join()
+                .map_err(|_| StoreError::Input {
+                    what: what.clone(),
+                    source: io::Error::other("the directory archiver panicked"),
+                })??;
+        }
+
+        let image = image::detect(&collected);
+        let kind = match (&image, kind_hint) {
+            (_, StashKind::Directory) => StashKind::Directory,
+            (Some(info), _) => match info.kind {
+                ImageKind::DockerArchive => StashKind::DockerArchive,
+                ImageKind::DockerOciArchive => StashKind::DockerOciArchive,
+                ImageKind::OciLayout => StashKind::OciLayout,
+            },
+            (None, hint) if collected.is_tar && size > 0 => {
+                let _ = hint;
+                StashKind::Tar
+            }
+            (None, hint) => hint,
+        };
+        let stats = writer.finish()?;
+        let manifest = Manifest {
+            header: Header {
+                kind,
+                size,
+                sha256: sha256.clone(),
+                created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                source: source_name,
+                image,
+            },
+            meta: stats.meta,
+            content: stats.content,
+            layout,
+        };
+        let encoded = manifest.encode();
+        let id = ManifestId::of(&encoded);
+        // Packs are durable (PackWriter::finish); now the manifest, then the name.
+        self.backend.put(Kind::Manifest, &id.to_hex(), &encoded)?;
+        refs::set(self.backend.as_ref(), name, &id)?;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(StashReport {
+            name: name.to_string(),
+            manifest: id,
+            kind,
+            size,
+            sha256,
+            chunks: (manifest.meta.len() + manifest.content.len()) as u64,
+            new_chunks: stats.new_chunks,
+            new_bytes: stats.new_bytes,
+            stored_bytes: stats.stored_bytes,
+            reused_chunks: stats.reused_chunks,
+            reused_bytes: stats.reused_bytes,
+            seconds,
+            bytes_per_second: size as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// The manifest `name` points at.
+    pub fn manifest(&self, name: &Name) -> Result<(ManifestId, Manifest), StoreError> {
+        let id = refs::resolve(self.backend.as_ref(), name)?;
+        let bytes = self.backend.get(Kind::Manifest, &id.to_hex())?;
+        let manifest = self.decode_manifest(name.as_str(), &id, &bytes)?;
+        Ok((id, manifest))
+    }
+
+    fn decode_manifest(&self, name: &str, id: &ManifestId, bytes: &[u8]) -> Result<Manifest, StoreError> {
+        let err = |source| StoreError::Manifest {
+            name: name.to_string(),
+            id: *id,
+            source,
+        };
+        if ManifestId::of(bytes) != *id {
+            return Err(err(ManifestError::new("its bytes do not match its id")));
+        }
+        Manifest::decode(bytes).map_err(err)
+    }
+
+    /// A reader that replays the bytes stashed under `name`, verifying every
+    /// chunk before handing out its bytes.
+    pub fn open_stash(&self, name: &Name) -> Result<StashReader<'_>, StoreError> {
+        let (_, manifest) = self.manifest(name)?;
+        Ok(StashReader::new(self, name.to_string(), manifest))
+    }
+
+    /// Restores `name` into `target`. Files are written under a temporary
+    /// name and renamed when complete; existing targets are refused unless
+    /// `force`.
+    pub fn unstash(&self, name: &Name, target: Target, force: bool, progress: &dyn Progress) -> Result<UnstashReport, StoreError> {
+        let started = Instant::now();
+        let mut reader = self.open_stash(name)?;
+        let kind = reader.manifest.header.kind;
+        let size = reader.manifest.header.size;
+        let chunks = reader.manifest.chunks().count() as u64;
+        match target {
+            Target::Writer(mut w) => {
+                reader.copy_to(&mut w, progress)?;
+                w.flush().map_err(output_err("the output"))?;
+            }
+            Target::File(path) => {
+                if kind == StashKind::Directory {
+                    return Err(StoreError::WrongTarget {
+                        name: name.to_string(),
+                        kind: kind.as_str(),
+                        hint: "unstash it into a directory (a path that does not exist yet, or an empty directory)",
+                    });
+                }
+                if path.exists() && !force {
+                    return Err(StoreError::Exists { path });
+                }
+                let dir = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                let shown = path.display().to_string();
+                let mut tmp = tempfile_in(&dir).map_err(output_err(&shown))?;
+                reader.copy_to(tmp.as_file_mut(), progress)?;
+                tmp.as_file_mut().sync_all().map_err(output_err(&shown))?;
+                tmp.persist(&path).map_err(|e| StoreError::Output {
+                    what: shown.clone(),
+                    source: e.error,
+                })?;
+            }
+            Target::Directory(path) => {
+                if kind != StashKind::Directory {
+                    return Err(StoreError::WrongTarget {
+                        name: name.to_string(),
+                        kind: kind.as_str(),
+                        hint: "unstash it to a file or to - (standard output)",
+                    });
+                }
+                let exists = path.exists();
+                let non_empty = exists
+                    && std::fs::read_dir(&path)
+                        .map_err(output_err(&path.display().to_string()))?
+                        .next()
+                        .is_some();
+                if non_empty && !force {
+                    return Err(StoreError::Exists { path });
+                }
+                if exists {
+                    dirtar::extract_tar(&mut ProgressReader { inner: reader, progress }, &path)?;
+                } else {
+                    // Restore next to the target, then rename: all or nothing.
+                    let parent = match path.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    };
+                    let staging = tempdir_in(&parent).map_err(output_err(&path.display().to_string()))?;
+                    dirtar::extract_tar(&mut ProgressReader { inner: reader, progress }, &staging.0)?;
+                    std::fs::rename(&staging.0, &path).map_err(output_err(&path.display().to_string()))?;
+                    staging.keep();
+                }
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(UnstashReport {
+            name: name.to_string(),
+            kind,
+            size,
+            chunks,
+            seconds,
+            bytes_per_second: size as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// Names, optionally under `prefix`, with their manifest headers.
+    pub fn list(&self, prefix: Option<&str>) -> Result<Vec<Entry>, StoreError> {
+        let names = refs::list(self.backend.as_ref(), prefix)?;
+        Ok(names
+            .into_iter()
+            .map(|(name, manifest)| {
+                let header = self.backend.get(Kind::Manifest, &manifest.to_hex()).ok().and_then(|b| {
+                    self.decode_manifest(name.as_str(), &manifest, &b).ok().map(|m| m.header)
+                });
+                Entry {
+                    name: name.to_string(),
+                    manifest,
+                    header,
+                }
+            })
+            .collect())
+    }
+
+    /// Details of one stash.
+    pub fn inspect(&self, name: &Name) -> Result<Inspection, StoreError> {
+        let (id, m) = self.manifest(name)?;
+        let index = self.index.read().expect("index lock");
+        let mut seen = HashSet::new();
+        let (mut unique_bytes, mut stored_bytes) = (0u64, 0u64);
+        for c in m.chunks() {
+            if seen.insert(c.id) {
+                unique_bytes += c.len as u64;
+                stored_bytes += index.get(&c.id).map_or(0, |l| l.stored_len as u64);
+            }
+        }
+        Ok(Inspection {
+            name: name.to_string(),
+            manifest: id,
+            chunks: m.chunks().count() as u64,
+            unique_chunks: seen.len() as u64,
+            unique_bytes,
+            stored_bytes,
+            meta_bytes: m.meta.iter().map(|c| c.len as u64).sum(),
+            dedup_ratio: m.header.size as f64 / stored_bytes.max(1) as f64,
+            header: m.header,
+        })
+    }
+
+    /// Removes a name; returns whether it existed. The data stays until
+    /// garbage collection.
+    pub fn remove(&self, name: &Name) -> Result<bool, StoreError> {
+        Ok(refs::remove(self.backend.as_ref(), name)?)
+    }
+
+    /// Logical versus stored size.
+    pub fn usage(&self) -> Result<Usage, StoreError> {
+        let names = refs::list(self.backend.as_ref(), None)?;
+        let mut logical = 0u64;
+        let mut live = HashSet::new();
+        let mut manifest_bytes = 0u64;
+        for (name, id) in &names {
+            let bytes = self.backend.get(Kind::Manifest, &id.to_hex())?;
+            manifest_bytes += bytes.len() as u64;
+            let m = self.decode_manifest(name.as_str(), id, &bytes)?;
+            logical += m.header.size;
+            live.extend(m.chunks().map(|c| c.id));
+        }
+        let packs = self.backend.list(Kind::Pack)?;
+        let mut pack_bytes = 0;
+        for p in &packs {
+            pack_bytes += self.backend.size(Kind::Pack, p)?;
+        }
+        let index = self.index.read().expect("index lock");
+        let (mut referenced, mut unreferenced) = (0u64, 0u64);
+        for (id, loc) in index.iter() {
+            if live.contains(&id) {
+                referenced += loc.raw_len as u64;
+            } else {
+                unreferenced += loc.stored_len as u64;
+            }
+        }
+        Ok(Usage {
+            names: names.len() as u64,
+            logical_bytes: logical,
+            pack_bytes,
+            manifest_bytes,
+            packs: packs.len() as u64,
+            chunks: index.len() as u64,
+            referenced_raw_bytes: referenced,
+            unreferenced_stored_bytes: unreferenced,
+            dedup_ratio: logical as f64 / (pack_bytes + manifest_bytes).max(1) as f64,
+        })
+    }
+
+    /// Checks the store: every index against its pack, every name's
+    /// manifest and the presence of its chunks; with `full`, re-reads and
+    /// re-hashes every chunk.
+    pub fn fsck(&self, full: bool, progress: &dyn Progress) -> Result<FsckReport, StoreError> {
+        let mut problems: Vec<Problem> = self
+            .index_problems
+            .iter()
+            .map(|p| Problem {
+                subject: "index".into(),
+                problem: p.to_string(),
+            })
+            .collect();
+        let backend = self.backend.as_ref();
+        let index = self.index.read().expect("index lock");
+        let packs: Vec<_> = index.packs().copied().collect();
+        let mut chunks = 0u64;
+        for p in &packs {
+            if let Err(e) = pack::verify_pack(backend, p) {
+                problems.push(Problem {
+                    subject: backend.location(Kind::Pack, &p.to_hex()),
+                    problem: e.to_string(),
+                });
+                continue;
+            }
+            if full {
+                let idx = pack::verify_pack(backend, p)?;
+                match pack::verify_chunks(backend, &idx) {
+                    Ok(bad) => {
+                        chunks += idx.entries.len() as u64;
+                        for b in bad {
+                            problems.push(Problem {
+                                subject: backend.location(Kind::Pack, &p.to_hex()),
+                                problem: format!("chunk {} at offset {}: {}", b.id, b.offset, b.problem),
+                            });
+                        }
+                    }
+                    Err(e) => problems.push(Problem {
+                        subject: backend.location(Kind::Pack, &p.to_hex()),
+                        problem: e.to_string(),
+                    }),
+                }
+                progress.advance(backend.size(Kind::Pack, &p.to_hex()).unwrap_or(0));
+            }
+        }
+        if !full {
+            chunks = index.len() as u64;
+        }
+        let names = match refs::list(backend, None) {
+            Ok(n) => n,
+            Err(e) => {
+                problems.push(Problem {
+                    subject: "refs".into(),
+                    problem: e.to_string(),
+                });
+                Vec::new()
+            }
+        };
+        for (name, id) in &names {
+            let subject = format!("name {:?}", name.as_str());
+            let bytes = match backend.get(Kind::Manifest, &id.to_hex()) {
+                Ok(b) => b,
+                Err(e) => {
+                    problems.push(Problem {
+                        subject,
+                        problem: format!("manifest {id}: {e}"),
+                    });
+                    continue;
+                }
+            };
+            match self.decode_manifest(name.as_str(), id, &bytes) {
+                Err(e) => problems.push(Problem {
+                    subject,
+                    problem: e.to_string(),
+                }),
+                Ok(m) => {
+                    let missing: Vec<_> = m.chunks().filter(|c| !index.contains(&c.id)).collect();
+                    if let Some(first) = missing.first() {
+                        problems.push(Problem {
+                            subject,
+                            problem: format!("{} chunk(s) missing from the store, first {}", missing.len(), first.id),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(FsckReport {
+            full,
+            packs: packs.len() as u64,
+            chunks,
+            names: names.len() as u64,
+            problems,
+        })
+    }
+
+    /// Reads and verifies one chunk.
+    fn read_chunk(&self, name: &str, chunk: &ChunkRef, loc: Option<Location>, out: &mut Vec<u8>) -> Result<(), StoreError> {
+        let loc = loc.ok_or_else(|| StoreError::MissingChunk {
+            name: name.to_string(),
+            chunk: chunk.id,
+        })?;
+        let corrupt = |detail: String| StoreError::CorruptChunk {
+            name: name.to_string(),
+            chunk: chunk.id,
+            detail,
+        };
+        if loc.raw_len != chunk.len {
+            return Err(corrupt(format!(
+                "the index says {} bytes, the manifest {}",
+                loc.raw_len, chunk.len
+            )));
+        }
+        let pack = loc.pack.to_hex();
+        let stored = self
+            .backend
+            .get_range(Kind::Pack, &pack, loc.offset, loc.stored_len as u64)
+            .map_err(|e| corrupt(e.to_string()))?;
+        compress::decompress_into(loc.codec, &stored, loc.raw_len as usize, out)
+            .map_err(|e| corrupt(format!("pack {pack} at offset {}: {e}", loc.offset)))?;
+        if ChunkId::of(out) != chunk.id {
+            return Err(corrupt(format!(
+                "pack {pack} at offset {}: its bytes hash to something else",
+                loc.offset
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl StoreError {
+    fn with_input(self, what: &str) -> StoreError {
+        match self {
+            StoreError::Input { source, .. } => StoreError::Input {
+                what: what.to_string(),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Reads `reader` in large blocks on a separate thread (so reading, and
+/// hashing the whole stream with SHA-256, overlap the chunking) and hands
+/// each block to `f`. Returns the length and the SHA-256.
+fn read_blocks(
+    mut reader: Box<dyn Read + Send>,
+    progress: &dyn Progress,
+    mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
+) -> Result<(u64, String), StoreError> {
+    const BLOCK: usize = 4 << 20;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(3);
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let thread = std::thread::spawn(move || -> (u64, String) {
+        let mut sha = Sha256::new();
+        let mut total = 0u64;
+        loop {
+            let mut buf = back_rx.try_recv().unwrap_or_else(|_| vec![0u8; BLOCK]);
+            buf.resize(BLOCK, 0);
+            let mut filled = 0;
+            let result = loop {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == BLOCK {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            if let Err(e) = result {
+                let _ = tx.send(Err(e));
+                break;
+            }
+            buf.truncate(filled);
+            sha.update(&buf);
+            total += filled as u64;
+            let last = filled < BLOCK;
+            if !buf.is_empty() && tx.send(Ok(buf)).is_err() {
+                break;
+            }
+            if last {
+                break;
+            }
+        }
+        (total, crate::id::to_hex(&sha.finalize()))
+    });
+    let mut outcome = Ok(());
+    for block in rx {
+        match block {
+            Ok(buf) => {
+                progress.advance(buf.len() as u64);
+                if let Err(e) = f(&buf) {
+                    outcome = Err(e);
+                    break;
+                }
+                let _ = back_tx.send(buf);
+            }
+            Err(e) => {
+                outcome = Err(StoreError::Input {
+                    what: String::new(),
+                    source: e,
+                });
+                break;
+            }
+        }
+    }
+    // Dropping the receiver (on error) stops the reader at its next send.
+    let (total, sha) = thread.join().map_err(|_| StoreError::Input {
+        what: String::new(),
+        source: io::Error::other("the reader thread panicked"),
+    })?;
+    outcome.map(|()| (total, sha))
+}
+
+#[derive(Default)]
+struct WriterStats {
+    meta: Vec<ChunkRef>,
+    content: Vec<ChunkRef>,
+    new_chunks: u64,
+    new_bytes: u64,
+    stored_bytes: u64,
+    reused_chunks: u64,
+    reused_bytes: u64,
+}
+
+/// Deduplicates, compresses and packs the chunks of one stash.
+struct ChunkWriter<'a> {
+    store: &'a Store,
+    pack: Option<PackWriter>,
+    stats: WriterStats,
+}
+
+impl<'a> ChunkWriter<'a> {
+    fn new(store: &'a Store) -> Result<Self, StoreError> {
+        Ok(ChunkWriter {
+            store,
+            pack: None,
+            stats: WriterStats::default(),
+        })
+    }
+
+    fn add_batch(&mut self, batch: &Batch<'_>, part: Part) -> Result<(), StoreError> {
+        // Which chunks does the store lack? (Each new one once per batch.)
+        let mut fresh = Vec::new();
+        {
+            let index = self.store.index.read().expect("index lock");
+            let mut in_batch = HashSet::new();
+            for (i, c) in batch.chunks.iter().enumerate() {
+                let known = index.contains(&c.id) || self.pack.as_ref().is_some_and(|p| p.contains(&c.id));
+                if !known && in_batch.insert(c.id) {
+                    fresh.push(i);
+                }
+            }
+        }
+        let level = self.store.opts.level;
+        let compressed: Vec<(Codec, Vec<u8>)> = fresh
+            .par_iter()
+            .map_init(Vec::new, |buf, &i| {
+                let c = &batch.chunks[i];
+                let codec = compress::compress(batch.bytes(c), level, buf);
+                (codec, buf.clone())
+            })
+            .collect();
+        let fresh_set: HashSet<usize> = fresh.iter().copied().collect();
+        for (&i, (codec, stored)) in fresh.iter().zip(&compressed) {
+            let c = &batch.chunks[i];
+            if self.pack.is_none() {
+                self.pack = Some(PackWriter::with_target_size(self.store.backend.as_ref(), self.store.opts.pack_size)?);
+            }
+            let pack = self.pack.as_mut().expect("set above");
+            pack.add(c.id, *codec, c.len, stored)?;
+            self.stats.new_chunks += 1;
+            self.stats.new_bytes += c.len as u64;
+            self.stats.stored_bytes += stored.len() as u64;
+            if pack.is_full() {
+                self.flush()?;
+            }
+        }
+        for (i, c) in batch.chunks.iter().enumerate() {
+            if !fresh_set.contains(&i) {
+                self.stats.reused_chunks += 1;
+                self.stats.reused_bytes += c.len as u64;
+            }
+            let r = ChunkRef { id: c.id, len: c.len };
+            match part {
+                Part::Meta => self.stats.meta.push(r),
+                Part::Content => self.stats.content.push(r),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the current pack durable and visible in the index.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if let Some(pack) = self.pack.take() {
+            if pack.is_empty() {
+                return Ok(());
+            }
+            let (id, entries) = pack.finish(self.store.backend.as_ref())?;
+            self.store.index.write().expect("index lock").insert_pack(id, &entries);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<WriterStats, StoreError> {
+        self.flush()?;
+        Ok(self.stats)
+    }
+}
+
+/// Replays a stash's bytes: decodes chunks of each stream in parallel
+/// batches, checks each against its id, and interleaves the streams as the
+/// layout says.
+pub struct StashReader<'a> {
+    store: &'a Store,
+    name: String,
+    /// The manifest being replayed.
+    pub manifest: Manifest,
+    streams: [Cursor; 2],
+    run: usize,
+    run_left: u64,
+}
+
+#[derive(Default)]
+struct Cursor {
+    next: usize,
+    ready: VecDeque<Vec<u8>>,
+    pos: usize,
+}
+
+/// Decode at most this many raw bytes per parallel batch.
+const BATCH_BYTES: u64 = 16 << 20;
+
+impl<'a> StashReader<'a> {
+    fn new(store: &'a Store, name: String, manifest: Manifest) -> Self {
+        let run_left = manifest.layout.first().map_or(0, |r| r.1);
+        StashReader {
+            store,
+            name,
+            manifest,
+            streams: [Cursor::default(), Cursor::default()],
+            run: 0,
+            run_left,
+        }
+    }
+
+    fn list(&self, part: Part) -> &[ChunkRef] {
+        match part {
+            Part::Meta => &self.manifest.meta,
+            Part::Content => &self.manifest.content,
+        }
+    }
+
+    /// Makes sure the cursor of `part` has bytes ready.
+    fn fill(&mut self, part: Part) -> Result<(), StoreError> {
+        let k = part as usize;
+        if !self.streams[k].ready.is_empty() {
+            return Ok(());
+        }
+        let list = self.list(part);
+        let start = self.streams[k].next;
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < list.len() && (end == start || bytes + list[end].len as u64 <= BATCH_BYTES) {
+            bytes += list[end].len as u64;
+            end += 1;
+        }
+        if end == start {
+            return Err(StoreError::CorruptChunk {
+                name: self.name.clone(),
+                chunk: ChunkId([0; 32]),
+                detail: "the layout asks for more bytes than the recipe holds".into(),
+            });
+        }
+        let locations: Vec<Option<Location>> = {
+            let index = self.store.index.read().expect("index lock");
+            list[start..end].iter().map(|c| index.get(&c.id)).collect()
+        };
+        let store = self.store;
+        let name = &self.name;
+        let decoded: Result<Vec<Vec<u8>>, StoreError> = list[start..end]
+            .par_iter()
+            .zip(locations)
+            .map(|(c, loc)| {
+                let mut out = Vec::new();
+                store.read_chunk(name, c, loc, &mut out)?;
+                Ok(out)
+            })
+            .collect();
+        let cursor = &mut self.streams[k];
+        cursor.ready.extend(decoded?);
+        cursor.next = end;
+        Ok(())
+    }
+
+    /// The next piece of the output: at most `max` bytes, from one chunk.
+    fn next_piece(&mut self, max: usize) -> Result<Option<&[u8]>, StoreError> {
+        while self.run_left == 0 {
+            self.run += 1;
+            match self.manifest.layout.get(self.run) {
+                Some(r) => self.run_left = r.1,
+                None => return Ok(None),
+            }
+        }
+        let k = self.manifest.layout[self.run].0 as usize;
+        let cursor = &mut self.streams[k];
+        if cursor.ready.front().is_some_and(|c| cursor.pos == c.len()) {
+            cursor.ready.pop_front();
+            cursor.pos = 0;
+        }
+        self.fill(self.manifest.layout[self.run].0)?;
+        let run_left = usize::try_from(self.run_left).unwrap_or(usize::MAX);
+        let cursor = &mut self.streams[k];
+        let available = cursor.ready.front().expect("filled").len() - cursor.pos;
+        let take = available.min(max).min(run_left);
+        let start = cursor.pos;
+        cursor.pos += take;
+        self.run_left -= take as u64;
+        Ok(Some(&self.streams[k].ready.front().expect("filled")[start..start + take]))
+    }
+
+    /// Writes the whole stash to `w`.
+    pub fn copy_to(&mut self, w: &mut dyn Write, progress: &dyn Progress) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        while let Some(piece) = self.next_piece(usize::MAX)? {
+            w.write_all(piece).map_err(output_err("the output"))?;
+            total += piece.len() as u64;
+            progress.advance(piece.len() as u64);
+        }
+        Ok(total)
+    }
+}
+
+impl Read for StashReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.next_piece(buf.len()) {
+            Ok(Some(piece)) => {
+                let n = piece.len();
+                buf[..n].copy_from_slice(piece);
+                Ok(n)
+            }
+            Ok(None) => Ok(0),
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+}
+
+struct ProgressReader<'a, 'p> {
+    inner: StashReader<'a>,
+    progress: &'p dyn Progress,
+}
+
+impl Read for ProgressReader<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+}
+
+fn tempfile_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new().prefix(".ferry-unstash-").tempfile_in(dir)
+}
+
+/// A staging directory removed on drop unless kept.
+struct Staging(PathBuf, bool);
+
+impl Staging {
+    fn keep(mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn tempdir_in(dir: &Path) -> io::Result<Staging> {
+    let path = tempfile::Builder::new().prefix(".ferry-unstash-").tempdir_in(dir)?.keep();
+    Ok(Staging(path, false))
+}
