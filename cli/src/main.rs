@@ -5,7 +5,10 @@
 //! render the result. Exit codes are mapped in one place (`main`).
 
 mod bench;
+mod commands;
+mod demo;
 mod output;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,12 +24,34 @@ struct Cli {
     #[arg(short, long, global = true)]
     quiet: bool,
 
+    #[command(flatten)]
+    store: commands::StoreArgs,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Stash a file, a directory or standard input under a name.
+    #[command(long_about = commands::STASH_ABOUT)]
+    Stash(commands::StashArgs),
+    /// Restore a stash to a file, a directory or standard output.
+    #[command(long_about = commands::UNSTASH_ABOUT)]
+    Unstash(commands::UnstashArgs),
+    /// List stashes, optionally under a prefix.
+    Ls(commands::LsArgs),
+    /// Show a stash: kind, size, SHA-256, chunks, dedup; tags and layers for images.
+    Inspect(commands::InspectArgs),
+    /// Remove names (their data goes when nothing else uses it).
+    Rm(commands::RmArgs),
+    /// Logical versus stored size of the store.
+    Du,
+    /// Check the store's structure and index; --full re-hashes every chunk.
+    Fsck(commands::FsckArgs),
+    /// A guided first run: stash an image, change it, stash again, restore.
+    #[command(long_about = demo::LONG_ABOUT)]
+    Demo(demo::Args),
     /// Benchmark the chunking core on this machine (no cargo needed).
     #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::Args),
@@ -36,6 +61,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = output::Output::new(cli.json, cli.quiet);
     let result = match cli.command {
+        Command::Stash(args) => commands::stash(&cli.store, args, &out),
+        Command::Unstash(args) => commands::unstash(&cli.store, args, &out),
+        Command::Ls(args) => commands::ls(&cli.store, args, &out),
+        Command::Inspect(args) => commands::inspect(&cli.store, args, &out),
+        Command::Rm(args) => commands::rm(&cli.store, args, &out),
+        Command::Du => commands::du(&cli.store, &out),
+        Command::Fsck(args) => commands::fsck(&cli.store, args, &out),
+        Command::Demo(args) => demo::run(&cli.store, args, &out),
         Command::Bench(args) => bench::run(args, &out),
     };
     match result {
@@ -48,6 +81,10 @@ fn main() -> ExitCode {
                 .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
             {
                 return ExitCode::SUCCESS;
+            }
+            if let Some(found) = err.downcast_ref::<commands::ProblemsFound>() {
+                eprintln!("ferry: {found}");
+                return ExitCode::from(1);
             }
             eprintln!("ferry: error: {err:#}");
             ExitCode::from(2)

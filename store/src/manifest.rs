@@ -114,7 +114,8 @@ impl Manifest {
     /// Encodes and compresses the manifest; returns the stored bytes.
     pub fn encode(&self) -> Vec<u8> {
         let header = serde_json::to_vec(&self.header).expect("a header always serialises");
-        let mut out = Vec::with_capacity(64 + header.len() + 36 * (self.meta.len() + self.content.len()));
+        let mut out =
+            Vec::with_capacity(64 + header.len() + 36 * (self.meta.len() + self.content.len()));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(header.len() as u32).to_le_bytes());
         out.extend_from_slice(&header);
@@ -139,10 +140,16 @@ impl Manifest {
     pub fn decode(stored: &[u8]) -> Result<Manifest, ManifestError> {
         let raw = zstd::bulk::Decompressor::new()
             .and_then(|mut d| d.decompress(stored, MAX_ENCODED))
-            .map_err(|e| bad(format!("not a zstd frame of at most {MAX_ENCODED} bytes: {e}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "not a zstd frame of at most {MAX_ENCODED} bytes: {e}"
+                ))
+            })?;
         let mut r = Reader { bytes: &raw };
         if r.take(8)? != MAGIC {
-            return Err(bad("wrong magic (not a ferry manifest, or a newer version)"));
+            return Err(bad(
+                "wrong magic (not a ferry manifest, or a newer version)",
+            ));
         }
         let header_len = r.u32()? as usize;
         let header: Header =
@@ -204,7 +211,9 @@ impl Manifest {
             return Err(bad("layout lengths overflow"));
         };
         if meta != sum(&self.meta) || content != sum(&self.content) {
-            return Err(bad("layout and chunk lists disagree on the stream's length"));
+            return Err(bad(
+                "layout and chunk lists disagree on the stream's length",
+            ));
         }
         if meta.checked_add(content) != Some(self.header.size) {
             return Err(bad("size does not match the recipe"));
@@ -252,14 +261,18 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Result<u32, ManifestError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     /// A count of items of at least `item` bytes each, bounded by what is left.
     fn count(&mut self, item: usize) -> Result<usize, ManifestError> {
         let n = u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"));
         if n > (self.bytes.len() / item) as u64 {
-            return Err(bad(format!("a count of {n} does not fit in the bytes left")));
+            return Err(bad(format!(
+                "a count of {n} does not fit in the bytes left"
+            )));
         }
         Ok(n as usize)
     }
@@ -268,7 +281,10 @@ impl<'a> Reader<'a> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let b = self.take(1)?[0];
-            v |= ((b & 0x7f) as u64).checked_shl(shift).filter(|_| shift < 63 || b <= 1).ok_or_else(|| bad("run length overflows"))?;
+            v |= ((b & 0x7f) as u64)
+                .checked_shl(shift)
+                .filter(|_| shift < 63 || b <= 1)
+                .ok_or_else(|| bad("run length overflows"))?;
             if b & 0x80 == 0 {
                 return Ok(v);
             }
@@ -292,10 +308,19 @@ mod tests {
                 source: Some("x.tar".into()),
                 image: None,
             },
-            meta: vec![ChunkRef { id: ChunkId::of(b"m"), len: 24 }],
+            meta: vec![ChunkRef {
+                id: ChunkId::of(b"m"),
+                len: 24,
+            }],
             content: vec![
-                ChunkRef { id: ChunkId::of(b"a"), len: 600 },
-                ChunkRef { id: ChunkId::of(b"b"), len: 400 },
+                ChunkRef {
+                    id: ChunkId::of(b"a"),
+                    len: 600,
+                },
+                ChunkRef {
+                    id: ChunkId::of(b"b"),
+                    len: 400,
+                },
             ],
             layout: vec![(Part::Meta, 12), (Part::Content, 1000), (Part::Meta, 12)],
         }
@@ -311,7 +336,10 @@ mod tests {
     fn inconsistent_manifests_are_refused() {
         let mut m = sample();
         m.header.size += 1;
-        assert!(Manifest::decode(&m.encode()).unwrap_err().to_string().contains("size"));
+        assert!(Manifest::decode(&m.encode())
+            .unwrap_err()
+            .to_string()
+            .contains("size"));
         let mut m = sample();
         m.layout[1].1 -= 1;
         assert!(Manifest::decode(&m.encode()).is_err());

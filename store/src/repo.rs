@@ -111,7 +111,9 @@ pub enum StoreError {
         source: ManifestError,
     },
     /// A chunk a manifest names is not in the store.
-    #[error("{name:?} cannot be restored: chunk {chunk} is missing from the store; run `ferry fsck`")]
+    #[error(
+        "{name:?} cannot be restored: chunk {chunk} is missing from the store; run `ferry fsck`"
+    )]
     MissingChunk {
         /// The stash.
         name: String,
@@ -119,7 +121,9 @@ pub enum StoreError {
         chunk: ChunkId,
     },
     /// A chunk's stored bytes do not match its id.
-    #[error("{name:?} cannot be restored: chunk {chunk} is corrupt ({detail}); run `ferry fsck --full`")]
+    #[error(
+        "{name:?} cannot be restored: chunk {chunk} is corrupt ({detail}); run `ferry fsck --full`"
+    )]
     CorruptChunk {
         /// The stash.
         name: String,
@@ -336,7 +340,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("root", &self.root).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
     }
 }
 
@@ -377,34 +383,59 @@ impl Store {
     }
 
     /// Stashes `source` under `name`, replacing what the name pointed at.
-    pub fn stash(&self, name: &Name, source: Source, progress: &dyn Progress) -> Result<StashReport, StoreError> {
+    pub fn stash(
+        &self,
+        name: &Name,
+        source: Source,
+        progress: &dyn Progress,
+    ) -> Result<StashReport, StoreError> {
         let started = Instant::now();
-        let (reader, what, kind_hint, source_name, dir_thread): (Box<dyn Read + Send>, String, StashKind, _, _) =
-            match source {
-                Source::Reader(r) => (r, "standard input".to_string(), StashKind::Stream, None, None),
-                Source::File(path) => {
-                    let file = File::open(&path).map_err(input_err(&path.display().to_string()))?;
-                    let meta = file.metadata().map_err(input_err(&path.display().to_string()))?;
-                    if meta.is_dir() {
-                        return self.stash(name, Source::Directory(path), progress);
-                    }
-                    let source_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                    (Box::new(file), path.display().to_string(), StashKind::File, source_name, None)
+        let (reader, what, kind_hint, source_name, dir_thread): (
+            Box<dyn Read + Send>,
+            String,
+            StashKind,
+            _,
+            _,
+        ) = match source {
+            Source::Reader(r) => (
+                r,
+                "standard input".to_string(),
+                StashKind::Stream,
+                None,
+                None,
+            ),
+            Source::File(path) => {
+                let file = File::open(&path).map_err(input_err(&path.display().to_string()))?;
+                let meta = file
+                    .metadata()
+                    .map_err(input_err(&path.display().to_string()))?;
+                if meta.is_dir() {
+                    return self.stash(name, Source::Directory(path), progress);
                 }
-                Source::Directory(path) => {
-                    let (pipe_reader, mut pipe_writer) = io::pipe().map_err(input_err("a pipe"))?;
-                    let root = path.clone();
-                    let thread = std::thread::spawn(move || dirtar::write_dir_tar(&root, &mut pipe_writer));
-                    let source_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-                    (
-                        Box::new(pipe_reader),
-                        path.display().to_string(),
-                        StashKind::Directory,
-                        source_name,
-                        Some(thread),
-                    )
-                }
-            };
+                let source_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                (
+                    Box::new(file),
+                    path.display().to_string(),
+                    StashKind::File,
+                    source_name,
+                    None,
+                )
+            }
+            Source::Directory(path) => {
+                let (pipe_reader, mut pipe_writer) = io::pipe().map_err(input_err("a pipe"))?;
+                let root = path.clone();
+                let thread =
+                    std::thread::spawn(move || dirtar::write_dir_tar(&root, &mut pipe_writer));
+                let source_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                (
+                    Box::new(pipe_reader),
+                    path.display().to_string(),
+                    StashKind::Directory,
+                    source_name,
+                    Some(thread),
+                )
+            }
+        };
 
         let mut writer = ChunkWriter::new(self)?;
         let (size, sha256, collected, layout) = {
@@ -413,7 +444,10 @@ impl Store {
             let mut content = StreamChunker::new(self.chunker, StreamChunker::DEFAULT_CAPACITY);
             let mut layout: Vec<(Part, u64)> = Vec::new();
             let mut failed: Option<StoreError> = None;
-            let mut route = |part: Part, bytes: &[u8], writer: &mut ChunkWriter<'_>, failed: &mut Option<StoreError>| {
+            let mut route = |part: Part,
+                             bytes: &[u8],
+                             writer: &mut ChunkWriter<'_>,
+                             failed: &mut Option<StoreError>| {
                 if failed.is_some() || bytes.is_empty() {
                     return;
                 }
@@ -425,12 +459,15 @@ impl Store {
                     Part::Meta => (&mut meta, Part::Meta),
                     Part::Content => (&mut content, Part::Content),
                 };
-                if let Err(e) = chunker.push(bytes, &mut |b: Batch<'_>| writer.add_batch(&b, list)) {
+                if let Err(e) = chunker.push(bytes, &mut |b: Batch<'_>| writer.add_batch(&b, list))
+                {
                     *failed = Some(e);
                 }
             };
             let read = read_blocks(reader, progress, |block| {
-                splitter.feed(block, &mut |part, bytes| route(part, bytes, &mut writer, &mut failed));
+                splitter.feed(block, &mut |part, bytes| {
+                    route(part, bytes, &mut writer, &mut failed)
+                });
                 match failed.take() {
                     Some(e) => Err(e),
                     None => Ok(()),
@@ -457,11 +494,10 @@ impl Store {
             (size, sha256, splitter.into_collected(), layout)
         };
         if let Some(t) = dir_thread {
-            t.join()
-                .map_err(|_| StoreError::Input {
-                    what: what.clone(),
-                    source: io::Error::other("the directory archiver panicked"),
-                })??;
+            t.join().map_err(|_| StoreError::Input {
+                what: what.clone(),
+                source: io::Error::other("the directory archiver panicked"),
+            })??;
         }
 
         let image = image::detect(&collected);
@@ -484,7 +520,10 @@ impl Store {
                 kind,
                 size,
                 sha256: sha256.clone(),
-                created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                created: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
                 source: source_name,
                 image,
             },
@@ -523,7 +562,12 @@ impl Store {
         Ok((id, manifest))
     }
 
-    fn decode_manifest(&self, name: &str, id: &ManifestId, bytes: &[u8]) -> Result<Manifest, StoreError> {
+    fn decode_manifest(
+        &self,
+        name: &str,
+        id: &ManifestId,
+        bytes: &[u8],
+    ) -> Result<Manifest, StoreError> {
         let err = |source| StoreError::Manifest {
             name: name.to_string(),
             id: *id,
@@ -545,7 +589,13 @@ impl Store {
     /// Restores `name` into `target`. Files are written under a temporary
     /// name and renamed when complete; existing targets are refused unless
     /// `force`.
-    pub fn unstash(&self, name: &Name, target: Target, force: bool, progress: &dyn Progress) -> Result<UnstashReport, StoreError> {
+    pub fn unstash(
+        &self,
+        name: &Name,
+        target: Target,
+        force: bool,
+        progress: &dyn Progress,
+    ) -> Result<UnstashReport, StoreError> {
         let started = Instant::now();
         let mut reader = self.open_stash(name)?;
         let kind = reader.manifest.header.kind;
@@ -598,16 +648,30 @@ impl Store {
                     return Err(StoreError::Exists { path });
                 }
                 if exists {
-                    dirtar::extract_tar(&mut ProgressReader { inner: reader, progress }, &path)?;
+                    dirtar::extract_tar(
+                        &mut ProgressReader {
+                            inner: reader,
+                            progress,
+                        },
+                        &path,
+                    )?;
                 } else {
                     // Restore next to the target, then rename: all or nothing.
                     let parent = match path.parent() {
                         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                         _ => PathBuf::from("."),
                     };
-                    let staging = tempdir_in(&parent).map_err(output_err(&path.display().to_string()))?;
-                    dirtar::extract_tar(&mut ProgressReader { inner: reader, progress }, &staging.0)?;
-                    std::fs::rename(&staging.0, &path).map_err(output_err(&path.display().to_string()))?;
+                    let staging =
+                        tempdir_in(&parent).map_err(output_err(&path.display().to_string()))?;
+                    dirtar::extract_tar(
+                        &mut ProgressReader {
+                            inner: reader,
+                            progress,
+                        },
+                        &staging.0,
+                    )?;
+                    std::fs::rename(&staging.0, &path)
+                        .map_err(output_err(&path.display().to_string()))?;
                     staging.keep();
                 }
             }
@@ -629,9 +693,15 @@ impl Store {
         Ok(names
             .into_iter()
             .map(|(name, manifest)| {
-                let header = self.backend.get(Kind::Manifest, &manifest.to_hex()).ok().and_then(|b| {
-                    self.decode_manifest(name.as_str(), &manifest, &b).ok().map(|m| m.header)
-                });
+                let header = self
+                    .backend
+                    .get(Kind::Manifest, &manifest.to_hex())
+                    .ok()
+                    .and_then(|b| {
+                        self.decode_manifest(name.as_str(), &manifest, &b)
+                            .ok()
+                            .map(|m| m.header)
+                    });
                 Entry {
                     name: name.to_string(),
                     manifest,
@@ -744,7 +814,10 @@ impl Store {
                         for b in bad {
                             problems.push(Problem {
                                 subject: backend.location(Kind::Pack, &p.to_hex()),
-                                problem: format!("chunk {} at offset {}: {}", b.id, b.offset, b.problem),
+                                problem: format!(
+                                    "chunk {} at offset {}: {}",
+                                    b.id, b.offset, b.problem
+                                ),
                             });
                         }
                     }
@@ -791,7 +864,11 @@ impl Store {
                     if let Some(first) = missing.first() {
                         problems.push(Problem {
                             subject,
-                            problem: format!("{} chunk(s) missing from the store, first {}", missing.len(), first.id),
+                            problem: format!(
+                                "{} chunk(s) missing from the store, first {}",
+                                missing.len(),
+                                first.id
+                            ),
                         });
                     }
                 }
@@ -807,7 +884,13 @@ impl Store {
     }
 
     /// Reads and verifies one chunk.
-    fn read_chunk(&self, name: &str, chunk: &ChunkRef, loc: Option<Location>, out: &mut Vec<u8>) -> Result<(), StoreError> {
+    fn read_chunk(
+        &self,
+        name: &str,
+        chunk: &ChunkRef,
+        loc: Option<Location>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let loc = loc.ok_or_else(|| StoreError::MissingChunk {
             name: name.to_string(),
             chunk: chunk.id,
@@ -962,7 +1045,8 @@ impl<'a> ChunkWriter<'a> {
             let index = self.store.index.read().expect("index lock");
             let mut in_batch = HashSet::new();
             for (i, c) in batch.chunks.iter().enumerate() {
-                let known = index.contains(&c.id) || self.pack.as_ref().is_some_and(|p| p.contains(&c.id));
+                let known =
+                    index.contains(&c.id) || self.pack.as_ref().is_some_and(|p| p.contains(&c.id));
                 if !known && in_batch.insert(c.id) {
                     fresh.push(i);
                 }
@@ -981,7 +1065,10 @@ impl<'a> ChunkWriter<'a> {
         for (&i, (codec, stored)) in fresh.iter().zip(&compressed) {
             let c = &batch.chunks[i];
             if self.pack.is_none() {
-                self.pack = Some(PackWriter::with_target_size(self.store.backend.as_ref(), self.store.opts.pack_size)?);
+                self.pack = Some(PackWriter::with_target_size(
+                    self.store.backend.as_ref(),
+                    self.store.opts.pack_size,
+                )?);
             }
             let pack = self.pack.as_mut().expect("set above");
             pack.add(c.id, *codec, c.len, stored)?;
@@ -997,7 +1084,10 @@ impl<'a> ChunkWriter<'a> {
                 self.stats.reused_chunks += 1;
                 self.stats.reused_bytes += c.len as u64;
             }
-            let r = ChunkRef { id: c.id, len: c.len };
+            let r = ChunkRef {
+                id: c.id,
+                len: c.len,
+            };
             match part {
                 Part::Meta => self.stats.meta.push(r),
                 Part::Content => self.stats.content.push(r),
@@ -1013,7 +1103,11 @@ impl<'a> ChunkWriter<'a> {
                 return Ok(());
             }
             let (id, entries) = pack.finish(self.store.backend.as_ref())?;
-            self.store.index.write().expect("index lock").insert_pack(id, &entries);
+            self.store
+                .index
+                .write()
+                .expect("index lock")
+                .insert_pack(id, &entries);
         }
         Ok(())
     }
@@ -1132,11 +1226,17 @@ impl<'a> StashReader<'a> {
         let start = cursor.pos;
         cursor.pos += take;
         self.run_left -= take as u64;
-        Ok(Some(&self.streams[k].ready.front().expect("filled")[start..start + take]))
+        Ok(Some(
+            &self.streams[k].ready.front().expect("filled")[start..start + take],
+        ))
     }
 
     /// Writes the whole stash to `w`.
-    pub fn copy_to(&mut self, w: &mut dyn Write, progress: &dyn Progress) -> Result<u64, StoreError> {
+    pub fn copy_to(
+        &mut self,
+        w: &mut dyn Write,
+        progress: &dyn Progress,
+    ) -> Result<u64, StoreError> {
         let mut total = 0u64;
         while let Some(piece) = self.next_piece(usize::MAX)? {
             w.write_all(piece).map_err(output_err("the output"))?;
@@ -1175,7 +1275,9 @@ impl Read for ProgressReader<'_, '_> {
 }
 
 fn tempfile_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new().prefix(".ferry-unstash-").tempfile_in(dir)
+    tempfile::Builder::new()
+        .prefix(".ferry-unstash-")
+        .tempfile_in(dir)
 }
 
 /// A staging directory removed on drop unless kept.
@@ -1196,6 +1298,9 @@ impl Drop for Staging {
 }
 
 fn tempdir_in(dir: &Path) -> io::Result<Staging> {
-    let path = tempfile::Builder::new().prefix(".ferry-unstash-").tempdir_in(dir)?.keep();
+    let path = tempfile::Builder::new()
+        .prefix(".ferry-unstash-")
+        .tempdir_in(dir)?
+        .keep();
     Ok(Staging(path, false))
 }

@@ -1,0 +1,421 @@
+//! The store commands: parse → call the store library → render.
+
+use crate::output::{bytes, rate, Output};
+use crate::progress::Reporter;
+use anyhow::{bail, Context};
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use store::name::Name;
+use store::repo::{Entry, FsckReport, Inspection, Source, Store, Target, Usage};
+
+/// Where the store lives: `--store`, else `$FERRY_STORE`, else the user's
+/// cache directory.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// The store directory [default: $FERRY_STORE, else ~/.cache/ferry].
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.store {
+            return Ok(p.clone());
+        }
+        if let Some(p) = std::env::var_os("FERRY_STORE").filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(p));
+        }
+        let cache = dirs::cache_dir().context(
+            "no --store given, FERRY_STORE is not set, and this user has no cache directory",
+        )?;
+        Ok(cache.join("ferry"))
+    }
+
+    pub fn open(&self) -> anyhow::Result<Store> {
+        let path = self.path()?;
+        Ok(Store::open(&path)?)
+    }
+}
+
+fn parse_name(text: &str) -> anyhow::Result<Name> {
+    Ok(Name::parse(text)?)
+}
+
+pub const STASH_ABOUT: &str = "\
+Stash a file, a directory or standard input under NAME.
+
+The input is split into content-defined chunks; only chunks the store does not
+already hold are compressed and written. Docker archives (`docker save`, both
+the legacy and the Docker 25+ layout) and OCI layout tars are recognised: tar
+headers and file contents are chunked apart, so a rebuilt image whose files
+did not change costs only its headers. Replay is always byte-exact.
+
+NAME is a path with a trust scope in front, e.g. main/ci_gpu or pr/1234/ci_gpu.
+Stashing to an existing NAME replaces it atomically.
+
+Examples:
+  docker save ci-gpu:latest | ferry stash main/ci_gpu -
+  ferry stash build/5678/tvm_lib build/lib/
+  ferry stash --store /mnt/ferry pr/42/image image.tar";
+
+#[derive(clap::Args, Debug)]
+pub struct StashArgs {
+    /// Name to stash under (e.g. main/ci_gpu).
+    name: String,
+    /// A file, a directory, or - for standard input.
+    path: PathBuf,
+}
+
+pub fn stash(store: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::Result<()> {
+    let name = parse_name(&args.name)?;
+    let source = if args.path.as_os_str() == "-" {
+        if std::io::stdin().is_terminal() {
+            bail!("standard input is a terminal: pipe the data in (e.g. docker save img | ferry stash {name} -)");
+        }
+        Source::Reader(Box::new(std::io::stdin()))
+    } else {
+        let meta = std::fs::metadata(&args.path)
+            .with_context(|| format!("cannot stash {}", args.path.display()))?;
+        if meta.is_dir() {
+            Source::Directory(args.path.clone())
+        } else {
+            Source::File(args.path.clone())
+        }
+    };
+    let total = match &source {
+        Source::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),
+        _ => None,
+    };
+    let store = store.open()?;
+    let progress = Reporter::new(out.quiet || out.json, &format!("stash {name}"), total);
+    let report = store.stash(&name, source, &progress);
+    progress.finish();
+    let report = report?;
+    out.emit(&report, |r| {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "stashed {} ({}, {}, {} chunks) in {:.1} s, {}",
+            r.name,
+            r.kind.as_str(),
+            bytes(r.size),
+            r.chunks,
+            r.seconds,
+            rate(r.bytes_per_second)
+        );
+        let _ = writeln!(
+            s,
+            "  new:    {} chunks, {} -> {} stored",
+            r.new_chunks,
+            bytes(r.new_bytes),
+            bytes(r.stored_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "  reused: {} chunks, {}",
+            r.reused_chunks,
+            bytes(r.reused_bytes)
+        );
+        s
+    })
+}
+
+pub const UNSTASH_ABOUT: &str = "\
+Restore what was stashed under NAME, byte for byte.
+
+To - (standard output) for piping into `docker load`; to a file, written under
+a temporary name and renamed when complete; or, for directory stashes, into a
+directory (created; an existing one must be empty). Every chunk is checked
+against its BLAKE3 id before its bytes are written: a damaged store makes the
+command fail, never emit wrong bytes. Existing targets are refused unless
+--force.
+
+Examples:
+  ferry unstash main/ci_gpu - | docker load
+  ferry unstash main/ci_gpu image.tar
+  ferry unstash build/5678/tvm_lib build/lib/";
+
+#[derive(clap::Args, Debug)]
+pub struct UnstashArgs {
+    /// The stash to restore.
+    name: String,
+    /// A file, a directory (for directory stashes), or - for standard output.
+    path: PathBuf,
+    /// Overwrite an existing file, or restore into a non-empty directory.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn unstash(store: &StoreArgs, args: UnstashArgs, out: &Output) -> anyhow::Result<()> {
+    let name = parse_name(&args.name)?;
+    let store = store.open()?;
+    let (_, manifest) = store.manifest(&name)?;
+    let kind = manifest.header.kind;
+    let mut out = *out;
+    let target = if args.path.as_os_str() == "-" {
+        if std::io::stdout().is_terminal() && !args.force {
+            bail!("standard output is a terminal: pipe it (e.g. ferry unstash {name} - | docker load), or use --force");
+        }
+        out.to_stderr = true;
+        if kind == store::manifest::StashKind::Directory {
+            // A directory stash streams as its tar.
+        }
+        Target::Writer(Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout(),
+        )))
+    } else if kind == store::manifest::StashKind::Directory {
+        Target::Directory(args.path.clone())
+    } else {
+        Target::File(args.path.clone())
+    };
+    let progress = Reporter::new(
+        out.quiet || out.json,
+        &format!("unstash {name}"),
+        Some(manifest.header.size),
+    );
+    let report = store.unstash(&name, target, args.force, &progress);
+    progress.finish();
+    let report = report?;
+    out.emit(&report, |r| {
+        format!(
+            "unstashed {} ({}, {}, {} chunks) in {:.1} s, {}\n",
+            r.name,
+            r.kind.as_str(),
+            bytes(r.size),
+            r.chunks,
+            r.seconds,
+            rate(r.bytes_per_second)
+        )
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LsArgs {
+    /// Only names under this prefix (whole parts: `main` lists main/x, not mainline/x).
+    prefix: Option<String>,
+}
+
+pub fn ls(store: &StoreArgs, args: LsArgs, out: &Output) -> anyhow::Result<()> {
+    let store = store.open()?;
+    let entries = store.list(args.prefix.as_deref())?;
+    out.emit(&entries, |entries: &Vec<Entry>| {
+        let mut s = String::new();
+        if entries.is_empty() {
+            let _ = writeln!(s, "no stashes");
+            return s;
+        }
+        let _ = writeln!(
+            s,
+            "{:<40} {:<18} {:>10}  {:<20}",
+            "NAME", "KIND", "SIZE", "CREATED (UTC)"
+        );
+        for e in entries {
+            match &e.header {
+                Some(h) => {
+                    let _ = writeln!(
+                        s,
+                        "{:<40} {:<18} {:>10}  {:<20}",
+                        e.name,
+                        h.kind.as_str(),
+                        bytes(h.size),
+                        utc(h.created)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "{:<40} {:<18} (manifest unreadable: run ferry fsck)",
+                        e.name, "?"
+                    );
+                }
+            }
+        }
+        s
+    })
+}
+
+/// `YYYY-MM-DD HH:MM:SS` from Unix seconds (civil-from-days, no time zone
+/// database needed).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// The stash.
+    name: String,
+}
+
+pub fn inspect(store: &StoreArgs, args: InspectArgs, out: &Output) -> anyhow::Result<()> {
+    let name = parse_name(&args.name)?;
+    let store = store.open()?;
+    let report = store.inspect(&name)?;
+    out.emit(&report, |r: &Inspection| {
+        let h = &r.header;
+        let mut s = String::new();
+        let _ = writeln!(s, "name:      {}", r.name);
+        let _ = writeln!(s, "kind:      {}", h.kind.as_str());
+        let _ = writeln!(s, "size:      {} ({} bytes)", bytes(h.size), h.size);
+        let _ = writeln!(s, "sha256:    {}", h.sha256);
+        let _ = writeln!(s, "created:   {} UTC", utc(h.created));
+        if let Some(src) = &h.source {
+            let _ = writeln!(s, "source:    {src}");
+        }
+        let _ = writeln!(s, "manifest:  {}", r.manifest);
+        let _ = writeln!(
+            s,
+            "chunks:    {} ({} distinct, {}; tar headers {})",
+            r.chunks,
+            r.unique_chunks,
+            bytes(r.unique_bytes),
+            bytes(r.meta_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "stored:    {} (size / stored = {:.2}x)",
+            bytes(r.stored_bytes),
+            r.dedup_ratio
+        );
+        if let Some(img) = &h.image {
+            if !img.tags.is_empty() {
+                let _ = writeln!(s, "tags:      {}", img.tags.join(", "));
+            }
+            if let Some(c) = &img.config_digest {
+                let _ = writeln!(s, "config:    {c}");
+            }
+            let _ = writeln!(s, "layers:    {}", img.layers.len());
+            for (i, l) in img.layers.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "  {i:>3}  {:>10}  {}  {}",
+                    bytes(l.size),
+                    l.diff_id.as_deref().unwrap_or("(no diff_id)"),
+                    l.path
+                );
+            }
+        }
+        s
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RmArgs {
+    /// Names to remove. Their data is freed by `ferry gc` once nothing else uses it.
+    #[arg(required = true)]
+    names: Vec<String>,
+}
+
+pub fn rm(store: &StoreArgs, args: RmArgs, out: &Output) -> anyhow::Result<()> {
+    let names = args
+        .names
+        .iter()
+        .map(|n| parse_name(n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let store = store.open()?;
+    let mut removed = Vec::new();
+    for name in &names {
+        if !store.remove(name)? {
+            bail!("no stash named {:?}; see ferry ls", name.as_str());
+        }
+        removed.push(name.to_string());
+    }
+    out.emit(&removed, |r| {
+        r.iter().map(|n| format!("removed {n}\n")).collect()
+    })
+}
+
+pub fn du(store: &StoreArgs, out: &Output) -> anyhow::Result<()> {
+    let store = store.open()?;
+    let u = store.usage()?;
+    out.emit(&u, |u: &Usage| {
+        let mut s = String::new();
+        let _ = writeln!(s, "names:          {}", u.names);
+        let _ = writeln!(s, "logical size:   {}", bytes(u.logical_bytes));
+        let _ = writeln!(
+            s,
+            "stored:         {} in {} packs, {} in manifests",
+            bytes(u.pack_bytes),
+            u.packs,
+            bytes(u.manifest_bytes)
+        );
+        let _ = writeln!(s, "chunks:         {}", u.chunks);
+        let _ = writeln!(
+            s,
+            "dedup ratio:    {:.2}x (logical / stored)",
+            u.dedup_ratio
+        );
+        let _ = writeln!(
+            s,
+            "unreferenced:   {} (stored bytes no name uses)",
+            bytes(u.unreferenced_stored_bytes)
+        );
+        s
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FsckArgs {
+    /// Re-read and re-hash every chunk (reads the whole store).
+    #[arg(long)]
+    full: bool,
+}
+
+/// `fsck` found problems: exit code 1, not 2.
+#[derive(Debug)]
+pub struct ProblemsFound(pub usize);
+
+impl std::fmt::Display for ProblemsFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fsck found {} problem(s)", self.0)
+    }
+}
+
+impl std::error::Error for ProblemsFound {}
+
+pub fn fsck(store: &StoreArgs, args: FsckArgs, out: &Output) -> anyhow::Result<()> {
+    let store = store.open()?;
+    let progress = Reporter::new(out.quiet || out.json || !args.full, "fsck --full", None);
+    let report = store.fsck(args.full, &progress);
+    progress.finish();
+    let report = report?;
+    out.emit(&report, |r: &FsckReport| {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "checked {} packs, {} chunks{}, {} names",
+            r.packs,
+            r.chunks,
+            if r.full { " (re-hashed)" } else { "" },
+            r.names
+        );
+        if r.problems.is_empty() {
+            let _ = writeln!(s, "no problems found");
+        }
+        for p in &r.problems {
+            let _ = writeln!(s, "PROBLEM {}: {}", p.subject, p.problem);
+        }
+        s
+    })?;
+    if !report.problems.is_empty() {
+        return Err(ProblemsFound(report.problems.len()).into());
+    }
+    Ok(())
+}
