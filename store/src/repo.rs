@@ -623,8 +623,12 @@ impl Store {
                 };
                 let shown = path.display().to_string();
                 let mut tmp = tempfile_in(&dir).map_err(output_err(&shown))?;
-                reader.copy_to(tmp.as_file_mut(), progress)?;
-                tmp.as_file_mut().sync_all().map_err(output_err(&shown))?;
+                // Not fsynced: a restore is scratch data for the job at hand,
+                // and the rename already keeps a partial file from its name.
+                let mut file = io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+                reader.copy_to(&mut file, progress)?;
+                file.flush().map_err(output_err(&shown))?;
+                drop(file);
                 tmp.persist(&path).map_err(|e| StoreError::Output {
                     what: shown.clone(),
                     source: e.error,
@@ -882,45 +886,6 @@ impl Store {
             problems,
         })
     }
-
-    /// Reads and verifies one chunk.
-    fn read_chunk(
-        &self,
-        name: &str,
-        chunk: &ChunkRef,
-        loc: Option<Location>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), StoreError> {
-        let loc = loc.ok_or_else(|| StoreError::MissingChunk {
-            name: name.to_string(),
-            chunk: chunk.id,
-        })?;
-        let corrupt = |detail: String| StoreError::CorruptChunk {
-            name: name.to_string(),
-            chunk: chunk.id,
-            detail,
-        };
-        if loc.raw_len != chunk.len {
-            return Err(corrupt(format!(
-                "the index says {} bytes, the manifest {}",
-                loc.raw_len, chunk.len
-            )));
-        }
-        let pack = loc.pack.to_hex();
-        let stored = self
-            .backend
-            .get_range(Kind::Pack, &pack, loc.offset, loc.stored_len as u64)
-            .map_err(|e| corrupt(e.to_string()))?;
-        compress::decompress_into(loc.codec, &stored, loc.raw_len as usize, out)
-            .map_err(|e| corrupt(format!("pack {pack} at offset {}: {e}", loc.offset)))?;
-        if ChunkId::of(out) != chunk.id {
-            return Err(corrupt(format!(
-                "pack {pack} at offset {}: its bytes hash to something else",
-                loc.offset
-            )));
-        }
-        Ok(())
-    }
 }
 
 impl StoreError {
@@ -933,6 +898,44 @@ impl StoreError {
             other => other,
         }
     }
+}
+
+/// Reads and verifies one chunk.
+fn read_chunk(
+    backend: &dyn Backend,
+    name: &str,
+    chunk: &ChunkRef,
+    loc: Option<Location>,
+    out: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    let loc = loc.ok_or_else(|| StoreError::MissingChunk {
+        name: name.to_string(),
+        chunk: chunk.id,
+    })?;
+    let corrupt = |detail: String| StoreError::CorruptChunk {
+        name: name.to_string(),
+        chunk: chunk.id,
+        detail,
+    };
+    if loc.raw_len != chunk.len {
+        return Err(corrupt(format!(
+            "the index says {} bytes, the manifest {}",
+            loc.raw_len, chunk.len
+        )));
+    }
+    let pack = loc.pack.to_hex();
+    let stored = backend
+        .get_range(Kind::Pack, &pack, loc.offset, loc.stored_len as u64)
+        .map_err(|e| corrupt(e.to_string()))?;
+    compress::decompress_into(loc.codec, &stored, loc.raw_len as usize, out)
+        .map_err(|e| corrupt(format!("pack {pack} at offset {}: {e}", loc.offset)))?;
+    if ChunkId::of(out) != chunk.id {
+        return Err(corrupt(format!(
+            "pack {pack} at offset {}: its bytes hash to something else",
+            loc.offset
+        )));
+    }
+    Ok(())
 }
 
 /// Reads `reader` in large blocks on a separate thread (so reading, and
@@ -1131,11 +1134,15 @@ pub struct StashReader<'a> {
     run_left: u64,
 }
 
+/// Decoded batches awaited from the background.
+type PendingBatch = std::sync::mpsc::Receiver<Result<Vec<Vec<u8>>, StoreError>>;
+
 #[derive(Default)]
 struct Cursor {
     next: usize,
     ready: VecDeque<Vec<u8>>,
     pos: usize,
+    pending: Option<PendingBatch>,
 }
 
 /// Decode at most this many raw bytes per parallel batch.
@@ -1161,12 +1168,10 @@ impl<'a> StashReader<'a> {
         }
     }
 
-    /// Makes sure the cursor of `part` has bytes ready.
-    fn fill(&mut self, part: Part) -> Result<(), StoreError> {
+    /// Starts decoding the next batch of `part`'s chunks in the background
+    /// (on rayon's pool), so that decoding overlaps writing.
+    fn prefetch(&mut self, part: Part) {
         let k = part as usize;
-        if !self.streams[k].ready.is_empty() {
-            return Ok(());
-        }
         let list = self.list(part);
         let start = self.streams[k].next;
         let mut end = start;
@@ -1176,30 +1181,56 @@ impl<'a> StashReader<'a> {
             end += 1;
         }
         if end == start {
+            return;
+        }
+        let jobs: Vec<(ChunkRef, Option<Location>)> = {
+            let index = self.store.index.read().expect("index lock");
+            list[start..end]
+                .iter()
+                .map(|c| (*c, index.get(&c.id)))
+                .collect()
+        };
+        let backend = Arc::clone(&self.store.backend);
+        let name = self.name.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rayon::spawn(move || {
+            let decoded = jobs
+                .par_iter()
+                .map(|(c, loc)| {
+                    let mut out = Vec::new();
+                    read_chunk(backend.as_ref(), &name, c, *loc, &mut out)?;
+                    Ok(out)
+                })
+                .collect();
+            let _ = tx.send(decoded);
+        });
+        let cursor = &mut self.streams[k];
+        cursor.pending = Some(rx);
+        cursor.next = end;
+    }
+
+    /// Makes sure the cursor of `part` has bytes ready.
+    fn fill(&mut self, part: Part) -> Result<(), StoreError> {
+        let k = part as usize;
+        if !self.streams[k].ready.is_empty() {
+            return Ok(());
+        }
+        if self.streams[k].pending.is_none() {
+            self.prefetch(part);
+        }
+        let Some(pending) = self.streams[k].pending.take() else {
             return Err(StoreError::CorruptChunk {
                 name: self.name.clone(),
                 chunk: ChunkId([0; 32]),
                 detail: "the layout asks for more bytes than the recipe holds".into(),
             });
-        }
-        let locations: Vec<Option<Location>> = {
-            let index = self.store.index.read().expect("index lock");
-            list[start..end].iter().map(|c| index.get(&c.id)).collect()
         };
-        let store = self.store;
-        let name = &self.name;
-        let decoded: Result<Vec<Vec<u8>>, StoreError> = list[start..end]
-            .par_iter()
-            .zip(locations)
-            .map(|(c, loc)| {
-                let mut out = Vec::new();
-                store.read_chunk(name, c, loc, &mut out)?;
-                Ok(out)
-            })
-            .collect();
-        let cursor = &mut self.streams[k];
-        cursor.ready.extend(decoded?);
-        cursor.next = end;
+        let decoded = pending.recv().map_err(|_| StoreError::Output {
+            what: "the chunk decoder".into(),
+            source: io::Error::other("a decoding task stopped without an answer"),
+        })??;
+        self.streams[k].ready.extend(decoded);
+        self.prefetch(part);
         Ok(())
     }
 
