@@ -346,7 +346,7 @@ fn check_version(found: u32) -> Result<(), FormatError> {
 /// Decodes an entry table whose blobs must lie in `HEADER_LEN..data_end`,
 /// in ascending order without overlap.
 pub fn decode_entries(table: &[u8], data_end: u64) -> Result<Vec<IndexEntry>, FormatError> {
-    if table.len() % ENTRY_LEN != 0 {
+    if !table.len().is_multiple_of(ENTRY_LEN) {
         return Err(FormatError::BadLength {
             what: "entry table",
             len: table.len() as u64,
