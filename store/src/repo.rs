@@ -1335,3 +1335,7 @@ fn tempdir_in(dir: &Path) -> io::Result<Staging> {
         .keep();
     Ok(Staging(path, false))
 }
+
+#[cfg(test)]
+#[path = "repo_tests.rs"]
+mod tests;

@@ -1,0 +1,324 @@
+//! Store-level tests through the public API: round trips of every kind,
+//! dedup, tar-aware dedup, corruption and error paths.
+
+use super::*;
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    (dir, store)
+}
+
+fn name(s: &str) -> Name {
+    Name::parse(s).unwrap()
+}
+
+fn stash_bytes(store: &Store, n: &str, data: &[u8]) -> StashReport {
+    store
+        .stash(
+            &name(n),
+            Source::Reader(Box::new(io::Cursor::new(data.to_vec()))),
+            &NoProgress,
+        )
+        .unwrap()
+}
+
+fn unstash_bytes(store: &Store, n: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    store
+        .open_stash(&name(n))
+        .unwrap()
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut v[..]);
+    v
+}
+
+/// A tar of `files` (name, bytes) with every mtime set to `mtime`.
+fn tar_of(files: &[(String, Vec<u8>)], mtime: u64) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (n, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(mtime);
+        b.append_data(&mut h, n, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Many small, compressible-ish files: the case where tar headers matter.
+fn small_files(n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let len = rng.random_range(0..6000);
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data[..]);
+            (format!("usr/share/doc/pkg{}/file{i}.txt", i % 37), data)
+        })
+        .collect()
+}
+
+#[test]
+fn stream_round_trip_and_report() {
+    let (_d, s) = store();
+    let data = random(3 << 20, 1);
+    let r = stash_bytes(&s, "main/blob", &data);
+    assert_eq!(r.size, data.len() as u64);
+    assert_eq!(r.kind, StashKind::Stream);
+    assert_eq!(r.new_bytes, data.len() as u64);
+    assert_eq!(r.sha256, crate::id::to_hex(&Sha256::digest(&data)));
+    assert_eq!(unstash_bytes(&s, "main/blob"), data);
+}
+
+#[test]
+fn empty_input_round_trips() {
+    let (_d, s) = store();
+    let r = stash_bytes(&s, "e", b"");
+    assert_eq!((r.size, r.chunks), (0, 0));
+    assert!(unstash_bytes(&s, "e").is_empty());
+}
+
+#[test]
+fn second_stash_of_the_same_bytes_stores_nothing() {
+    let (_d, s) = store();
+    let data = random(2 << 20, 2);
+    stash_bytes(&s, "a", &data);
+    let again = stash_bytes(&s, "b", &data);
+    assert_eq!(again.new_chunks, 0);
+    assert_eq!(again.stored_bytes, 0);
+    assert_eq!(again.reused_bytes, data.len() as u64);
+    // Reopening sees the same index.
+    let s2 = Store::open(s.root()).unwrap();
+    let third = stash_bytes(&s2, "c", &data);
+    assert_eq!(third.new_chunks, 0);
+}
+
+#[test]
+fn retarred_with_new_mtimes_costs_only_headers() {
+    let (_d, s) = store();
+    let files = small_files(800, 3);
+    let v1 = tar_of(&files, 1_000_000);
+    let v3 = tar_of(&files, 2_000_000);
+    assert_ne!(v1, v3);
+    let r1 = stash_bytes(&s, "v1", &v1);
+    assert_eq!(r1.kind, StashKind::Tar);
+    let r3 = stash_bytes(&s, "v3", &v3);
+    // Every header changed, no content did: only the meta stream is new.
+    let headers = (files.len() * 512) as u64;
+    assert!(
+        r3.new_bytes <= headers * 2,
+        "new {} for {} bytes of headers",
+        r3.new_bytes,
+        headers
+    );
+    assert!(
+        r3.stored_bytes < v3.len() as u64 / 20,
+        "stored {} of {}",
+        r3.stored_bytes,
+        v3.len()
+    );
+    assert_eq!(unstash_bytes(&s, "v3"), v3);
+    assert_eq!(unstash_bytes(&s, "v1"), v1);
+}
+
+#[test]
+fn directory_round_trip() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, s) = store();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("a/b/empty")).unwrap();
+    std::fs::write(src.join("a/b/file"), random(100_000, 4)).unwrap();
+    std::fs::write(src.join("run.sh"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(src.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("a/b/file", src.join("link")).unwrap();
+    let r = s
+        .stash(
+            &name("build/1/dir"),
+            Source::Directory(src.clone()),
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(r.kind, StashKind::Directory);
+    let dst = d.path().join("restored");
+    s.unstash(
+        &name("build/1/dir"),
+        Target::Directory(dst.clone()),
+        false,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read(dst.join("a/b/file")).unwrap(),
+        std::fs::read(src.join("a/b/file")).unwrap()
+    );
+    assert!(dst.join("a/b/empty").is_dir());
+    assert_eq!(
+        std::fs::read_link(dst.join("link")).unwrap(),
+        Path::new("a/b/file")
+    );
+    assert_eq!(
+        std::fs::metadata(dst.join("run.sh"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    // A second restore onto the now non-empty directory is refused.
+    let err = s
+        .unstash(
+            &name("build/1/dir"),
+            Target::Directory(dst),
+            false,
+            &NoProgress,
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Exists { .. }), "{err}");
+    // And a directory stash cannot be written as a file.
+    let err = s
+        .unstash(
+            &name("build/1/dir"),
+            Target::File(d.path().join("f")),
+            false,
+            &NoProgress,
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::WrongTarget { .. }), "{err}");
+}
+
+#[test]
+fn file_target_is_refused_when_it_exists_and_written_whole() {
+    let (d, s) = store();
+    let data = random(1 << 20, 5);
+    stash_bytes(&s, "f", &data);
+    let target = d.path().join("out.bin");
+    std::fs::write(&target, b"old").unwrap();
+    let err = s
+        .unstash(&name("f"), Target::File(target.clone()), false, &NoProgress)
+        .unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"old");
+    s.unstash(&name("f"), Target::File(target.clone()), true, &NoProgress)
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+}
+
+#[test]
+fn restash_replaces_the_name_and_both_versions_stay_readable_until_removed() {
+    let (_d, s) = store();
+    stash_bytes(&s, "x", b"one");
+    stash_bytes(&s, "x", b"two");
+    assert_eq!(unstash_bytes(&s, "x"), b"two");
+    let listed: Vec<String> = s.list(None).unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(listed, ["x"]);
+    assert!(s.remove(&name("x")).unwrap());
+    assert!(!s.remove(&name("x")).unwrap());
+    let err = s.open_stash(&name("x")).err().unwrap();
+    assert!(err.to_string().contains("no stash named"), "{err}");
+}
+
+#[test]
+fn a_flipped_byte_in_a_pack_fails_the_restore_and_fsck_full() {
+    let (_d, s) = store();
+    let data = random(1 << 20, 6);
+    stash_bytes(&s, "victim", &data);
+    assert!(s.fsck(true, &NoProgress).unwrap().problems.is_empty());
+    let packs = s.backend().list(Kind::Pack).unwrap();
+    assert_eq!(packs.len(), 1);
+    let mut bytes = s.backend().get(Kind::Pack, &packs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    s.backend().put(Kind::Pack, &packs[0], &bytes).unwrap();
+    let s = Store::open(s.root()).unwrap();
+    let mut out = Vec::new();
+    let err = s
+        .open_stash(&name("victim"))
+        .unwrap()
+        .read_to_end(&mut out)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"victim\"") && msg.contains("corrupt"),
+        "{msg}"
+    );
+    // What was handed out before the error is a true prefix.
+    assert_eq!(&data[..out.len()], &out[..]);
+    let report = s.fsck(true, &NoProgress).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(s.fsck(false, &NoProgress).unwrap().problems.is_empty());
+}
+
+#[test]
+fn inspect_and_usage_report_dedup() {
+    let (_d, s) = store();
+    let data = random(2 << 20, 7);
+    stash_bytes(&s, "a", &data);
+    stash_bytes(&s, "b", &data);
+    let i = s.inspect(&name("a")).unwrap();
+    assert_eq!(i.header.size, data.len() as u64);
+    assert_eq!(i.unique_bytes, data.len() as u64);
+    let u = s.usage().unwrap();
+    assert_eq!(u.names, 2);
+    assert_eq!(u.logical_bytes, 2 * data.len() as u64);
+    assert!(u.dedup_ratio > 1.9, "{}", u.dedup_ratio);
+    assert_eq!(u.unreferenced_stored_bytes, 0);
+    s.remove(&name("a")).unwrap();
+    s.remove(&name("b")).unwrap();
+    assert!(s.usage().unwrap().unreferenced_stored_bytes > 0);
+}
+
+#[test]
+fn unreadable_input_is_a_clear_error_and_commits_nothing() {
+    struct Failing(usize);
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("disk on fire"));
+            }
+            let n = buf.len().min(self.0);
+            buf[..n].fill(7);
+            self.0 -= n;
+            Ok(n)
+        }
+    }
+    let (_d, s) = store();
+    let err = s
+        .stash(
+            &name("broken"),
+            Source::Reader(Box::new(Failing(5 << 20))),
+            &NoProgress,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("disk on fire"), "{err}");
+    assert!(s.list(None).unwrap().is_empty());
+    assert!(s.backend().list(Kind::Manifest).unwrap().is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn any_stream_round_trips(seed in any::<u64>(), len in 0usize..400_000, as_tar in any::<bool>(), cut in 0usize..1000) {
+        let (_d, s) = store();
+        let data = if as_tar {
+            let mut t = tar_of(&small_files(40, seed), seed % 1_000_000);
+            // Sometimes truncated mid-archive: still exact.
+            let keep = t.len() - (cut * 37).min(t.len());
+            t.truncate(keep);
+            t
+        } else {
+            random(len, seed)
+        };
+        stash_bytes(&s, "p/x", &data);
+        prop_assert_eq!(unstash_bytes(&s, "p/x"), data);
+    }
+}
