@@ -14,7 +14,14 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Move container images, files and directories between CI stages as deduplicated chunks",
+    long_about = None,
+    propagate_version = true,
+    after_help = "Examples:\n  docker save img | ferry stash main/ci_gpu -\n  ferry unstash main/ci_gpu - | docker load\n  ferry demo        # a guided first run\n\nThe store is --store DIR, else $FERRY_STORE, else ~/.cache/ferry."
+)]
 struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -40,14 +47,23 @@ enum Command {
     #[command(long_about = commands::UNSTASH_ABOUT)]
     Unstash(commands::UnstashArgs),
     /// List stashes, optionally under a prefix.
+    #[command(after_help = "Examples:\n  ferry ls\n  ferry ls pr/1234\n  ferry ls main --json")]
     Ls(commands::LsArgs),
     /// Show a stash: kind, size, SHA-256, chunks, dedup; tags and layers for images.
+    #[command(
+        after_help = "Examples:\n  ferry inspect main/ci_gpu\n  ferry inspect main/ci_gpu --json | jq .image.layers"
+    )]
     Inspect(commands::InspectArgs),
     /// Remove names (their data goes when nothing else uses it).
+    #[command(after_help = "Example:\n  ferry rm pr/1234/ci_gpu pr/1234/ci_cpu")]
     Rm(commands::RmArgs),
-    /// Logical versus stored size of the store.
+    /// Logical versus stored size of the store, and what no name uses.
+    #[command(after_help = "Example:\n  ferry du\n  ferry --store /mnt/ferry du --json")]
     Du,
     /// Check the store's structure and index; --full re-hashes every chunk.
+    #[command(
+        after_help = "Exit status: 0 healthy, 1 problems found (each is printed), 2 the check could not run.\n\nExamples:\n  ferry fsck\n  ferry fsck --full"
+    )]
     Fsck(commands::FsckArgs),
     /// A guided first run: stash an image, change it, stash again, restore.
     #[command(long_about = demo::LONG_ABOUT)]
@@ -89,5 +105,24 @@ fn main() -> ExitCode {
             eprintln!("ferry: error: {err:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_parse_after_the_subcommand() {
+        let cli = Cli::try_parse_from(["ferry", "ls", "--json", "--store", "/tmp/x"]).unwrap();
+        assert!(cli.json);
+        assert!(matches!(cli.command, Command::Ls(_)));
+        assert!(Cli::try_parse_from(["ferry", "stash", "only-a-name"]).is_err());
     }
 }
