@@ -554,6 +554,86 @@ impl Store {
         })
     }
 
+    /// Of `ids`, those the store does not hold (in the order given, each once).
+    pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
+        let index = self.index.read().expect("index lock");
+        let mut seen = HashSet::new();
+        ids.iter()
+            .filter(|id| !index.contains(id) && seen.insert(**id))
+            .copied()
+            .collect()
+    }
+
+    /// A chunk as stored (compressed or raw), for sending to another store.
+    /// The bytes are not verified here: the receiver verifies them.
+    pub fn read_stored(&self, id: &ChunkId) -> Result<Option<StoredChunk>, StoreError> {
+        let Some(loc) = self.index.read().expect("index lock").get(id) else {
+            return Ok(None);
+        };
+        let bytes = self.backend.get_range(
+            Kind::Pack,
+            &loc.pack.to_hex(),
+            loc.offset,
+            loc.stored_len as u64,
+        )?;
+        Ok(Some(StoredChunk {
+            id: *id,
+            codec: loc.codec,
+            raw_len: loc.raw_len,
+            bytes,
+        }))
+    }
+
+    /// Adds chunks received from elsewhere (a client's upload, a server's
+    /// download into a node cache). Each is decoded and its BLAKE3 checked
+    /// against its id before it counts: content addressing is what makes a
+    /// shared store safe against poisoning. Chunks already held are skipped.
+    /// Returns how many were new. The pack is durable when this returns.
+    pub fn import_chunks(&self, chunks: &[StoredChunk]) -> Result<u64, StoreError> {
+        chunks
+            .par_iter()
+            .try_for_each_init(Vec::new, |buf, c| verify_stored(c, buf))?;
+        let mut writer = ChunkWriter::new(self)?;
+        let mut added = 0;
+        for c in chunks {
+            let known = self.index.read().expect("index lock").contains(&c.id)
+                || writer.pack.as_ref().is_some_and(|p| p.contains(&c.id));
+            if known {
+                continue;
+            }
+            writer.append(c.id, c.codec, c.raw_len, &c.bytes)?;
+            added += 1;
+        }
+        writer.finish()?;
+        Ok(added)
+    }
+
+    /// The stored bytes of the manifest `name` points at, and its id.
+    pub fn manifest_bytes(&self, name: &Name) -> Result<(ManifestId, Vec<u8>), StoreError> {
+        let id = refs::resolve(self.backend.as_ref(), name)?;
+        let bytes = self.backend.get(Kind::Manifest, &id.to_hex())?;
+        self.decode_manifest(name.as_str(), &id, &bytes)?;
+        Ok((id, bytes))
+    }
+
+    /// Points `name` at a manifest given as stored bytes (from another
+    /// store), after checking that it decodes and that every chunk it names
+    /// is held here: a commit never makes a name point at missing data.
+    pub fn commit_manifest(&self, name: &Name, stored: &[u8]) -> Result<ManifestId, StoreError> {
+        let id = ManifestId::of(stored);
+        let manifest = self.decode_manifest(name.as_str(), &id, stored)?;
+        let ids: Vec<ChunkId> = manifest.chunks().map(|c| c.id).collect();
+        if let Some(first) = self.missing(&ids).first() {
+            return Err(StoreError::MissingChunk {
+                name: name.to_string(),
+                chunk: *first,
+            });
+        }
+        self.backend.put(Kind::Manifest, &id.to_hex(), stored)?;
+        refs::set(self.backend.as_ref(), name, &id)?;
+        Ok(id)
+    }
+
     /// The manifest `name` points at.
     pub fn manifest(&self, name: &Name) -> Result<(ManifestId, Manifest), StoreError> {
         let id = refs::resolve(self.backend.as_ref(), name)?;
@@ -900,6 +980,40 @@ impl StoreError {
     }
 }
 
+/// A chunk as a store keeps it: what travels between stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    /// Its id (BLAKE3 of the raw bytes).
+    pub id: ChunkId,
+    /// How `bytes` are encoded.
+    pub codec: Codec,
+    /// Length of the raw chunk.
+    pub raw_len: u32,
+    /// The stored bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Largest chunk accepted from elsewhere (the chunker's maximum maximum).
+pub const MAX_CHUNK: u32 = 16 << 20;
+
+/// Checks that a received chunk decodes to bytes whose BLAKE3 is its id.
+pub fn verify_stored(c: &StoredChunk, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+    let corrupt = |detail: String| StoreError::CorruptChunk {
+        name: "(received)".into(),
+        chunk: c.id,
+        detail,
+    };
+    if c.raw_len == 0 || c.raw_len > MAX_CHUNK {
+        return Err(corrupt(format!("raw length {} is out of range", c.raw_len)));
+    }
+    compress::decompress_into(c.codec, &c.bytes, c.raw_len as usize, buf)
+        .map_err(|e| corrupt(e.to_string()))?;
+    if ChunkId::of(buf) != c.id {
+        return Err(corrupt("its bytes hash to a different id".into()));
+    }
+    Ok(())
+}
+
 /// Reads and verifies one chunk.
 fn read_chunk(
     backend: &dyn Backend,
@@ -1095,6 +1209,31 @@ impl<'a> ChunkWriter<'a> {
                 Part::Meta => self.stats.meta.push(r),
                 Part::Content => self.stats.content.push(r),
             }
+        }
+        Ok(())
+    }
+
+    /// Appends one new chunk's stored bytes to the current pack.
+    fn append(
+        &mut self,
+        id: ChunkId,
+        codec: Codec,
+        raw_len: u32,
+        stored: &[u8],
+    ) -> Result<(), StoreError> {
+        if self.pack.is_none() {
+            self.pack = Some(PackWriter::with_target_size(
+                self.store.backend.as_ref(),
+                self.store.opts.pack_size,
+            )?);
+        }
+        let pack = self.pack.as_mut().expect("set above");
+        pack.add(id, codec, raw_len, stored)?;
+        self.stats.new_chunks += 1;
+        self.stats.new_bytes += raw_len as u64;
+        self.stats.stored_bytes += stored.len() as u64;
+        if pack.is_full() {
+            self.flush()?;
         }
         Ok(())
     }

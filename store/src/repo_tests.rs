@@ -322,3 +322,42 @@ proptest! {
         prop_assert_eq!(unstash_bytes(&s, "p/x"), data);
     }
 }
+
+#[test]
+fn chunks_and_manifests_move_between_stores() {
+    let (_a, src) = store();
+    let (_b, dst) = store();
+    let data = random(3 << 20, 9);
+    stash_bytes(&src, "main/img", &data);
+    let (id, manifest) = src.manifest_bytes(&name("main/img")).unwrap();
+    let ids: Vec<ChunkId> = Manifest::decode(&manifest)
+        .unwrap()
+        .chunks()
+        .map(|c| c.id)
+        .collect();
+    // A commit before the chunks arrive is refused and changes nothing.
+    let err = dst
+        .commit_manifest(&name("main/img"), &manifest)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::MissingChunk { .. }), "{err}");
+    assert!(dst.list(None).unwrap().is_empty());
+    let missing = dst.missing(&ids);
+    assert_eq!(missing.len(), ids.iter().collect::<HashSet<_>>().len());
+    let stored: Vec<StoredChunk> = missing
+        .iter()
+        .map(|i| src.read_stored(i).unwrap().unwrap())
+        .collect();
+    // A tampered chunk is rejected, and nothing of the batch is imported.
+    let mut bad = stored.clone();
+    bad[0].bytes[0] ^= 1;
+    assert!(dst.import_chunks(&bad).is_err());
+    assert_eq!(dst.missing(&ids).len(), missing.len());
+    assert_eq!(dst.import_chunks(&stored).unwrap(), missing.len() as u64);
+    assert_eq!(dst.import_chunks(&stored).unwrap(), 0);
+    assert!(dst.missing(&ids).is_empty());
+    assert_eq!(
+        dst.commit_manifest(&name("main/img"), &manifest).unwrap(),
+        id
+    );
+    assert_eq!(unstash_bytes(&dst, "main/img"), data);
+}
