@@ -49,11 +49,22 @@ pub enum Kind {
     Index,
     /// A manifest: the recipe of one stash.
     Manifest,
+    /// A lease: a running stash, unstash or gc says it is alive (small,
+    /// rewritten to refresh it).
+    Lease,
+    /// A mark saying the collector condemned a pack (named by the pack id).
+    Condemned,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 3] = [Kind::Pack, Kind::Index, Kind::Manifest];
+    pub const ALL: [Kind; 5] = [
+        Kind::Pack,
+        Kind::Index,
+        Kind::Manifest,
+        Kind::Lease,
+        Kind::Condemned,
+    ];
 
     /// Lower-case name, as used in messages.
     pub fn as_str(self) -> &'static str {
@@ -61,6 +72,8 @@ impl Kind {
             Kind::Pack => "pack",
             Kind::Index => "index",
             Kind::Manifest => "manifest",
+            Kind::Lease => "lease",
+            Kind::Condemned => "condemned mark",
         }
     }
 }
@@ -367,7 +380,15 @@ impl LocalDir {
             location: root.display().to_string(),
             error,
         };
-        for sub in ["packs", "index", "manifests", "refs", "tmp"] {
+        for sub in [
+            "packs",
+            "index",
+            "manifests",
+            "refs",
+            "tmp",
+            "leases",
+            "condemned",
+        ] {
             fs::create_dir_all(root.join(sub)).map_err(not_writable)?;
         }
         // Probe: creating (and dropping) a temporary file proves we can write.
@@ -407,6 +428,11 @@ impl LocalDir {
                 .join(format!("{name}.pack")),
             Kind::Index => self.root.join("index").join(format!("{name}.idx")),
             Kind::Manifest => self.root.join("manifests").join(fan_out).join(name),
+            Kind::Lease => self.root.join("leases").join(format!("{name}.lease")),
+            Kind::Condemned => self
+                .root
+                .join("condemned")
+                .join(format!("{name}.condemned")),
         }
     }
 
@@ -673,6 +699,10 @@ impl Backend for LocalDir {
                 }
             }
             Kind::Index => self.list_dir(kind, &self.root.join("index"), ".idx", &mut out)?,
+            Kind::Lease => self.list_dir(kind, &self.root.join("leases"), ".lease", &mut out)?,
+            Kind::Condemned => {
+                self.list_dir(kind, &self.root.join("condemned"), ".condemned", &mut out)?
+            }
             Kind::Manifest => {
                 for dir in Self::subdirs(&self.root.join("manifests"))? {
                     self.list_dir(kind, &dir, "", &mut out)?;
@@ -790,7 +820,15 @@ mod tests {
     #[test]
     fn open_creates_layout() {
         let (_dir, store) = store();
-        for sub in ["packs", "index", "manifests", "refs", "tmp"] {
+        for sub in [
+            "packs",
+            "index",
+            "manifests",
+            "refs",
+            "tmp",
+            "leases",
+            "condemned",
+        ] {
             assert!(store.root().join(sub).is_dir(), "{sub}");
         }
         assert!(files_under(store.root()).is_empty());

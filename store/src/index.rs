@@ -209,6 +209,34 @@ impl Index {
         Ok((index, problems))
     }
 
+    /// Brings the index up to date with the store: indexes packs written
+    /// since (by other processes), and if any indexed pack is gone (deleted
+    /// by the collector) reloads everything, so that no chunk keeps pointing
+    /// at a deleted pack. Problems are dropped here (fsck reloads and
+    /// reports them).
+    pub fn sync(&mut self, backend: &dyn Backend) -> Result<(), IndexError> {
+        let names = backend.list(Kind::Index)?;
+        let present: HashSet<PackId> = names.iter().filter_map(|n| n.parse().ok()).collect();
+        if self.packs.iter().any(|p| !present.contains(p)) {
+            *self = Index::load(backend)?.0;
+            return Ok(());
+        }
+        for pack in present {
+            if self.contains_pack(&pack) {
+                continue;
+            }
+            // New since the last look; one that vanished meanwhile is skipped.
+            if let Ok(bytes) = backend.get(Kind::Index, &pack.to_hex()) {
+                if let Ok(decoded) = decode_idx(&bytes) {
+                    if decoded.pack == pack {
+                        self.insert_pack(pack, &decoded.entries);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a pack's entries. A chunk already indexed keeps its location.
     /// Adding the same pack again changes nothing. Returns how many chunks
     /// were new.

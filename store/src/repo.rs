@@ -16,13 +16,14 @@ use crate::chunker::{Batch, Chunker, ChunkerParams, StreamChunker};
 use crate::compress::{self, Codec};
 use crate::dirtar::{self, DirTarError};
 use crate::image::{self, ImageKind};
-use crate::index::{Index, IndexProblem, Location};
+use crate::index::{Index, Location};
+use crate::lease::Lease;
 use crate::manifest::{ChunkRef, Header, Manifest, ManifestError, StashKind};
 use crate::name::Name;
 use crate::pack::{self, PackError, PackWriter};
 use crate::refs::{self, RefError};
 use crate::tarsplit::{Part, TarSplitter};
-use crate::{ChunkId, ManifestId};
+use crate::{ChunkId, ManifestId, PackId};
 use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -333,7 +334,9 @@ pub struct Store {
     root: PathBuf,
     backend: Arc<dyn Backend>,
     index: RwLock<Index>,
-    index_problems: Vec<IndexProblem>,
+    /// Packs the collector condemned: their chunks count as missing for
+    /// writers (see `gc`). Re-read after a writer takes its lease.
+    condemned: RwLock<HashSet<PackId>>,
     opts: StoreOptions,
     chunker: Chunker,
 }
@@ -360,13 +363,14 @@ impl Store {
             source,
         })?;
         let backend: Arc<dyn Backend> = Arc::new(backend);
-        let (index, index_problems) = Index::load(backend.as_ref())?;
+        let (index, _problems) = Index::load(backend.as_ref())?;
+        let condemned = crate::gc::condemned_packs(backend.as_ref())?;
         let chunker = Chunker::new(opts.chunker)?;
         Ok(Store {
             root,
             backend,
             index: RwLock::new(index),
-            index_problems,
+            condemned: RwLock::new(condemned),
             opts,
             chunker,
         })
@@ -382,6 +386,11 @@ impl Store {
         self.backend.as_ref()
     }
 
+    /// The storage backend, shared.
+    pub fn backend_arc(&self) -> Arc<dyn Backend> {
+        Arc::clone(&self.backend)
+    }
+
     /// Stashes `source` under `name`, replacing what the name pointed at.
     pub fn stash(
         &self,
@@ -390,6 +399,7 @@ impl Store {
         progress: &dyn Progress,
     ) -> Result<StashReport, StoreError> {
         let started = Instant::now();
+        let _lease = self.lease("stash")?;
         let (reader, what, kind_hint, source_name, dir_thread): (
             Box<dyn Read + Send>,
             String,
@@ -554,12 +564,40 @@ impl Store {
         })
     }
 
+    /// Takes a lease for `purpose` and re-reads the condemned packs, in that
+    /// order: from now on the collector will not delete a pack this
+    /// operation may decide to use.
+    fn lease(&self, purpose: &str) -> Result<Lease, StoreError> {
+        let lease = Lease::acquire(Arc::clone(&self.backend), purpose)?;
+        *self.condemned.write().expect("condemned lock") =
+            crate::gc::condemned_packs(self.backend.as_ref())?;
+        self.index
+            .write()
+            .expect("index lock")
+            .sync(self.backend.as_ref())?;
+        Ok(lease)
+    }
+
+    /// Whether a writer may reuse the stored copy of `id` (held, and not only
+    /// in a condemned pack).
+    fn holds(&self, index: &Index, condemned: &HashSet<PackId>, id: &ChunkId) -> bool {
+        index
+            .get(id)
+            .is_some_and(|loc| !condemned.contains(&loc.pack))
+    }
+
+    /// Runs retention and garbage collection (see [`crate::gc`]).
+    pub fn gc(&self, opts: &crate::gc::GcOptions) -> Result<crate::gc::GcReport, StoreError> {
+        crate::gc::collect(self, opts)
+    }
+
     /// Of `ids`, those the store does not hold (in the order given, each once).
     pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
         let index = self.index.read().expect("index lock");
+        let condemned = self.condemned.read().expect("condemned lock");
         let mut seen = HashSet::new();
         ids.iter()
-            .filter(|id| !index.contains(id) && seen.insert(**id))
+            .filter(|id| !self.holds(&index, &condemned, id) && seen.insert(**id))
             .copied()
             .collect()
     }
@@ -593,11 +631,19 @@ impl Store {
         chunks
             .par_iter()
             .try_for_each_init(Vec::new, |buf, c| verify_stored(c, buf))?;
+        let _lease = self.lease("import")?;
         let mut writer = ChunkWriter::new(self)?;
         let mut added = 0;
         for c in chunks {
-            let known = self.index.read().expect("index lock").contains(&c.id)
-                || writer.pack.as_ref().is_some_and(|p| p.contains(&c.id));
+            let held = {
+                let index = self.index.read().expect("index lock");
+                self.holds(
+                    &index,
+                    &self.condemned.read().expect("condemned lock"),
+                    &c.id,
+                )
+            };
+            let known = held || writer.pack.as_ref().is_some_and(|p| p.contains(&c.id));
             if known {
                 continue;
             }
@@ -620,6 +666,7 @@ impl Store {
     /// store), after checking that it decodes and that every chunk it names
     /// is held here: a commit never makes a name point at missing data.
     pub fn commit_manifest(&self, name: &Name, stored: &[u8]) -> Result<ManifestId, StoreError> {
+        let _lease = self.lease("commit")?;
         let id = ManifestId::of(stored);
         let manifest = self.decode_manifest(name.as_str(), &id, stored)?;
         let ids: Vec<ChunkId> = manifest.chunks().map(|c| c.id).collect();
@@ -662,8 +709,9 @@ impl Store {
     /// A reader that replays the bytes stashed under `name`, verifying every
     /// chunk before handing out its bytes.
     pub fn open_stash(&self, name: &Name) -> Result<StashReader<'_>, StoreError> {
+        let lease = self.lease("unstash")?;
         let (_, manifest) = self.manifest(name)?;
-        Ok(StashReader::new(self, name.to_string(), manifest))
+        Ok(StashReader::new(self, name.to_string(), manifest, lease))
     }
 
     /// Restores `name` into `target`. Files are written under a temporary
@@ -870,8 +918,11 @@ impl Store {
     /// manifest and the presence of its chunks; with `full`, re-reads and
     /// re-hashes every chunk.
     pub fn fsck(&self, full: bool, progress: &dyn Progress) -> Result<FsckReport, StoreError> {
-        let mut problems: Vec<Problem> = self
-            .index_problems
+        let _lease = self.lease("fsck")?;
+        // Check what is on disk now, not what this handle loaded at open.
+        let (fresh, index_problems) = Index::load(self.backend.as_ref())?;
+        *self.index.write().expect("index lock") = fresh;
+        let mut problems: Vec<Problem> = index_problems
             .iter()
             .map(|p| Problem {
                 subject: "index".into(),
@@ -1160,10 +1211,11 @@ impl<'a> ChunkWriter<'a> {
         let mut fresh = Vec::new();
         {
             let index = self.store.index.read().expect("index lock");
+            let condemned = self.store.condemned.read().expect("condemned lock");
             let mut in_batch = HashSet::new();
             for (i, c) in batch.chunks.iter().enumerate() {
-                let known =
-                    index.contains(&c.id) || self.pack.as_ref().is_some_and(|p| p.contains(&c.id));
+                let known = self.store.holds(&index, &condemned, &c.id)
+                    || self.pack.as_ref().is_some_and(|p| p.contains(&c.id));
                 if !known && in_batch.insert(c.id) {
                     fresh.push(i);
                 }
@@ -1271,6 +1323,8 @@ pub struct StashReader<'a> {
     streams: [Cursor; 2],
     run: usize,
     run_left: u64,
+    /// Keeps the collector from deleting packs this reader may read.
+    _lease: Lease,
 }
 
 /// Decoded batches awaited from the background.
@@ -1288,7 +1342,7 @@ struct Cursor {
 const BATCH_BYTES: u64 = 16 << 20;
 
 impl<'a> StashReader<'a> {
-    fn new(store: &'a Store, name: String, manifest: Manifest) -> Self {
+    fn new(store: &'a Store, name: String, manifest: Manifest, lease: Lease) -> Self {
         let run_left = manifest.layout.first().map_or(0, |r| r.1);
         StashReader {
             store,
@@ -1297,6 +1351,7 @@ impl<'a> StashReader<'a> {
             streams: [Cursor::default(), Cursor::default()],
             run: 0,
             run_left,
+            _lease: lease,
         }
     }
 
