@@ -16,6 +16,11 @@ pub struct StoreArgs {
     /// The store directory [default: $FERRY_STORE, else ~/.cache/ferry].
     #[arg(long, global = true, value_name = "DIR")]
     store: Option<PathBuf>,
+
+    /// Size limit of this (node-local) store: after each stash and unstash,
+    /// the least recently used names are evicted until it fits (e.g. 200GiB).
+    #[arg(long, global = true, env = "FERRY_CACHE_SIZE", value_name = "SIZE", value_parser = crate::bench::parse_size)]
+    cache_size: Option<u64>,
 }
 
 impl StoreArgs {
@@ -35,6 +40,32 @@ impl StoreArgs {
     pub fn open(&self) -> anyhow::Result<Store> {
         let path = self.path()?;
         Ok(Store::open(&path)?)
+    }
+
+    /// Applies `--cache-size` after a command that used `name`.
+    pub fn enforce_cache(&self, store: &Store, name: &Name, out: &Output) -> anyhow::Result<()> {
+        let Some(limit) = self.cache_size else {
+            return Ok(());
+        };
+        let r = store::cache::enforce_limit(store, limit, Some(name))?;
+        if !out.quiet && !out.json && (!r.evicted.is_empty() || !r.fits) {
+            eprintln!(
+                "ferry: cache {} of {}: evicted {}{}",
+                bytes(r.after),
+                bytes(limit),
+                if r.evicted.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    r.evicted.join(", ")
+                },
+                if r.fits {
+                    ""
+                } else {
+                    " (still over: other ferry commands hold data; the next command retries)"
+                }
+            );
+        }
+        Ok(())
     }
 }
 
@@ -67,7 +98,7 @@ pub struct StashArgs {
     path: PathBuf,
 }
 
-pub fn stash(store: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::Result<()> {
+pub fn stash(store_args: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::Result<()> {
     let name = parse_name(&args.name)?;
     let source = if args.path.as_os_str() == "-" {
         if std::io::stdin().is_terminal() {
@@ -87,11 +118,12 @@ pub fn stash(store: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::Result
         Source::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),
         _ => None,
     };
-    let store = store.open()?;
+    let store = store_args.open()?;
     let progress = Reporter::new(out.quiet || out.json, &format!("stash {name}"), total);
     let report = store.stash(&name, source, &progress);
     progress.finish();
     let report = report?;
+    store_args.enforce_cache(&store, &name, out)?;
     out.emit(&report, |r| {
         let mut s = String::new();
         let _ = writeln!(
@@ -147,9 +179,9 @@ pub struct UnstashArgs {
     force: bool,
 }
 
-pub fn unstash(store: &StoreArgs, args: UnstashArgs, out: &Output) -> anyhow::Result<()> {
+pub fn unstash(store_args: &StoreArgs, args: UnstashArgs, out: &Output) -> anyhow::Result<()> {
     let name = parse_name(&args.name)?;
-    let store = store.open()?;
+    let store = store_args.open()?;
     let (_, manifest) = store.manifest(&name)?;
     let kind = manifest.header.kind;
     let mut out = *out;
@@ -178,6 +210,7 @@ pub fn unstash(store: &StoreArgs, args: UnstashArgs, out: &Output) -> anyhow::Re
     let report = store.unstash(&name, target, args.force, &progress);
     progress.finish();
     let report = report?;
+    store_args.enforce_cache(&store, &name, &out)?;
     out.emit(&report, |r| {
         format!(
             "unstashed {} ({}, {}, {} chunks) in {:.1} s, {}\n",

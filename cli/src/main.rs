@@ -7,6 +7,7 @@
 mod bench;
 mod commands;
 mod demo;
+mod gc;
 mod output;
 mod progress;
 
@@ -65,6 +66,9 @@ enum Command {
         after_help = "Exit status: 0 healthy, 1 problems found (each is printed), 2 the check could not run.\n\nExamples:\n  ferry fsck\n  ferry fsck --full"
     )]
     Fsck(commands::FsckArgs),
+    /// Apply retention policies and delete what no name uses (safe beside running stashes).
+    #[command(long_about = gc::LONG_ABOUT)]
+    Gc(gc::Args),
     /// A guided first run: stash an image, change it, stash again, restore.
     #[command(long_about = demo::LONG_ABOUT)]
     Demo(demo::Args),
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         Command::Du => commands::du(&cli.store, &out),
         Command::Fsck(args) => commands::fsck(&cli.store, args, &out),
         Command::Demo(args) => demo::run(&cli.store, args, &out),
+        Command::Gc(args) => gc::run(&cli.store, args, &out),
         Command::Bench(args) => bench::run(args, &out),
     };
     match result {

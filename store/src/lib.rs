@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cache;
 pub mod chunker;
 pub mod compress;
 pub mod dirtar;

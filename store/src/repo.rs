@@ -546,6 +546,7 @@ impl Store {
         // Packs are durable (PackWriter::finish); now the manifest, then the name.
         self.backend.put(Kind::Manifest, &id.to_hex(), &encoded)?;
         refs::set(self.backend.as_ref(), name, &id)?;
+        crate::cache::touch(self, name);
         let seconds = started.elapsed().as_secs_f64();
         Ok(StashReport {
             name: name.to_string(),
@@ -726,6 +727,7 @@ impl Store {
     ) -> Result<UnstashReport, StoreError> {
         let started = Instant::now();
         let mut reader = self.open_stash(name)?;
+        crate::cache::touch(self, name);
         let kind = reader.manifest.header.kind;
         let size = reader.manifest.header.size;
         let chunks = reader.manifest.chunks().count() as u64;
