@@ -96,10 +96,18 @@ pub struct StashArgs {
     name: String,
     /// A file, a directory, or - for standard input.
     path: PathBuf,
+    /// zstd level for new chunks: higher stores less and takes longer;
+    /// negative levels are faster still.
+    #[arg(long, default_value_t = store::compress::DEFAULT_LEVEL, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-7..=19))]
+    level: i32,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 pub fn stash(store_args: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::Result<()> {
     let name = parse_name(&args.name)?;
+    let remote = args.remote.resolve()?;
     let source = if args.path.as_os_str() == "-" {
         if std::io::stdin().is_terminal() {
             bail!("standard input is a terminal: pipe the data in (e.g. docker save img | ferry stash {name} -)");
@@ -118,7 +126,13 @@ pub fn stash(store_args: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::R
         Source::File(p) => std::fs::metadata(p).ok().map(|m| m.len()),
         _ => None,
     };
-    let store = store_args.open()?;
+    let store = Store::open_with(
+        store_args.path()?,
+        store::repo::StoreOptions {
+            level: args.level,
+            ..Default::default()
+        },
+    )?;
     let progress = Reporter::new(out.quiet || out.json, &format!("stash {name}"), total);
     let report = store.stash(&name, source, &progress);
     progress.finish();
@@ -150,7 +164,11 @@ pub fn stash(store_args: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::R
             bytes(r.reused_bytes)
         );
         s
-    })
+    })?;
+    match remote {
+        Some(remote) => crate::remote::push(store, &name, &remote, out),
+        None => Ok(()),
+    }
 }
 
 pub const UNSTASH_ABOUT: &str = "\
@@ -177,10 +195,15 @@ pub struct UnstashArgs {
     /// Overwrite an existing file, or restore into a non-empty directory.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 pub fn unstash(store_args: &StoreArgs, args: UnstashArgs, out: &Output) -> anyhow::Result<()> {
     let name = parse_name(&args.name)?;
+    if let Some(remote) = args.remote.resolve()? {
+        crate::remote::pull(store_args, &name, &remote, &args.path, out)?;
+    }
     let store = store_args.open()?;
     let (_, manifest) = store.manifest(&name)?;
     let kind = manifest.header.kind;
@@ -228,11 +251,15 @@ pub fn unstash(store_args: &StoreArgs, args: UnstashArgs, out: &Output) -> anyho
 pub struct LsArgs {
     /// Only names under this prefix (whole parts: `main` lists main/x, not mainline/x).
     prefix: Option<String>,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 pub fn ls(store: &StoreArgs, args: LsArgs, out: &Output) -> anyhow::Result<()> {
-    let store = store.open()?;
-    let entries = store.list(args.prefix.as_deref())?;
+    let entries = match args.remote.resolve()? {
+        Some(remote) => crate::remote::list(&remote, args.prefix.as_deref())?,
+        None => store.open()?.list(args.prefix.as_deref())?,
+    };
     out.emit(&entries, |entries: &Vec<Entry>| {
         let mut s = String::new();
         if entries.is_empty() {
@@ -253,7 +280,7 @@ pub fn ls(store: &StoreArgs, args: LsArgs, out: &Output) -> anyhow::Result<()> {
                         e.name,
                         h.kind.as_str(),
                         bytes(h.size),
-                        utc(h.created)
+                        utc(e.created)
                     );
                 }
                 None => {
@@ -308,7 +335,7 @@ pub fn inspect(store: &StoreArgs, args: InspectArgs, out: &Output) -> anyhow::Re
         let _ = writeln!(s, "kind:      {}", h.kind.as_str());
         let _ = writeln!(s, "size:      {} ({} bytes)", bytes(h.size), h.size);
         let _ = writeln!(s, "sha256:    {}", h.sha256);
-        let _ = writeln!(s, "created:   {} UTC", utc(h.created));
+        let _ = writeln!(s, "stashed:   {} UTC", utc(r.created));
         if let Some(src) = &h.source {
             let _ = writeln!(s, "source:    {src}");
         }

@@ -220,6 +220,8 @@ pub trait Backend: Send + Sync {
     fn delete_ref(&self, name: &Name) -> Result<bool, BackendError>;
     /// All refs, sorted. Entries whose names are not valid are skipped.
     fn list_refs(&self) -> Result<Vec<Name>, BackendError>;
+    /// When the ref was last written, ms since the epoch (`None`: no such ref).
+    fn ref_modified_ms(&self, name: &Name) -> Result<Option<u64>, BackendError>;
     /// Human-readable location of a ref, for messages.
     fn ref_location(&self, name: &Name) -> String;
 }
@@ -780,6 +782,19 @@ impl Backend for LocalDir {
             other => other?,
         }
         Ok(true)
+    }
+
+    fn ref_modified_ms(&self, name: &Name) -> Result<Option<u64>, BackendError> {
+        let path = self.ref_path(name);
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read the metadata of", &path)(e)),
+        }
     }
 
     fn list_refs(&self) -> Result<Vec<Name>, BackendError> {

@@ -292,7 +292,11 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
         .filter_map(|e| {
             // An unreadable manifest counts as new: retention never removes
             // what it cannot date (fsck reports it).
-            let at = e.header.map_or(u64::MAX / 2, |h| h.created);
+            let at = if e.header.is_some() && e.created > 0 {
+                e.created
+            } else {
+                u64::MAX / 2
+            };
             Name::parse(&e.name).ok().map(|n| (n, at))
         })
         .collect();

@@ -72,8 +72,6 @@ pub struct Header {
     pub size: u64,
     /// SHA-256 of the whole byte stream, hex.
     pub sha256: String,
-    /// When the stash was made, seconds since the Unix epoch.
-    pub created: u64,
     /// The file or directory name stashed, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -304,7 +302,6 @@ mod tests {
                 kind: StashKind::Tar,
                 size: 1000 + 24,
                 sha256: "ab".repeat(32),
-                created: 1_700_000_000,
                 source: Some("x.tar".into()),
                 image: None,
             },

@@ -1243,6 +1243,9 @@ mod tests {
         fn ref_location(&self, name: &crate::name::Name) -> String {
             self.inner.ref_location(name)
         }
+        fn ref_modified_ms(&self, name: &crate::name::Name) -> Result<Option<u64>, BackendError> {
+            self.inner.ref_modified_ms(name)
+        }
     }
 
     #[test]

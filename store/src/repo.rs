@@ -32,7 +32,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// Tunables of a store session.
 #[derive(Debug, Clone)]
@@ -254,6 +254,8 @@ pub struct Entry {
     pub name: String,
     /// The manifest id.
     pub manifest: ManifestId,
+    /// When the name was last stashed, seconds since the Unix epoch.
+    pub created: u64,
     /// Kind, size and so on; `None` if the manifest is unreadable.
     pub header: Option<Header>,
 }
@@ -265,6 +267,8 @@ pub struct Inspection {
     pub name: String,
     /// The manifest id.
     pub manifest: ManifestId,
+    /// When the name was last stashed, seconds since the Unix epoch.
+    pub created: u64,
     /// Kind, size, SHA-256, image metadata.
     #[serde(flatten)]
     pub header: Header,
@@ -333,7 +337,7 @@ pub struct FsckReport {
 pub struct Store {
     root: PathBuf,
     backend: Arc<dyn Backend>,
-    index: RwLock<Index>,
+    index: Arc<RwLock<Index>>,
     /// Packs the collector condemned: their chunks count as missing for
     /// writers (see `gc`). Re-read after a writer takes its lease.
     condemned: RwLock<HashSet<PackId>>,
@@ -369,7 +373,7 @@ impl Store {
         Ok(Store {
             root,
             backend,
-            index: RwLock::new(index),
+            index: Arc::new(RwLock::new(index)),
             condemned: RwLock::new(condemned),
             opts,
             chunker,
@@ -530,10 +534,6 @@ impl Store {
                 kind,
                 size,
                 sha256: sha256.clone(),
-                created: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
                 source: source_name,
                 image,
             },
@@ -633,7 +633,7 @@ impl Store {
             .par_iter()
             .try_for_each_init(Vec::new, |buf, c| verify_stored(c, buf))?;
         let _lease = self.lease("import")?;
-        let mut writer = ChunkWriter::new(self)?;
+        let mut packer = Packer::new(self);
         let mut added = 0;
         for c in chunks {
             let held = {
@@ -644,14 +644,13 @@ impl Store {
                     &c.id,
                 )
             };
-            let known = held || writer.pack.as_ref().is_some_and(|p| p.contains(&c.id));
-            if known {
+            if held || packer.contains(&c.id) {
                 continue;
             }
-            writer.append(c.id, c.codec, c.raw_len, &c.bytes)?;
+            packer.append(c.id, c.codec, c.raw_len, &c.bytes)?;
             added += 1;
         }
-        writer.finish()?;
+        packer.flush()?;
         Ok(added)
     }
 
@@ -837,12 +836,25 @@ impl Store {
                             .map(|m| m.header)
                     });
                 Entry {
+                    created: self.created(&name),
                     name: name.to_string(),
                     manifest,
                     header,
                 }
             })
             .collect())
+    }
+
+    /// When `name` was last set (stashed or committed), seconds since the
+    /// epoch; 0 if unknown. Kept by the ref, not the manifest, so that
+    /// identical content stashed again shares its manifest.
+    fn created(&self, name: &Name) -> u64 {
+        self.backend
+            .ref_modified_ms(name)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            / 1000
     }
 
     /// Details of one stash.
@@ -858,6 +870,7 @@ impl Store {
             }
         }
         Ok(Inspection {
+            created: self.created(name),
             name: name.to_string(),
             manifest: id,
             chunks: m.chunks().count() as u64,
@@ -1192,82 +1205,58 @@ struct WriterStats {
     reused_bytes: u64,
 }
 
-/// Deduplicates, compresses and packs the chunks of one stash.
-struct ChunkWriter<'a> {
-    store: &'a Store,
+/// New chunks on their way to the packer: (id, raw bytes).
+type PackJob = Vec<(ChunkId, Vec<u8>)>;
+
+/// Compresses new chunks and appends them to packs; makes each full pack
+/// durable and visible in the index. Runs on its own thread during a stash
+/// (so compression overlaps reading and chunking), or inline for imports.
+struct Packer {
+    backend: Arc<dyn Backend>,
+    index: Arc<RwLock<Index>>,
+    level: i32,
+    pack_size: u64,
     pack: Option<PackWriter>,
-    stats: WriterStats,
+    new_chunks: u64,
+    new_bytes: u64,
+    stored_bytes: u64,
 }
 
-impl<'a> ChunkWriter<'a> {
-    fn new(store: &'a Store) -> Result<Self, StoreError> {
-        Ok(ChunkWriter {
-            store,
+impl Packer {
+    fn new(store: &Store) -> Packer {
+        Packer {
+            backend: Arc::clone(&store.backend),
+            index: Arc::clone(&store.index),
+            level: store.opts.level,
+            pack_size: store.opts.pack_size,
             pack: None,
-            stats: WriterStats::default(),
-        })
+            new_chunks: 0,
+            new_bytes: 0,
+            stored_bytes: 0,
+        }
     }
 
-    fn add_batch(&mut self, batch: &Batch<'_>, part: Part) -> Result<(), StoreError> {
-        // Which chunks does the store lack? (Each new one once per batch.)
-        let mut fresh = Vec::new();
-        {
-            let index = self.store.index.read().expect("index lock");
-            let condemned = self.store.condemned.read().expect("condemned lock");
-            let mut in_batch = HashSet::new();
-            for (i, c) in batch.chunks.iter().enumerate() {
-                let known = self.store.holds(&index, &condemned, &c.id)
-                    || self.pack.as_ref().is_some_and(|p| p.contains(&c.id));
-                if !known && in_batch.insert(c.id) {
-                    fresh.push(i);
-                }
-            }
-        }
-        let level = self.store.opts.level;
-        let compressed: Vec<(Codec, Vec<u8>)> = fresh
+    fn contains(&self, id: &ChunkId) -> bool {
+        self.pack.as_ref().is_some_and(|p| p.contains(id))
+    }
+
+    /// Compresses a job's chunks in parallel, then appends them in order.
+    fn pack_job(&mut self, job: PackJob) -> Result<(), StoreError> {
+        let level = self.level;
+        let compressed: Vec<(Codec, Vec<u8>)> = job
             .par_iter()
-            .map_init(Vec::new, |buf, &i| {
-                let c = &batch.chunks[i];
-                let codec = compress::compress(batch.bytes(c), level, buf);
+            .map_init(Vec::new, |buf, (_, raw)| {
+                let codec = compress::compress(raw, level, buf);
                 (codec, buf.clone())
             })
             .collect();
-        let fresh_set: HashSet<usize> = fresh.iter().copied().collect();
-        for (&i, (codec, stored)) in fresh.iter().zip(&compressed) {
-            let c = &batch.chunks[i];
-            if self.pack.is_none() {
-                self.pack = Some(PackWriter::with_target_size(
-                    self.store.backend.as_ref(),
-                    self.store.opts.pack_size,
-                )?);
-            }
-            let pack = self.pack.as_mut().expect("set above");
-            pack.add(c.id, *codec, c.len, stored)?;
-            self.stats.new_chunks += 1;
-            self.stats.new_bytes += c.len as u64;
-            self.stats.stored_bytes += stored.len() as u64;
-            if pack.is_full() {
-                self.flush()?;
-            }
-        }
-        for (i, c) in batch.chunks.iter().enumerate() {
-            if !fresh_set.contains(&i) {
-                self.stats.reused_chunks += 1;
-                self.stats.reused_bytes += c.len as u64;
-            }
-            let r = ChunkRef {
-                id: c.id,
-                len: c.len,
-            };
-            match part {
-                Part::Meta => self.stats.meta.push(r),
-                Part::Content => self.stats.content.push(r),
-            }
+        for ((id, raw), (codec, stored)) in job.iter().zip(&compressed) {
+            self.append(*id, *codec, raw.len() as u32, stored)?;
         }
         Ok(())
     }
 
-    /// Appends one new chunk's stored bytes to the current pack.
+    /// Appends one chunk's stored bytes to the current pack.
     fn append(
         &mut self,
         id: ChunkId,
@@ -1277,15 +1266,15 @@ impl<'a> ChunkWriter<'a> {
     ) -> Result<(), StoreError> {
         if self.pack.is_none() {
             self.pack = Some(PackWriter::with_target_size(
-                self.store.backend.as_ref(),
-                self.store.opts.pack_size,
+                self.backend.as_ref(),
+                self.pack_size,
             )?);
         }
         let pack = self.pack.as_mut().expect("set above");
         pack.add(id, codec, raw_len, stored)?;
-        self.stats.new_chunks += 1;
-        self.stats.new_bytes += raw_len as u64;
-        self.stats.stored_bytes += stored.len() as u64;
+        self.new_chunks += 1;
+        self.new_bytes += raw_len as u64;
+        self.stored_bytes += stored.len() as u64;
         if pack.is_full() {
             self.flush()?;
         }
@@ -1298,19 +1287,125 @@ impl<'a> ChunkWriter<'a> {
             if pack.is_empty() {
                 return Ok(());
             }
-            let (id, entries) = pack.finish(self.store.backend.as_ref())?;
-            self.store
-                .index
+            let (id, entries) = pack.finish(self.backend.as_ref())?;
+            self.index
                 .write()
                 .expect("index lock")
                 .insert_pack(id, &entries);
         }
         Ok(())
     }
+}
 
+/// Deduplicates the chunks of one stash and sends the new ones to a
+/// packer thread; records the recipe.
+struct ChunkWriter<'a> {
+    store: &'a Store,
+    /// Sent to the packer, maybe not yet in the index.
+    pending: HashSet<ChunkId>,
+    stats: WriterStats,
+    jobs: Option<std::sync::mpsc::SyncSender<PackJob>>,
+    packer: Option<std::thread::JoinHandle<Result<Packer, StoreError>>>,
+}
+
+impl<'a> ChunkWriter<'a> {
+    fn new(store: &'a Store) -> Result<Self, StoreError> {
+        // Two jobs (up to 32 MiB of new chunks) may wait: memory stays bounded.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<PackJob>(2);
+        let mut packer = Packer::new(store);
+        let thread = std::thread::Builder::new()
+            .name("ferry-packer".into())
+            .spawn(move || {
+                for job in rx {
+                    packer.pack_job(job)?;
+                }
+                packer.flush()?;
+                Ok(packer)
+            })
+            .map_err(|e| StoreError::Output {
+                what: "a packer thread".into(),
+                source: e,
+            })?;
+        Ok(ChunkWriter {
+            store,
+            pending: HashSet::new(),
+            stats: WriterStats::default(),
+            jobs: Some(tx),
+            packer: Some(thread),
+        })
+    }
+
+    fn add_batch(&mut self, batch: &Batch<'_>, part: Part) -> Result<(), StoreError> {
+        let mut job = Vec::new();
+        {
+            let index = self.store.index.read().expect("index lock");
+            let condemned = self.store.condemned.read().expect("condemned lock");
+            for c in batch.chunks {
+                let known =
+                    self.store.holds(&index, &condemned, &c.id) || self.pending.contains(&c.id);
+                if known {
+                    self.stats.reused_chunks += 1;
+                    self.stats.reused_bytes += c.len as u64;
+                } else {
+                    self.pending.insert(c.id);
+                    job.push((c.id, batch.bytes(c).to_vec()));
+                }
+                let r = ChunkRef {
+                    id: c.id,
+                    len: c.len,
+                };
+                match part {
+                    Part::Meta => self.stats.meta.push(r),
+                    Part::Content => self.stats.content.push(r),
+                }
+            }
+        }
+        if !job.is_empty() {
+            let sent = self.jobs.as_ref().expect("open until finish").send(job);
+            if sent.is_err() {
+                // The packer stopped: its error says why.
+                return Err(self.join().err().unwrap_or_else(|| StoreError::Output {
+                    what: "the packer".into(),
+                    source: io::Error::other("stopped early"),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> Result<Packer, StoreError> {
+        self.jobs = None;
+        match self.packer.take() {
+            Some(t) => t.join().map_err(|_| StoreError::Output {
+                what: "the packer".into(),
+                source: io::Error::other("the packer thread panicked"),
+            })?,
+            None => Err(StoreError::Output {
+                what: "the packer".into(),
+                source: io::Error::other("already finished"),
+            }),
+        }
+    }
+
+    /// Waits until every new chunk is in a durable pack.
     fn finish(mut self) -> Result<WriterStats, StoreError> {
-        self.flush()?;
-        Ok(self.stats)
+        let packer = self.join()?;
+        let mut stats = std::mem::take(&mut self.stats);
+        stats.new_chunks = packer.new_chunks;
+        stats.new_bytes = packer.new_bytes;
+        stats.stored_bytes = packer.stored_bytes;
+        Ok(stats)
+    }
+}
+
+impl Drop for ChunkWriter<'_> {
+    fn drop(&mut self) {
+        // On an error path: stop the packer and wait for it, so no thread
+        // outlives the stash (its partial pack is dropped, leaving nothing).
+        self.jobs = None;
+        if let Some(t) = self.packer.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -96,6 +96,9 @@ fn second_stash_of_the_same_bytes_stores_nothing() {
     assert_eq!(again.new_chunks, 0);
     assert_eq!(again.stored_bytes, 0);
     assert_eq!(again.reused_bytes, data.len() as u64);
+    // The same content shares its manifest too: nothing new at all.
+    stash_bytes(&s, "a", &data);
+    assert_eq!(s.backend().list(Kind::Manifest).unwrap().len(), 1);
     // Reopening sees the same index.
     let s2 = Store::open(s.root()).unwrap();
     let third = stash_bytes(&s2, "c", &data);
