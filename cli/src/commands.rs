@@ -216,8 +216,9 @@ pub fn unstash(store_args: &StoreArgs, args: UnstashArgs, out: &Output) -> anyho
         if kind == store::manifest::StashKind::Directory {
             // A directory stash streams as its tar.
         }
+        // Small buffer: it gathers tar headers; whole chunks bypass it.
         Target::Writer(Box::new(std::io::BufWriter::with_capacity(
-            1 << 20,
+            64 << 10,
             std::io::stdout(),
         )))
     } else if kind == store::manifest::StashKind::Directory {

@@ -754,7 +754,8 @@ impl Store {
                 let mut tmp = tempfile_in(&dir).map_err(output_err(&shown))?;
                 // Not fsynced: a restore is scratch data for the job at hand,
                 // and the rename already keeps a partial file from its name.
-                let mut file = io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+                // Small buffer: it gathers tar headers; whole chunks bypass it.
+                let mut file = io::BufWriter::with_capacity(64 << 10, tmp.as_file_mut());
                 reader.copy_to(&mut file, progress)?;
                 file.flush().map_err(output_err(&shown))?;
                 drop(file);
@@ -1107,8 +1108,19 @@ fn read_chunk(
     let stored = backend
         .get_range(Kind::Pack, &pack, loc.offset, loc.stored_len as u64)
         .map_err(|e| corrupt(e.to_string()))?;
-    compress::decompress_into(loc.codec, &stored, loc.raw_len as usize, out)
-        .map_err(|e| corrupt(format!("pack {pack} at offset {}: {e}", loc.offset)))?;
+    if loc.codec == Codec::Raw {
+        // Stored as is: the read buffer is the chunk, no copy.
+        *out = stored;
+    } else {
+        compress::decompress_into(loc.codec, &stored, loc.raw_len as usize, out)
+            .map_err(|e| corrupt(format!("pack {pack} at offset {}: {e}", loc.offset)))?;
+    }
+    if out.len() != loc.raw_len as usize {
+        return Err(corrupt(format!(
+            "pack {pack} at offset {}: wrong length",
+            loc.offset
+        )));
+    }
     if ChunkId::of(out) != chunk.id {
         return Err(corrupt(format!(
             "pack {pack} at offset {}: its bytes hash to something else",
