@@ -167,6 +167,11 @@ struct Mark {
     condemned_ms: u64,
 }
 
+/// The live-set key of a chunk: the first 8 bytes of its id.
+fn key(id: &ChunkId) -> u64 {
+    u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
 fn pack_mark(p: &PackId) -> String {
     format!("pack-{}", p.to_hex())
 }
@@ -320,8 +325,11 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
     let now = now_ms();
     let (leases, stale) = lease::list(backend, now)?;
 
-    // 3. Mark: every chunk and manifest still named.
-    let mut live: HashSet<ChunkId> = HashSet::new();
+    // 3. Mark: every chunk and manifest still named. Chunks are kept by the
+    //    first 8 bytes of their id: an 8-byte key per live chunk keeps
+    //    memory small for millions of chunks, and a collision can only make
+    //    a dead chunk look live (kept longer), never the other way round.
+    let mut live: HashSet<u64> = HashSet::new();
     let mut live_manifests: HashSet<ManifestId> = HashSet::new();
     for (name, id) in refs::list(backend, None)? {
         if opts.dry_run && removed.contains(name.as_str()) {
@@ -333,7 +341,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
             id,
             source,
         })?;
-        live.extend(manifest.chunks().map(|c| c.id));
+        live.extend(manifest.chunks().map(|c| key(&c.id)));
         live_manifests.insert(id);
     }
     report.names_kept = (names_total - report.names_removed.len()) as u64;
@@ -356,7 +364,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
         let entries = entries.unwrap_or_default();
         let (mut live_n, mut live_bytes) = (0u64, 0u64);
         for e in &entries {
-            if live.contains(&e.id) {
+            if live.contains(&key(&e.id)) {
                 live_n += 1;
                 live_bytes += e.stored_len as u64;
             }
@@ -388,21 +396,35 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
         })
         .map(|s| s.id)
         .collect();
-    // Live chunks that sit in a pack that stays: a condemned pack holding
-    // only such chunks is no longer needed.
-    let mut healthy: HashSet<ChunkId> = HashSet::new();
-    for s in &stats {
-        if s.condemned_ms.is_none() && !to_repack.contains(&s.id) && s.live > 0 {
+    // Live chunks in packs that go (condemned, or about to be repacked),
+    // and which of them also sit in a pack that stays: a condemned pack
+    // holding only such chunks is no longer needed.
+    let leaving = |s: &PackStat| s.condemned_ms.is_some() || to_repack.contains(&s.id);
+    let mut wanted: HashSet<u64> = HashSet::new();
+    for s in stats.iter().filter(|s| leaving(s) && s.live > 0) {
+        for e in pack::read_idx(backend, &s.id)
+            .map(|i| i.entries)
+            .unwrap_or_default()
+        {
+            if live.contains(&key(&e.id)) {
+                wanted.insert(key(&e.id));
+            }
+        }
+    }
+    let mut healthy: HashSet<u64> = HashSet::new();
+    if !wanted.is_empty() {
+        for s in stats.iter().filter(|s| !leaving(s) && s.live > 0) {
             for e in pack::read_idx(backend, &s.id)
                 .map(|i| i.entries)
                 .unwrap_or_default()
             {
-                if live.contains(&e.id) {
-                    healthy.insert(e.id);
+                if wanted.contains(&key(&e.id)) {
+                    healthy.insert(key(&e.id));
                 }
             }
         }
     }
+    drop(wanted);
 
     // Repack: copy live chunks not held elsewhere into new packs.
     if !opts.dry_run && !to_repack.is_empty() {
@@ -412,7 +434,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
                 .map(|i| i.entries)
                 .unwrap_or_default()
             {
-                if !live.contains(&e.id) || healthy.contains(&e.id) {
+                if !live.contains(&key(&e.id)) || healthy.contains(&key(&e.id)) {
                     continue;
                 }
                 let bytes =
@@ -422,7 +444,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
                     None => writer.insert(PackWriter::new(backend)?),
                 };
                 w.add(e.id, e.codec, e.raw_len, &bytes)?;
-                healthy.insert(e.id);
+                healthy.insert(key(&e.id));
                 if w.is_full() {
                     writer.take().expect("set").finish(backend)?;
                 }
@@ -463,7 +485,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
                         .map(|i| i.entries)
                         .unwrap_or_default()
                         .iter()
-                        .any(|e| live.contains(&e.id) && !healthy.contains(&e.id))
+                        .any(|e| live.contains(&key(&e.id)) && !healthy.contains(&key(&e.id)))
                 };
                 if needed {
                     if !opts.dry_run {

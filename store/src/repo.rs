@@ -337,7 +337,9 @@ pub struct FsckReport {
 pub struct Store {
     root: PathBuf,
     backend: Arc<dyn Backend>,
-    index: Arc<RwLock<Index>>,
+    /// Loaded on first use: the collector never needs it (it reads pack
+    /// indexes one at a time), and it is the largest thing in memory.
+    index: std::sync::OnceLock<Arc<RwLock<Index>>>,
     /// Packs the collector condemned: their chunks count as missing for
     /// writers (see `gc`). Re-read after a writer takes its lease.
     condemned: RwLock<HashSet<PackId>>,
@@ -367,17 +369,25 @@ impl Store {
             source,
         })?;
         let backend: Arc<dyn Backend> = Arc::new(backend);
-        let (index, _problems) = Index::load(backend.as_ref())?;
         let condemned = crate::gc::condemned_packs(backend.as_ref())?;
         let chunker = Chunker::new(opts.chunker)?;
         Ok(Store {
             root,
             backend,
-            index: Arc::new(RwLock::new(index)),
+            index: std::sync::OnceLock::new(),
             condemned: RwLock::new(condemned),
             opts,
             chunker,
         })
+    }
+
+    /// The merged index, loaded on first use.
+    fn index(&self) -> Result<&Arc<RwLock<Index>>, StoreError> {
+        if let Some(i) = self.index.get() {
+            return Ok(i);
+        }
+        let (index, _problems) = Index::load(self.backend.as_ref())?;
+        Ok(self.index.get_or_init(|| Arc::new(RwLock::new(index))))
     }
 
     /// The store's directory.
@@ -572,7 +582,7 @@ impl Store {
         let lease = Lease::acquire(Arc::clone(&self.backend), purpose)?;
         *self.condemned.write().expect("condemned lock") =
             crate::gc::condemned_packs(self.backend.as_ref())?;
-        self.index
+        self.index()?
             .write()
             .expect("index lock")
             .sync(self.backend.as_ref())?;
@@ -593,20 +603,21 @@ impl Store {
     }
 
     /// Of `ids`, those the store does not hold (in the order given, each once).
-    pub fn missing(&self, ids: &[ChunkId]) -> Vec<ChunkId> {
-        let index = self.index.read().expect("index lock");
+    pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
+        let index = self.index()?.read().expect("index lock");
         let condemned = self.condemned.read().expect("condemned lock");
         let mut seen = HashSet::new();
-        ids.iter()
+        Ok(ids
+            .iter()
             .filter(|id| !self.holds(&index, &condemned, id) && seen.insert(**id))
             .copied()
-            .collect()
+            .collect())
     }
 
     /// A chunk as stored (compressed or raw), for sending to another store.
     /// The bytes are not verified here: the receiver verifies them.
     pub fn read_stored(&self, id: &ChunkId) -> Result<Option<StoredChunk>, StoreError> {
-        let Some(loc) = self.index.read().expect("index lock").get(id) else {
+        let Some(loc) = self.index()?.read().expect("index lock").get(id) else {
             return Ok(None);
         };
         let bytes = self.backend.get_range(
@@ -633,11 +644,11 @@ impl Store {
             .par_iter()
             .try_for_each_init(Vec::new, |buf, c| verify_stored(c, buf))?;
         let _lease = self.lease("import")?;
-        let mut packer = Packer::new(self);
+        let mut packer = Packer::new(self)?;
         let mut added = 0;
         for c in chunks {
             let held = {
-                let index = self.index.read().expect("index lock");
+                let index = self.index()?.read().expect("index lock");
                 self.holds(
                     &index,
                     &self.condemned.read().expect("condemned lock"),
@@ -670,7 +681,7 @@ impl Store {
         let id = ManifestId::of(stored);
         let manifest = self.decode_manifest(name.as_str(), &id, stored)?;
         let ids: Vec<ChunkId> = manifest.chunks().map(|c| c.id).collect();
-        if let Some(first) = self.missing(&ids).first() {
+        if let Some(first) = self.missing(&ids)?.first() {
             return Err(StoreError::MissingChunk {
                 name: name.to_string(),
                 chunk: *first,
@@ -711,7 +722,14 @@ impl Store {
     pub fn open_stash(&self, name: &Name) -> Result<StashReader<'_>, StoreError> {
         let lease = self.lease("unstash")?;
         let (_, manifest) = self.manifest(name)?;
-        Ok(StashReader::new(self, name.to_string(), manifest, lease))
+        let index = Arc::clone(self.index()?);
+        Ok(StashReader::new(
+            self,
+            index,
+            name.to_string(),
+            manifest,
+            lease,
+        ))
     }
 
     /// Restores `name` into `target`. Files are written under a temporary
@@ -861,7 +879,7 @@ impl Store {
     /// Details of one stash.
     pub fn inspect(&self, name: &Name) -> Result<Inspection, StoreError> {
         let (id, m) = self.manifest(name)?;
-        let index = self.index.read().expect("index lock");
+        let index = self.index()?.read().expect("index lock");
         let mut seen = HashSet::new();
         let (mut unique_bytes, mut stored_bytes) = (0u64, 0u64);
         for c in m.chunks() {
@@ -908,7 +926,7 @@ impl Store {
         for p in &packs {
             pack_bytes += self.backend.size(Kind::Pack, p)?;
         }
-        let index = self.index.read().expect("index lock");
+        let index = self.index()?.read().expect("index lock");
         let (mut referenced, mut unreferenced) = (0u64, 0u64);
         for (id, loc) in index.iter() {
             if live.contains(&id) {
@@ -937,7 +955,7 @@ impl Store {
         let _lease = self.lease("fsck")?;
         // Check what is on disk now, not what this handle loaded at open.
         let (fresh, index_problems) = Index::load(self.backend.as_ref())?;
-        *self.index.write().expect("index lock") = fresh;
+        *self.index()?.write().expect("index lock") = fresh;
         let mut problems: Vec<Problem> = index_problems
             .iter()
             .map(|p| Problem {
@@ -946,7 +964,7 @@ impl Store {
             })
             .collect();
         let backend = self.backend.as_ref();
-        let index = self.index.read().expect("index lock");
+        let index = self.index()?.read().expect("index lock");
         let packs: Vec<_> = index.packs().copied().collect();
         let mut chunks = 0u64;
         for p in &packs {
@@ -1235,17 +1253,17 @@ struct Packer {
 }
 
 impl Packer {
-    fn new(store: &Store) -> Packer {
-        Packer {
+    fn new(store: &Store) -> Result<Packer, StoreError> {
+        Ok(Packer {
             backend: Arc::clone(&store.backend),
-            index: Arc::clone(&store.index),
+            index: Arc::clone(store.index()?),
             level: store.opts.level,
             pack_size: store.opts.pack_size,
             pack: None,
             new_chunks: 0,
             new_bytes: 0,
             stored_bytes: 0,
-        }
+        })
     }
 
     fn contains(&self, id: &ChunkId) -> bool {
@@ -1324,7 +1342,7 @@ impl<'a> ChunkWriter<'a> {
     fn new(store: &'a Store) -> Result<Self, StoreError> {
         // Two jobs (up to 32 MiB of new chunks) may wait: memory stays bounded.
         let (tx, rx) = std::sync::mpsc::sync_channel::<PackJob>(2);
-        let mut packer = Packer::new(store);
+        let mut packer = Packer::new(store)?;
         let thread = std::thread::Builder::new()
             .name("ferry-packer".into())
             .spawn(move || {
@@ -1350,7 +1368,7 @@ impl<'a> ChunkWriter<'a> {
     fn add_batch(&mut self, batch: &Batch<'_>, part: Part) -> Result<(), StoreError> {
         let mut job = Vec::new();
         {
-            let index = self.store.index.read().expect("index lock");
+            let index = self.store.index()?.read().expect("index lock");
             let condemned = self.store.condemned.read().expect("condemned lock");
             for c in batch.chunks {
                 let known =
@@ -1426,6 +1444,7 @@ impl Drop for ChunkWriter<'_> {
 /// layout says.
 pub struct StashReader<'a> {
     store: &'a Store,
+    index: Arc<RwLock<Index>>,
     name: String,
     /// The manifest being replayed.
     pub manifest: Manifest,
@@ -1451,10 +1470,17 @@ struct Cursor {
 const BATCH_BYTES: u64 = 16 << 20;
 
 impl<'a> StashReader<'a> {
-    fn new(store: &'a Store, name: String, manifest: Manifest, lease: Lease) -> Self {
+    fn new(
+        store: &'a Store,
+        index: Arc<RwLock<Index>>,
+        name: String,
+        manifest: Manifest,
+        lease: Lease,
+    ) -> Self {
         let run_left = manifest.layout.first().map_or(0, |r| r.1);
         StashReader {
             store,
+            index,
             name,
             manifest,
             streams: [Cursor::default(), Cursor::default()],
@@ -1487,7 +1513,7 @@ impl<'a> StashReader<'a> {
             return;
         }
         let jobs: Vec<(ChunkRef, Option<Location>)> = {
-            let index = self.store.index.read().expect("index lock");
+            let index = self.index.read().expect("index lock");
             list[start..end]
                 .iter()
                 .map(|c| (*c, index.get(&c.id)))

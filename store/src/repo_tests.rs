@@ -344,7 +344,7 @@ fn chunks_and_manifests_move_between_stores() {
         .unwrap_err();
     assert!(matches!(err, StoreError::MissingChunk { .. }), "{err}");
     assert!(dst.list(None).unwrap().is_empty());
-    let missing = dst.missing(&ids);
+    let missing = dst.missing(&ids).unwrap();
     assert_eq!(missing.len(), ids.iter().collect::<HashSet<_>>().len());
     let stored: Vec<StoredChunk> = missing
         .iter()
@@ -354,10 +354,10 @@ fn chunks_and_manifests_move_between_stores() {
     let mut bad = stored.clone();
     bad[0].bytes[0] ^= 1;
     assert!(dst.import_chunks(&bad).is_err());
-    assert_eq!(dst.missing(&ids).len(), missing.len());
+    assert_eq!(dst.missing(&ids).unwrap().len(), missing.len());
     assert_eq!(dst.import_chunks(&stored).unwrap(), missing.len() as u64);
     assert_eq!(dst.import_chunks(&stored).unwrap(), 0);
-    assert!(dst.missing(&ids).is_empty());
+    assert!(dst.missing(&ids).unwrap().is_empty());
     assert_eq!(
         dst.commit_manifest(&name("main/img"), &manifest).unwrap(),
         id
