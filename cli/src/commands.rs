@@ -391,11 +391,18 @@ pub fn rm(store: &StoreArgs, args: RmArgs, out: &Output) -> anyhow::Result<()> {
         .map(|n| parse_name(n))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let store = store.open()?;
+    // All or nothing: check every name first.
+    for name in &names {
+        if !store.contains(name)? {
+            bail!(
+                "no stash named {:?}; see ferry ls (nothing was removed)",
+                name.as_str()
+            );
+        }
+    }
     let mut removed = Vec::new();
     for name in &names {
-        if !store.remove(name)? {
-            bail!("no stash named {:?}; see ferry ls", name.as_str());
-        }
+        store.remove(name)?;
         removed.push(name.to_string());
     }
     out.emit(&removed, |r| {
@@ -437,6 +444,9 @@ pub struct FsckArgs {
     /// Re-read and re-hash every chunk (reads the whole store).
     #[arg(long)]
     full: bool,
+    /// First rebuild missing or unreadable pack indexes from the packs.
+    #[arg(long)]
+    repair: bool,
 }
 
 /// `fsck` found problems: exit code 1, not 2.
@@ -453,6 +463,14 @@ impl std::error::Error for ProblemsFound {}
 
 pub fn fsck(store: &StoreArgs, args: FsckArgs, out: &Output) -> anyhow::Result<()> {
     let store = store.open()?;
+    if args.repair {
+        let repaired = store.repair_indexes()?;
+        if !out.quiet && !out.json {
+            for p in &repaired {
+                eprintln!("ferry: rebuilt the index of pack {p}");
+            }
+        }
+    }
     let progress = Reporter::new(out.quiet || out.json || !args.full, "fsck --full", None);
     let report = store.fsck(args.full, &progress);
     progress.finish();
@@ -472,6 +490,9 @@ pub fn fsck(store: &StoreArgs, args: FsckArgs, out: &Output) -> anyhow::Result<(
         }
         for p in &r.problems {
             let _ = writeln!(s, "PROBLEM {}: {}", p.subject, p.problem);
+        }
+        for n in &r.notes {
+            let _ = writeln!(s, "note {}: {}", n.subject, n.problem);
         }
         s
     })?;

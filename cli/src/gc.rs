@@ -63,6 +63,10 @@ pub struct Args {
     /// Print what would be removed and freed; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// How long after a condemnation a starting command may still have missed
+    /// the mark (time to write it, plus clock skew between machines).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, hide = true)]
+    mark_slack: Option<Duration>,
 }
 
 /// `30s`, `15m`, `12h`, `7d`, `2w`, or plain seconds.
@@ -151,6 +155,9 @@ pub fn run(store_args: &StoreArgs, args: Args, out: &Output) -> anyhow::Result<(
     }
     if let Some(g) = args.grace {
         opts.grace = g;
+    }
+    if let Some(m) = args.mark_slack {
+        opts.mark_slack = m;
     }
     for p in &opts.policies {
         p.validate().map_err(anyhow::Error::msg)?;

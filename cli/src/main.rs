@@ -10,6 +10,8 @@ mod demo;
 mod gc;
 mod output;
 mod progress;
+mod remote;
+mod serve;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -75,6 +77,9 @@ enum Command {
     /// Benchmark the chunking core on this machine (no cargo needed).
     #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::Args),
+    /// Share a store with CI nodes over QUIC (for --remote).
+    #[command(long_about = serve::LONG_ABOUT)]
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&cli.store, args, &out),
         Command::Gc(args) => gc::run(&cli.store, args, &out),
         Command::Bench(args) => bench::run(args, &out),
+        Command::Serve(args) => serve::run(args, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

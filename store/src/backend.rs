@@ -222,6 +222,10 @@ pub trait Backend: Send + Sync {
     fn list_refs(&self) -> Result<Vec<Name>, BackendError>;
     /// When the ref was last written, ms since the epoch (`None`: no such ref).
     fn ref_modified_ms(&self, name: &Name) -> Result<Option<u64>, BackendError>;
+    /// Whether the store can only be read (writes will fail).
+    fn read_only(&self) -> bool {
+        false
+    }
     /// Human-readable location of a ref, for messages.
     fn ref_location(&self, name: &Name) -> String;
 }
@@ -342,6 +346,7 @@ struct FileCache {
 pub struct LocalDir {
     root: PathBuf,
     open_files: Mutex<FileCache>,
+    read_only: bool,
 }
 
 impl fmt::Debug for LocalDir {
@@ -382,7 +387,7 @@ impl LocalDir {
             location: root.display().to_string(),
             error,
         };
-        for sub in [
+        let subs = [
             "packs",
             "index",
             "manifests",
@@ -390,18 +395,38 @@ impl LocalDir {
             "tmp",
             "leases",
             "condemned",
-        ] {
-            fs::create_dir_all(root.join(sub)).map_err(not_writable)?;
-        }
-        // Probe: creating (and dropping) a temporary file proves we can write.
-        match TempObject::create_in(&root.join("tmp")) {
-            Ok(probe) => drop(probe),
-            Err(BackendError::Io { error, .. }) => return Err(not_writable(error)),
-            Err(e) => return Err(e),
-        }
+        ];
+        let writable = subs
+            .iter()
+            .try_for_each(|sub| fs::create_dir_all(root.join(sub)))
+            .and_then(|()| match TempObject::create_in(&root.join("tmp")) {
+                // Probe: creating (and dropping) a temporary file proves we can write.
+                Ok(probe) => {
+                    drop(probe);
+                    Ok(())
+                }
+                Err(BackendError::Io { error, .. }) => Err(error),
+                Err(e) => Err(io::Error::other(e.to_string())),
+            });
+        let read_only = match writable {
+            Ok(()) => false,
+            // An existing store on a read-only mount (or without write
+            // permission) can still be read: restores, listings, checks.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::PermissionDenied
+                ) && root.join("refs").is_dir()
+                    && root.join("packs").is_dir() =>
+            {
+                true
+            }
+            Err(e) => return Err(not_writable(e)),
+        };
         Ok(LocalDir {
             root,
             open_files: Mutex::new(FileCache::default()),
+            read_only,
         })
     }
 
@@ -782,6 +807,10 @@ impl Backend for LocalDir {
             other => other?,
         }
         Ok(true)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
     }
 
     fn ref_modified_ms(&self, name: &Name) -> Result<Option<u64>, BackendError> {

@@ -280,7 +280,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
     for p in &opts.policies {
         p.validate().map_err(|e| StoreError::Input {
             what: "the retention policy".into(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            error: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
         })?;
     }
     let backend = store.backend();
@@ -339,7 +339,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
         let manifest = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
             name: name.to_string(),
             id,
-            source,
+            problem: source,
         })?;
         live.extend(manifest.chunks().map(|c| key(&c.id)));
         live_manifests.insert(id);
@@ -550,7 +550,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
     }
     // Marks whose object is gone (a crash after the delete).
     if !opts.dry_run {
-        for (mark, _) in &marks {
+        for mark in marks.keys() {
             let gone = match (mark.strip_prefix("pack-"), mark.strip_prefix("manifest-")) {
                 (Some(p), _) => !packs.contains(p),
                 (_, Some(m)) => !backend.exists(Kind::Manifest, m)?,

@@ -16,7 +16,7 @@ use crate::chunker::{Batch, Chunker, ChunkerParams, StreamChunker};
 use crate::compress::{self, Codec};
 use crate::dirtar::{self, DirTarError};
 use crate::image::{self, ImageKind};
-use crate::index::{Index, Location};
+use crate::index::{Index, IndexProblem, Location};
 use crate::lease::Lease;
 use crate::manifest::{ChunkRef, Header, Manifest, ManifestError, StashKind};
 use crate::name::Name;
@@ -60,12 +60,12 @@ impl Default for StoreOptions {
 #[non_exhaustive]
 pub enum StoreError {
     /// The store directory could not be opened or created.
-    #[error("cannot open the store at {}: {source}", path.display())]
+    #[error("cannot open the store at {}: {error}", path.display())]
     Open {
         /// The store's directory.
         path: PathBuf,
         /// Why.
-        source: BackendError,
+        error: BackendError,
     },
     /// A storage operation failed.
     #[error(transparent)]
@@ -83,33 +83,33 @@ pub enum StoreError {
     #[error(transparent)]
     Ref(#[from] RefError),
     /// Reading the input failed.
-    #[error("reading {what}: {source}")]
+    #[error("reading {what}: {error}")]
     Input {
         /// What was being read.
         what: String,
         /// Why it failed.
-        source: io::Error,
+        error: io::Error,
     },
     /// Writing the output failed.
-    #[error("writing {what}: {source}")]
+    #[error("writing {what}: {error}")]
     Output {
         /// What was being written.
         what: String,
         /// Why it failed.
-        source: io::Error,
+        error: io::Error,
     },
     /// A directory could not be archived or restored.
     #[error(transparent)]
     Directory(#[from] DirTarError),
     /// A manifest did not decode.
-    #[error("the manifest {id} of {name:?} is damaged ({source}); run `ferry fsck`")]
+    #[error("the manifest {id} of {name:?} is damaged ({problem}); run `ferry fsck`")]
     Manifest {
         /// The name that points at it.
         name: String,
         /// Its id.
         id: ManifestId,
         /// What is wrong.
-        source: ManifestError,
+        problem: ManifestError,
     },
     /// A chunk a manifest names is not in the store.
     #[error(
@@ -154,14 +154,14 @@ pub enum StoreError {
 fn input_err(what: &str) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Input {
         what: what.to_string(),
-        source,
+        error: source,
     }
 }
 
 fn output_err(what: &str) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Output {
         what: what.to_string(),
-        source,
+        error: source,
     }
 }
 
@@ -331,6 +331,8 @@ pub struct FsckReport {
     pub names: u64,
     /// Everything found wrong; empty for a healthy store.
     pub problems: Vec<Problem>,
+    /// Leftovers of interrupted commands that gc will remove (not damage).
+    pub notes: Vec<Problem>,
 }
 
 /// A content-addressed store in a directory.
@@ -366,7 +368,7 @@ impl Store {
         let root = root.as_ref().to_path_buf();
         let backend = LocalDir::open(&root).map_err(|source| StoreError::Open {
             path: root.clone(),
-            source,
+            error: source,
         })?;
         let backend: Arc<dyn Backend> = Arc::new(backend);
         let condemned = crate::gc::condemned_packs(backend.as_ref())?;
@@ -520,7 +522,7 @@ impl Store {
         if let Some(t) = dir_thread {
             t.join().map_err(|_| StoreError::Input {
                 what: what.clone(),
-                source: io::Error::other("the directory archiver panicked"),
+                error: io::Error::other("the directory archiver panicked"),
             })??;
         }
 
@@ -578,8 +580,13 @@ impl Store {
     /// Takes a lease for `purpose` and re-reads the condemned packs, in that
     /// order: from now on the collector will not delete a pack this
     /// operation may decide to use.
-    fn lease(&self, purpose: &str) -> Result<Lease, StoreError> {
-        let lease = Lease::acquire(Arc::clone(&self.backend), purpose)?;
+    fn lease(&self, purpose: &str) -> Result<Option<Lease>, StoreError> {
+        // A read-only store cannot be collected either: readers need no lease.
+        let lease = match Lease::acquire(Arc::clone(&self.backend), purpose) {
+            Ok(l) => Some(l),
+            Err(_) if self.backend.read_only() && matches!(purpose, "unstash" | "fsck") => None,
+            Err(e) => return Err(e.into()),
+        };
         *self.condemned.write().expect("condemned lock") =
             crate::gc::condemned_packs(self.backend.as_ref())?;
         self.index()?
@@ -709,7 +716,7 @@ impl Store {
         let err = |source| StoreError::Manifest {
             name: name.to_string(),
             id: *id,
-            source,
+            problem: source,
         };
         if ManifestId::of(bytes) != *id {
             return Err(err(ManifestError::new("its bytes do not match its id")));
@@ -769,7 +776,7 @@ impl Store {
                     _ => PathBuf::from("."),
                 };
                 let shown = path.display().to_string();
-                let mut tmp = tempfile_in(&dir).map_err(output_err(&shown))?;
+                let mut tmp = tempfile_for(&path, &dir).map_err(output_err(&shown))?;
                 // Not fsynced: a restore is scratch data for the job at hand,
                 // and the rename already keeps a partial file from its name.
                 // Small buffer: it gathers tar headers; whole chunks bypass it.
@@ -779,7 +786,7 @@ impl Store {
                 drop(file);
                 tmp.persist(&path).map_err(|e| StoreError::Output {
                     what: shown.clone(),
-                    source: e.error,
+                    error: e.error,
                 })?;
             }
             Target::Directory(path) => {
@@ -876,6 +883,36 @@ impl Store {
             / 1000
     }
 
+    /// Whether `name` exists.
+    pub fn contains(&self, name: &Name) -> Result<bool, StoreError> {
+        Ok(refs::get(self.backend.as_ref(), name)?.is_some())
+    }
+
+    /// Rebuilds missing or unreadable pack indexes from the packs' own
+    /// footers (`ferry fsck --repair`). Returns the packs repaired.
+    pub fn repair_indexes(&self) -> Result<Vec<PackId>, StoreError> {
+        let (_, problems) = Index::load(self.backend.as_ref())?;
+        let mut repaired = Vec::new();
+        for p in problems {
+            if let IndexProblem::MissingIndex { pack, .. }
+            | IndexProblem::CorruptIndex { pack, .. } = p
+            {
+                if let Ok(id) = pack.parse::<PackId>() {
+                    if pack::rebuild_idx(self.backend.as_ref(), &id).is_ok() {
+                        repaired.push(id);
+                    }
+                }
+            }
+        }
+        if !repaired.is_empty() {
+            self.index()?
+                .write()
+                .expect("index lock")
+                .sync(self.backend.as_ref())?;
+        }
+        Ok(repaired)
+    }
+
     /// Details of one stash.
     pub fn inspect(&self, name: &Name) -> Result<Inspection, StoreError> {
         let (id, m) = self.manifest(name)?;
@@ -956,7 +993,24 @@ impl Store {
         // Check what is on disk now, not what this handle loaded at open.
         let (fresh, index_problems) = Index::load(self.backend.as_ref())?;
         *self.index()?.write().expect("index lock") = fresh;
-        let mut problems: Vec<Problem> = index_problems
+        // A pack without its index, or an index without its pack, is what a
+        // stash or gc killed at the wrong moment leaves: garbage for gc, not
+        // damage. If a name needed its chunks, the name check below says so.
+        let (orphans, damage): (Vec<&IndexProblem>, Vec<&IndexProblem>) =
+            index_problems.iter().partition(|p| {
+                matches!(
+                    p,
+                    IndexProblem::MissingIndex { .. } | IndexProblem::MissingPack { .. }
+                )
+            });
+        let notes: Vec<Problem> = orphans
+            .iter()
+            .map(|p| Problem {
+                subject: "garbage".into(),
+                problem: format!("{p} (gc removes it)"),
+            })
+            .collect();
+        let mut problems: Vec<Problem> = damage
             .iter()
             .map(|p| Problem {
                 subject: "index".into(),
@@ -1049,6 +1103,7 @@ impl Store {
             chunks,
             names: names.len() as u64,
             problems,
+            notes,
         })
     }
 }
@@ -1056,9 +1111,9 @@ impl Store {
 impl StoreError {
     fn with_input(self, what: &str) -> StoreError {
         match self {
-            StoreError::Input { source, .. } => StoreError::Input {
+            StoreError::Input { error: source, .. } => StoreError::Input {
                 what: what.to_string(),
-                source,
+                error: source,
             },
             other => other,
         }
@@ -1210,7 +1265,7 @@ fn read_blocks(
             Err(e) => {
                 outcome = Err(StoreError::Input {
                     what: String::new(),
-                    source: e,
+                    error: e,
                 });
                 break;
             }
@@ -1219,7 +1274,7 @@ fn read_blocks(
     // Dropping the receiver (on error) stops the reader at its next send.
     let (total, sha) = thread.join().map_err(|_| StoreError::Input {
         what: String::new(),
-        source: io::Error::other("the reader thread panicked"),
+        error: io::Error::other("the reader thread panicked"),
     })?;
     outcome.map(|()| (total, sha))
 }
@@ -1354,7 +1409,7 @@ impl<'a> ChunkWriter<'a> {
             })
             .map_err(|e| StoreError::Output {
                 what: "a packer thread".into(),
-                source: e,
+                error: e,
             })?;
         Ok(ChunkWriter {
             store,
@@ -1396,7 +1451,7 @@ impl<'a> ChunkWriter<'a> {
                 // The packer stopped: its error says why.
                 return Err(self.join().err().unwrap_or_else(|| StoreError::Output {
                     what: "the packer".into(),
-                    source: io::Error::other("stopped early"),
+                    error: io::Error::other("stopped early"),
                 }));
             }
         }
@@ -1408,11 +1463,11 @@ impl<'a> ChunkWriter<'a> {
         match self.packer.take() {
             Some(t) => t.join().map_err(|_| StoreError::Output {
                 what: "the packer".into(),
-                source: io::Error::other("the packer thread panicked"),
+                error: io::Error::other("the packer thread panicked"),
             })?,
             None => Err(StoreError::Output {
                 what: "the packer".into(),
-                source: io::Error::other("already finished"),
+                error: io::Error::other("already finished"),
             }),
         }
     }
@@ -1452,7 +1507,7 @@ pub struct StashReader<'a> {
     run: usize,
     run_left: u64,
     /// Keeps the collector from deleting packs this reader may read.
-    _lease: Lease,
+    _lease: Option<Lease>,
 }
 
 /// Decoded batches awaited from the background.
@@ -1475,7 +1530,7 @@ impl<'a> StashReader<'a> {
         index: Arc<RwLock<Index>>,
         name: String,
         manifest: Manifest,
-        lease: Lease,
+        lease: Option<Lease>,
     ) -> Self {
         let run_left = manifest.layout.first().map_or(0, |r| r.1);
         StashReader {
@@ -1556,7 +1611,7 @@ impl<'a> StashReader<'a> {
         };
         let decoded = pending.recv().map_err(|_| StoreError::Output {
             what: "the chunk decoder".into(),
-            source: io::Error::other("a decoding task stopped without an answer"),
+            error: io::Error::other("a decoding task stopped without an answer"),
         })??;
         self.streams[k].ready.extend(decoded);
         self.prefetch(part);
@@ -1634,9 +1689,17 @@ impl Read for ProgressReader<'_, '_> {
     }
 }
 
-fn tempfile_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+/// A temporary file next to `target` with the mode the target should end
+/// up with: an existing target's own mode (with --force), else what any new
+/// file gets (0666 less the umask; tempfile's default would be 0600).
+fn tempfile_for(target: &Path, dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(target)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(0o666);
     tempfile::Builder::new()
         .prefix(".ferry-unstash-")
+        .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(dir)
 }
 

@@ -1,1 +1,17 @@
 //! Black-box tests of the `ferry` binary: one test binary, one module per area.
+//!
+//! Every test runs the real binary against its own temporary store (see
+//! `util::Env`). Areas: byte-exact round trips (`roundtrip`), deduplication
+//! (`dedup`), SIGKILL at random points (`crash`), several processes on one
+//! store (`concurrency`), damaged stores (`corruption`), error handling
+//! (`errors`), a full disk (`diskfull`) and the guided demo (`demo`).
+
+mod concurrency;
+mod corruption;
+mod crash;
+mod dedup;
+mod demo;
+mod diskfull;
+mod errors;
+mod roundtrip;
+mod util;

@@ -1,0 +1,140 @@
+//! `--remote`: stash = local stash, then push; unstash = pull into the local
+//! store (the node's cache), then the local unstash; ls = the server's list.
+
+use crate::commands::StoreArgs;
+use crate::output::{bytes, rate, Output};
+use crate::progress::Reporter;
+use anyhow::{anyhow, Context};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use store::name::Name;
+use store::repo::{Entry, Store};
+use transfer::client::{self, blocking, Options, PullReport, PushReport, Remote, TransferStats};
+use transfer::tls::Trust;
+
+/// Where the shared server is, and how to trust and authenticate to it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RemoteArgs {
+    /// A ferry server, quic://HOST:PORT: stash pushes there after stashing
+    /// locally; unstash fetches the chunks this node lacks first.
+    #[arg(long, env = client::REMOTE_ENV, value_name = "URL")]
+    remote: Option<String>,
+    /// File holding the token for --remote (never pass a token itself).
+    #[arg(long, env = transfer::auth::TOKEN_FILE_ENV, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// The server's certificate (its cert.pem, or a CA) or its fingerprint
+    /// sha256:HEX, as `ferry serve` prints it.
+    #[arg(long, env = client::SERVER_CERT_ENV, value_name = "FILE|sha256:HEX")]
+    server_cert: Option<String>,
+}
+
+impl RemoteArgs {
+    /// The remote, if `--remote` (or `$FERRY_REMOTE`) is set.
+    pub fn resolve(&self) -> anyhow::Result<Option<Remote>> {
+        let Some(url) = self.remote.as_deref().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_target(false)
+            .try_init();
+        let cert = self.server_cert.as_deref().ok_or_else(|| {
+            anyhow!(
+                "--remote {url} needs the server's certificate: --server-cert FILE (the \
+                 server's cert.pem, or a CA) or --server-cert sha256:FINGERPRINT (printed by \
+                 `ferry serve`), or FERRY_SERVER_CERT"
+            )
+        })?;
+        let trust = Trust::from_arg(cert)?;
+        let token = transfer::auth::client_token(self.token_file.as_deref())?;
+        Ok(Some(Remote::new(url, trust, token)?))
+    }
+}
+
+fn transfer_line(verb: &str, remote: &str, s: &TransferStats, sent: bool) -> String {
+    let (n, b) = if sent {
+        (s.chunks_sent, s.bytes_sent)
+    } else {
+        (s.chunks_received, s.bytes_received)
+    };
+    let there = if sent {
+        "already there"
+    } else {
+        "already cached"
+    };
+    format!(
+        "{verb} {remote}: {n} of {} chunks ({}), {} {there}; {} on the wire in {:.1} s, {}{}\n",
+        s.chunks,
+        bytes(b),
+        s.chunks_present,
+        bytes(s.wire_bytes_sent + s.wire_bytes_received),
+        s.seconds,
+        rate(b as f64 / s.seconds.max(1e-9)),
+        if s.attempts > 1 {
+            format!(" ({} attempts)", s.attempts)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// After a local stash: pushes it and prints what moved.
+pub fn push(store: Store, name: &Name, remote: &Remote, out: &Output) -> anyhow::Result<()> {
+    let progress = Arc::new(Reporter::new(
+        out.quiet || out.json,
+        &format!("push {name}"),
+        None,
+    ));
+    let pushed = blocking::push(
+        Arc::new(store),
+        name,
+        remote,
+        &Options::default(),
+        progress.clone(),
+    );
+    progress.finish();
+    let pushed = pushed.with_context(|| {
+        format!(
+            "{name} is stashed locally, but pushing it failed; \
+             run the same command again to resume"
+        )
+    })?;
+    out.emit(&pushed, |p: &PushReport| {
+        transfer_line("pushed to", &p.remote, &p.stats, true)
+    })
+}
+
+/// Before a local unstash: fetches what the local store lacks and points
+/// the local name at the server's manifest. Opens (and closes) the store
+/// itself, so that the unstash that follows sees the imported chunks.
+pub fn pull(
+    store: &StoreArgs,
+    name: &Name,
+    remote: &Remote,
+    path: &Path,
+    out: &Output,
+) -> anyhow::Result<PullReport> {
+    let store = Arc::new(store.open()?);
+    let progress = Arc::new(Reporter::new(
+        out.quiet || out.json,
+        &format!("fetch {name}"),
+        None,
+    ));
+    let pulled = blocking::pull(store, name, remote, &Options::default(), progress.clone());
+    progress.finish();
+    let pulled = pulled.with_context(|| format!("cannot fetch {name}"))?;
+    let mut out = *out;
+    // Standard output carries the data.
+    out.to_stderr |= path.as_os_str() == "-";
+    out.emit(&pulled, |p: &PullReport| {
+        transfer_line("fetched from", &p.remote, &p.stats, false)
+    })?;
+    Ok(pulled)
+}
+
+/// The server's names under `prefix` (those the token may read).
+pub fn list(remote: &Remote, prefix: Option<&str>) -> anyhow::Result<Vec<Entry>> {
+    Ok(blocking::list(remote, prefix, &Options::default())?)
+}

@@ -1,0 +1,142 @@
+//! `ferry serve`: share a store with CI nodes over QUIC.
+
+use crate::output::Output;
+use anyhow::{bail, Context};
+use std::io::Write;
+use std::path::PathBuf;
+use transfer::auth::Token;
+use transfer::config::ServerConfig;
+
+pub const LONG_ABOUT: &str = "\
+Serve a store to `ferry stash/unstash/ls --remote quic://HOST:PORT` over QUIC
+(TLS 1.3, ALPN ferry/1). Only the chunks the other side lacks cross the wire;
+every uploaded chunk is verified (decompressed, BLAKE3-hashed) before it counts,
+and a name is committed only once every chunk it needs is stored.
+
+The config is a TOML file (docs/remote.md; docs/ferry-server.example.toml is a
+complete example). Relative paths in it are relative to the file. Keys:
+
+  listen = \"0.0.0.0:4433\"          UDP address to serve on
+  store = \"/var/lib/ferry/store\"   the store directory
+  cert = \"tls/cert.pem\"            certificate chain (PEM)
+  key = \"tls/key.pem\"              its private key (PEM); if neither file
+                                   exists, a self-signed pair is generated and
+                                   its SHA-256 fingerprint printed
+  cert_names = [\"localhost\"]       DNS names / IPs put in a generated cert
+  metrics_listen = \"127.0.0.1:9464\"  Prometheus metrics over HTTP (optional)
+
+  [limits]
+  max_connections = 256            more are refused as busy (clients retry)
+  max_streams_per_connection = 16  parallel requests per connection
+  max_frame_bytes = 33554432       largest message (>= 16 MiB + 64 KiB)
+  max_batch_ids = 16384            chunk ids per request
+  idle_timeout_secs = 60           silent connections are closed
+  request_deadline_secs = 300      one request, start to answer
+  shutdown_grace_secs = 60         on SIGTERM, in-flight requests may finish
+
+  [[token]]                        one per CI trust level
+  name = \"pr-builds\"               label for logs (never the secret)
+  sha256 = \"<64 hex>\"              SHA-256 of the token (--new-token prints it)
+  read = [\"main\", \"pr\"]            name prefixes it may read (\"*\": all)
+  write = [\"pr\"]                   name prefixes it may write
+
+A peer that breaks a limit is cut off with an error; others keep being served.
+SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish, exit.
+Logs go to stderr (FERRY_LOG=error|warn|info|debug|trace, default info).
+
+Examples:
+  ferry serve --config /etc/ferry/server.toml
+  ferry serve --new-token /etc/ferry/tokens/main   # then paste the printed [[token]]";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The server's TOML config file.
+    #[arg(long, value_name = "FILE", required_unless_present = "new_token")]
+    config: Option<PathBuf>,
+    /// Instead of serving: write a new random token to FILE (readable by
+    /// its owner only) and print the [[token]] entry for the config.
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    new_token: Option<PathBuf>,
+}
+
+pub fn run(args: Args, out: &Output) -> anyhow::Result<()> {
+    if let Some(path) = args.new_token {
+        return new_token(&path, out);
+    }
+    let path = args.config.context("--config FILE is required")?;
+    let cfg = ServerConfig::load(&path)?;
+    let level = match std::env::var("FERRY_LOG").as_deref() {
+        Ok("error") => tracing_subscriber::filter::LevelFilter::ERROR,
+        Ok("warn") => tracing_subscriber::filter::LevelFilter::WARN,
+        Ok("debug") => tracing_subscriber::filter::LevelFilter::DEBUG,
+        Ok("trace") => tracing_subscriber::filter::LevelFilter::TRACE,
+        _ => tracing_subscriber::filter::LevelFilter::INFO,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_max_level(level)
+        .try_init();
+    let quiet = out.quiet;
+    transfer::server::serve_until_signal(&cfg, |server| {
+        if quiet {
+            return;
+        }
+        let mut e = std::io::stderr().lock();
+        let _ = writeln!(
+            e,
+            "ferry serve: listening on quic://{}",
+            server.local_addr()
+        );
+        if server.generated_certificate() {
+            let _ = writeln!(
+                e,
+                "ferry serve: generated a self-signed certificate at {}",
+                cfg.cert.display()
+            );
+        }
+        let _ = writeln!(
+            e,
+            "ferry serve: certificate {} (clients: --server-cert {} or --server-cert {})",
+            server.fingerprint(),
+            cfg.cert.display(),
+            server.fingerprint()
+        );
+        if let Some(m) = server.metrics_addr() {
+            let _ = writeln!(e, "ferry serve: metrics on http://{m}/metrics");
+        }
+    })?;
+    Ok(())
+}
+
+fn new_token(path: &std::path::Path, out: &Output) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        bail!("{} exists; refusing to overwrite a token", path.display());
+    }
+    let token = Token::generate();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(f, "{}", token.secret())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    #[derive(serde::Serialize)]
+    struct NewToken {
+        file: String,
+        sha256: String,
+    }
+    let report = NewToken {
+        file: path.display().to_string(),
+        sha256: token.hash().to_hex(),
+    };
+    out.emit(&report, |r| {
+        format!(
+            "wrote a new token to {}; add to the server's config:\n\n\
+             [[token]]\nname = \"CHANGE-ME\"\nsha256 = \"{}\"\nread = [\"main\"]\nwrite = []\n",
+            r.file, r.sha256
+        )
+    })
+}
