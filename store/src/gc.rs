@@ -570,7 +570,8 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
                 report.leftovers_removed += 1;
             }
         }
-        report.leftovers_removed += remove_old_temp_files(store, opts.grace);
+        let oldest_live = leases.iter().map(|l| l.started_ms).min();
+        report.leftovers_removed += remove_old_temp_files(store, opts.grace, oldest_live);
     }
     Ok(report)
 }
@@ -580,20 +581,36 @@ fn put_mark(backend: &dyn Backend, name: &str, at: u64) -> Result<(), BackendErr
     backend.put(Kind::Condemned, name, &bytes)
 }
 
-/// Temporary files of crashed writers (local stores only).
-fn remove_old_temp_files(store: &Store, older_than: Duration) -> u64 {
+/// Temporary files younger than this are never removed.
+const TEMP_MIN_AGE: Duration = Duration::from_secs(3600);
+
+/// Temporary files of crashed writers (local stores only). A running
+/// command creates its temporary files after taking its lease and keeps
+/// writing them, so a file last modified before the oldest live lease
+/// started (and older than the grace period) belongs to nobody alive.
+fn remove_old_temp_files(store: &Store, grace: Duration, oldest_live_lease_ms: Option<u64>) -> u64 {
     let Ok(entries) = std::fs::read_dir(store.root().join("tmp")) else {
         return 0;
     };
+    let now = now_ms();
     let mut n = 0;
     for e in entries.flatten() {
-        let old = e
+        let Some(modified_ms) = e
             .metadata()
             .and_then(|m| m.modified())
             .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > older_than);
-        if old && std::fs::remove_file(e.path()).is_ok() {
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+        else {
+            continue;
+        };
+        let orphan = oldest_live_lease_ms.is_none_or(|oldest| modified_ms < oldest);
+        // At least an hour whatever the grace period: a command writes a
+        // temporary file before its lease or object exists (the lease's own
+        // file, for one), and a file untouched for an hour is no one's.
+        let min_age = grace.max(TEMP_MIN_AGE);
+        let old = now.saturating_sub(modified_ms) > min_age.as_millis() as u64;
+        if orphan && old && std::fs::remove_file(e.path()).is_ok() {
             n += 1;
         }
     }

@@ -4,7 +4,8 @@
 //! `util::Env`). Areas: byte-exact round trips (`roundtrip`), deduplication
 //! (`dedup`), SIGKILL at random points (`crash`), several processes on one
 //! store (`concurrency`), damaged stores (`corruption`), error handling
-//! (`errors`), a full disk (`diskfull`) and the guided demo (`demo`).
+//! (`errors`), a full disk (`diskfull`), garbage collection and the cache
+//! limit (`gc`), and the guided demo (`demo`).
 
 mod concurrency;
 mod corruption;
@@ -13,5 +14,6 @@ mod dedup;
 mod demo;
 mod diskfull;
 mod errors;
+mod gc;
 mod roundtrip;
 mod util;

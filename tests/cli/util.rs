@@ -83,8 +83,10 @@ fn truncate(s: &str) -> String {
 }
 
 /// A test's own temporary directory with a store inside it.
+#[derive(Clone)]
 pub struct Env {
-    pub dir: tempfile::TempDir,
+    /// Shared so that threads of one test can run ferry on the same store.
+    pub dir: std::sync::Arc<tempfile::TempDir>,
     pub store: PathBuf,
 }
 
@@ -95,7 +97,10 @@ impl Env {
             .tempdir()
             .unwrap();
         let store = dir.path().join("store");
-        Env { dir, store }
+        Env {
+            dir: std::sync::Arc::new(dir),
+            store,
+        }
     }
 
     /// A path inside the test's directory (not inside the store).
