@@ -1,5 +1,29 @@
-//! ferry's transfer layer: the sans-IO wire protocol and its QUIC driver.
+//! ferry's transfer layer: the wire protocol and its QUIC transport.
 //!
-//! Not implemented yet: see issue 4. The crate exists so the workspace has
-//! the layout of `docs/ARCHITECTURE.md` from the start.
+//! - [`proto`]: typed, versioned messages, their framing and the session
+//!   logic — no sockets, no clock, tested in memory.
+//! - [`auth`]: tokens kept hashed, read/write name-prefix scopes.
+//! - [`server`] (`ferry serve`) and [`client`] (push, pull, list): thin quinn
+//!   glue that moves frames between QUIC streams and the store.
+//! - [`config`]: the server's TOML configuration; [`tls`]: certificates,
+//!   pinning; [`metrics`]: Prometheus counters.
+//!
+//! A push sends only the chunks the server lacks and commits the name
+//! last; a pull fetches only the chunks the local store (the node's cache)
+//! lacks. Both resume where an interrupted run stopped. See
+//! `docs/remote.md`.
 #![deny(missing_docs)]
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod delta;
+pub mod metrics;
+pub mod proto;
+pub mod server;
+pub mod tls;
+mod wire;
+
+pub use client::{pull, push, Options, PullReport, PushReport, Remote, TransferStats};
+pub use config::ServerConfig;
+pub use server::{Server, ServerHandle};
