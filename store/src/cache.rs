@@ -119,16 +119,8 @@ mod tests {
     use crate::repo::{NoProgress, Source, Target};
     use std::io::Read;
 
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        crate::testutil::pseudo_random(len, seed as u64)
     }
 
     #[test]

@@ -721,15 +721,7 @@ mod tests {
     }
 
     fn data(len: usize, seed: u8) -> Vec<u8> {
-        let mut x = seed as u64 + 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::testutil::pseudo_random(len, seed as u64)
     }
 
     fn stash(s: &Store, name: &str, bytes: &[u8]) -> crate::repo::StashReport {

@@ -24,3 +24,6 @@ pub mod repo;
 pub mod tarsplit;
 
 pub use id::{ChunkId, ManifestId, PackId};
+
+#[cfg(test)]
+mod testutil;
