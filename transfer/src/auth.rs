@@ -1,0 +1,449 @@
+//! Tokens and scopes.
+//!
+//! A server knows tokens only by their SHA-256 (hex), each with a label and
+//! two lists of name prefixes: what it may read and what it may write. A
+//! pull-request build typically reads `main` and `pr/1234` and writes only
+//! `pr/1234`; only a trusted branch build writes `main`. Prefixes match whole
+//! name parts (`main` covers `main/ci_gpu`, not `mainline/x`); `*` covers
+//! every name.
+//!
+//! Clients read their token from a file (`--token-file` or
+//! `$FERRY_TOKEN_FILE`), never from the command line, where other users of
+//! the machine could see it.
+//!
+//! ```
+//! use transfer::auth::{Scopes, TokenTable, Token};
+//! let token = Token::new("s3cret-for-pr-1234").unwrap();
+//! let scopes = Scopes::parse(&["main", "pr/1234"], &["pr/1234"]).unwrap();
+//! let table = TokenTable::new(vec![("pr-1234".into(), token.hash(), scopes)]);
+//! let grant = table.authenticate("s3cret-for-pr-1234").unwrap();
+//! let name = |s| store::name::Name::parse(s).unwrap();
+//! assert!(grant.scopes.can_read(&name("main/ci_gpu")));
+//! assert!(!grant.scopes.can_write(&name("main/ci_gpu")));
+//! assert!(grant.scopes.can_write(&name("pr/1234/ci_gpu")));
+//! assert!(!grant.scopes.can_read(&name("pr/999/ci_gpu")));
+//! ```
+
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use store::name::Name;
+
+/// Environment variable naming the client's token file.
+pub const TOKEN_FILE_ENV: &str = "FERRY_TOKEN_FILE";
+
+/// What is wrong with a token, a hash or a scope.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The token file could not be read.
+    #[error("cannot read the token file {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The token is empty, too long, or has spaces or control characters.
+    #[error("{what}: {problem}")]
+    BadToken {
+        /// Where it came from.
+        what: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
+    /// A token hash is not 64 hex digits.
+    #[error("token hash {0:?} is not a SHA-256 in hex (64 hex digits)")]
+    BadHash(String),
+    /// A scope is not a name prefix.
+    #[error(
+        "scope {scope:?} is not a name prefix ({problem}); use e.g. \"main\", \"pr/1234\" or \"*\""
+    )]
+    BadScope {
+        /// The scope.
+        scope: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// A secret token. Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    /// Checks a token's text: 1 to 4096 visible ASCII characters.
+    pub fn new(text: &str) -> Result<Token, AuthError> {
+        Self::checked(text, "token")
+    }
+
+    fn checked(text: &str, what: &str) -> Result<Token, AuthError> {
+        let bad = |problem| AuthError::BadToken {
+            what: what.to_string(),
+            problem,
+        };
+        if text.is_empty() {
+            return Err(bad("the token is empty"));
+        }
+        if text.len() > crate::proto::MAX_TOKEN_LEN {
+            return Err(bad("the token is longer than 4096 bytes"));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("the token has spaces, control or non-ASCII characters"));
+        }
+        Ok(Token(text.to_string()))
+    }
+
+    /// A new random token (256 bits, hex).
+    pub fn generate() -> Token {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill(&mut bytes);
+        Token(store::id::to_hex(&bytes))
+    }
+
+    /// The secret text (to send in `Hello`).
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// Its SHA-256, what the server's config holds.
+    pub fn hash(&self) -> TokenHash {
+        TokenHash::of(&self.0)
+    }
+}
+
+/// Reads a token from `path`; surrounding whitespace (a trailing newline)
+/// is ignored.
+pub fn read_token_file(path: &Path) -> Result<Token, AuthError> {
+    let read_err = |error| AuthError::Read {
+        path: path.to_path_buf(),
+        error,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > 2 * crate::proto::MAX_TOKEN_LEN as u64 {
+        return Err(AuthError::BadToken {
+            what: format!("token file {}", path.display()),
+            problem: "the file is too large to be a token",
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    Token::checked(text.trim(), &format!("token file {}", path.display()))
+}
+
+/// The client's token: from `flag` (`--token-file`), else from the file
+/// `$FERRY_TOKEN_FILE` names, else none.
+pub fn client_token(flag: Option<&Path>) -> Result<Option<Token>, AuthError> {
+    if let Some(p) = flag {
+        return read_token_file(p).map(Some);
+    }
+    match std::env::var_os(TOKEN_FILE_ENV).filter(|v| !v.is_empty()) {
+        Some(p) => read_token_file(Path::new(&p)).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// SHA-256 of a token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenHash({})", self.to_hex())
+    }
+}
+
+impl TokenHash {
+    /// The hash of `token`'s text.
+    pub fn of(token: &str) -> TokenHash {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Parses 64 hex digits (upper or lower case).
+    pub fn from_hex(hex: &str) -> Result<TokenHash, AuthError> {
+        parse_hex32(hex.trim())
+            .map(TokenHash)
+            .ok_or_else(|| AuthError::BadHash(hex.to_string()))
+    }
+
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        store::id::to_hex(&self.0)
+    }
+
+    fn ct_eq(&self, other: &TokenHash) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+/// Parses 64 hex digits into 32 bytes.
+pub(crate) fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+/// A name prefix a token is granted. Empty: every name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope(String);
+
+impl Scope {
+    /// Parses `main`, `pr/1234`, `main/*` (same as `main`) or `*` (all).
+    pub fn parse(text: &str) -> Result<Scope, AuthError> {
+        let t = text.trim();
+        if t == "*" {
+            return Ok(Scope(String::new()));
+        }
+        let t = t.strip_suffix("/*").unwrap_or(t).trim_end_matches('/');
+        if t.is_empty() {
+            return Err(AuthError::BadScope {
+                scope: text.to_string(),
+                problem: "it is empty (write \"*\" for every name)".into(),
+            });
+        }
+        Name::parse(t).map_err(|e| AuthError::BadScope {
+            scope: text.to_string(),
+            problem: e.to_string(),
+        })?;
+        Ok(Scope(t.to_string()))
+    }
+
+    /// Whether `name` is under this prefix.
+    pub fn covers(&self, name: &Name) -> bool {
+        name.starts_with_prefix(&self.0)
+    }
+
+    /// The prefix ("" for every name).
+    pub fn prefix(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("*")
+        } else {
+            f.write_str(&self.0)
+        }
+    }
+}
+
+/// What a token may read and write.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scopes {
+    /// Readable prefixes.
+    pub read: Vec<Scope>,
+    /// Writable prefixes.
+    pub write: Vec<Scope>,
+}
+
+impl Scopes {
+    /// Parses two lists of prefixes.
+    pub fn parse(read: &[&str], write: &[&str]) -> Result<Scopes, AuthError> {
+        Ok(Scopes {
+            read: read
+                .iter()
+                .map(|s| Scope::parse(s))
+                .collect::<Result<_, _>>()?,
+            write: write
+                .iter()
+                .map(|s| Scope::parse(s))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Whether `name` may be read (fetched, listed).
+    pub fn can_read(&self, name: &Name) -> bool {
+        self.read.iter().any(|s| s.covers(name))
+    }
+
+    /// Whether `name` may be written (uploaded to, committed).
+    pub fn can_write(&self, name: &Name) -> bool {
+        self.write.iter().any(|s| s.covers(name))
+    }
+
+    /// The readable prefixes, for messages.
+    pub fn describe_read(&self) -> String {
+        describe(&self.read)
+    }
+
+    /// The writable prefixes, for messages.
+    pub fn describe_write(&self) -> String {
+        describe(&self.write)
+    }
+}
+
+fn describe(scopes: &[Scope]) -> String {
+    if scopes.is_empty() {
+        return "nothing".into();
+    }
+    scopes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What an authenticated token is granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The token's label from the config (for logs; never the secret).
+    pub label: String,
+    /// Its scopes.
+    pub scopes: Scopes,
+}
+
+/// The tokens a server accepts, kept hashed.
+#[derive(Debug, Clone, Default)]
+pub struct TokenTable {
+    entries: Vec<(TokenHash, Grant)>,
+}
+
+impl TokenTable {
+    /// A table of (label, hash, scopes).
+    pub fn new(entries: Vec<(String, TokenHash, Scopes)>) -> TokenTable {
+        TokenTable {
+            entries: entries
+                .into_iter()
+                .map(|(label, hash, scopes)| (hash, Grant { label, scopes }))
+                .collect(),
+        }
+    }
+
+    /// The grant of `token`, if it is known. Every entry is compared, in
+    /// constant time, so timing does not tell how close a guess was.
+    pub fn authenticate(&self, token: &str) -> Option<&Grant> {
+        let hash = TokenHash::of(token);
+        let mut found = None;
+        for (h, grant) in &self.entries {
+            if h.ct_eq(&hash) && found.is_none() {
+                found = Some(grant);
+            }
+        }
+        found
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no token is configured.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::parse(s).unwrap()
+    }
+
+    #[test]
+    fn scopes_table() {
+        let pr = Scopes::parse(&["main", "pr/1234"], &["pr/1234"]).unwrap();
+        let branch = Scopes::parse(&["*"], &["main/*", "pr"]).unwrap();
+        let reader = Scopes::parse(&["main/"], &[]).unwrap();
+        // (scopes, name, can read, can write)
+        let cases: &[(&Scopes, &str, bool, bool)] = &[
+            (&pr, "main/ci_gpu", true, false),
+            (&pr, "main", true, false),
+            (&pr, "mainline/x", false, false),
+            (&pr, "pr/1234/ci_gpu", true, true),
+            (&pr, "pr/1234", true, true),
+            (&pr, "pr/12345/ci_gpu", false, false),
+            (&pr, "pr/999/ci_gpu", false, false),
+            (&pr, "build/1/x", false, false),
+            (&branch, "main/ci_gpu", true, true),
+            (&branch, "pr/7/x", true, true),
+            (&branch, "build/1/x", true, false),
+            (&reader, "main/a/b/c", true, false),
+            (&reader, "pr/1/a", false, false),
+        ];
+        for &(scopes, n, r, w) in cases {
+            assert_eq!(scopes.can_read(&name(n)), r, "read {n} with {scopes:?}");
+            assert_eq!(scopes.can_write(&name(n)), w, "write {n} with {scopes:?}");
+        }
+    }
+
+    #[test]
+    fn scope_parsing() {
+        assert_eq!(Scope::parse("*").unwrap().prefix(), "");
+        assert_eq!(Scope::parse("main/*").unwrap().prefix(), "main");
+        assert_eq!(Scope::parse("pr/12/").unwrap().prefix(), "pr/12");
+        assert_eq!(Scope::parse("*").unwrap().to_string(), "*");
+        for bad in ["", "/", "../x", "a//b", "/abs", "pr/*/x"] {
+            assert!(Scope::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn tokens_authenticate_by_hash_only() {
+        let a = Token::new("alpha-token").unwrap();
+        let b = Token::new("beta-token").unwrap();
+        let table = TokenTable::new(vec![
+            ("a".into(), a.hash(), Scopes::default()),
+            ("b".into(), b.hash(), Scopes::parse(&["*"], &[]).unwrap()),
+        ]);
+        assert_eq!(table.authenticate("alpha-token").unwrap().label, "a");
+        assert_eq!(table.authenticate("beta-token").unwrap().label, "b");
+        assert!(table.authenticate("gamma").is_none());
+        assert!(table.authenticate("").is_none());
+        assert!(table.authenticate("alpha-token ").is_none());
+        let hex = a.hash().to_hex();
+        assert_eq!(TokenHash::from_hex(&hex).unwrap(), a.hash());
+        assert_eq!(TokenHash::from_hex(&hex.to_uppercase()).unwrap(), a.hash());
+        assert!(TokenHash::from_hex(&hex[1..]).is_err());
+        assert!(TokenHash::from_hex(&format!("{}g", &hex[1..])).is_err());
+        assert!(!format!("{a:?}").contains("alpha"));
+    }
+
+    #[test]
+    fn token_text_is_checked() {
+        assert!(Token::new("").is_err());
+        assert!(Token::new("has space").is_err());
+        assert!(Token::new("tab\there").is_err());
+        assert!(Token::new("ünicode").is_err());
+        assert!(Token::new(&"x".repeat(4097)).is_err());
+        let t = Token::generate();
+        assert_eq!(t.secret().len(), 64);
+        assert_ne!(Token::generate(), t);
+    }
+
+    #[test]
+    fn token_files_are_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tok");
+        std::fs::write(&p, "  abc123\n").unwrap();
+        assert_eq!(read_token_file(&p).unwrap().secret(), "abc123");
+        std::fs::write(&p, "\n").unwrap();
+        let e = read_token_file(&p).unwrap_err().to_string();
+        assert!(e.contains("empty") && e.contains("tok"), "{e}");
+        let e = read_token_file(&dir.path().join("nope")).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(client_token(Some(&dir.path().join("nope"))).is_err());
+        std::fs::write(&p, "abc123\n").unwrap();
+        assert_eq!(client_token(Some(&p)).unwrap().unwrap().secret(), "abc123");
+    }
+}

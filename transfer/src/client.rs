@@ -1,0 +1,1280 @@
+//! The client: push a stash from a local store to a server, pull one from a
+//! server into a local store (the node's cache), list a server's names.
+//!
+//! A **push** sends the manifest's chunk ids in large batches, learns which
+//! the server lacks, uploads only those (as stored, already compressed) over
+//! several parallel streams, and commits the manifest and name last. A
+//! **pull** fetches the manifest, asks the local store which chunks it
+//! lacks, downloads those over parallel streams, verifies and imports them,
+//! and commits the name locally. Both resume: a re-run (or a retry after a
+//! transient error) moves only what is still missing. Transient failures
+//! (unreachable server, lost connection, "busy", "shutting down") are
+//! retried with exponential backoff; persistent ones (bad token, scope,
+//! certificate mismatch, corrupt data) end at once with a clear error.
+
+use crate::auth::{Scopes, Token};
+use crate::config::DEFAULT_PORT;
+use crate::proto::{self, ErrorKind, Limits, Message, CHUNK_OVERHEAD};
+use crate::tls::{self, TlsError, Trust, Verifier};
+use crate::wire::{self, WireError};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::backend::Kind;
+use store::manifest::{ChunkRef, Header, Manifest};
+use store::name::Name;
+use store::repo::{Entry, Progress, Store, StoreError, StoredChunk};
+use store::{ChunkId, ManifestId};
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+/// Environment variable with the server's URL.
+pub const REMOTE_ENV: &str = "FERRY_REMOTE";
+/// Environment variable with the server certificate (file or fingerprint).
+pub const SERVER_CERT_ENV: &str = "FERRY_SERVER_CERT";
+
+/// What went wrong talking to a server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The remote URL or the options are unusable.
+    #[error("{0}")]
+    Config(String),
+    /// TLS setup (the trusted certificate file).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The server did not answer.
+    #[error(
+        "cannot reach the ferry server at {remote}: {detail} \
+         (is `ferry serve` running there, and is UDP port open?)"
+    )]
+    Unreachable {
+        /// The server.
+        remote: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The server's certificate is not the trusted one.
+    #[error(
+        "the server at {remote} is not the trusted one: {detail}; check --server-cert \
+         (the server prints its fingerprint when it starts)"
+    )]
+    Certificate {
+        /// The server.
+        remote: String,
+        /// What was presented.
+        detail: String,
+    },
+    /// The connection broke.
+    #[error("the connection to {remote} was lost: {detail}")]
+    ConnectionLost {
+        /// The server.
+        remote: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The server refused a request.
+    #[error("the server at {remote} refused: {message} ({})", kind.as_str())]
+    Refused {
+        /// The server.
+        remote: String,
+        /// Why.
+        kind: ErrorKind,
+        /// Its explanation.
+        message: String,
+    },
+    /// The server sent something it should not have.
+    #[error("the server at {remote} broke the protocol: {detail}")]
+    Protocol {
+        /// The server.
+        remote: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The local store failed (or holds damaged data).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ClientError {
+    /// Whether a retry may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::ConnectionLost { .. } => true,
+            ClientError::Refused { kind, .. } => kind.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// The server's error kind, if the server refused.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Refused { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// Where a server is and how to trust and authenticate to it.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// Host name or IP address.
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+    /// The certificate(s) trusted.
+    pub trust: Trust,
+    /// The token, if any.
+    pub token: Option<Token>,
+}
+
+impl Remote {
+    /// Parses `quic://HOST[:PORT]` (IPv6 in brackets).
+    pub fn parse_url(url: &str) -> Result<(String, u16), ClientError> {
+        let bad = |why: &str| {
+            ClientError::Config(format!(
+                "remote {url:?} {why}: expected quic://HOST:PORT, e.g. quic://ferry.ci.internal:{DEFAULT_PORT}"
+            ))
+        };
+        let rest = url
+            .strip_prefix("quic://")
+            .ok_or_else(|| bad("does not start with quic://"))?;
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+            return Err(bad("is not a host and port"));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("has an unclosed ["))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if after.is_empty() => None,
+                None => return Err(bad("has text after the ]")),
+            };
+            (h.to_string(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (rest.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("has no host"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("has an invalid port"))?,
+            None => DEFAULT_PORT,
+        };
+        Ok((host, port))
+    }
+
+    /// A remote from its URL, trust and token.
+    pub fn new(url: &str, trust: Trust, token: Option<Token>) -> Result<Remote, ClientError> {
+        let (host, port) = Self::parse_url(url)?;
+        Ok(Remote {
+            host,
+            port,
+            trust,
+            token,
+        })
+    }
+
+    fn display(&self) -> String {
+        if self.host.contains(':') {
+            format!("quic://[{}]:{}", self.host, self.port)
+        } else {
+            format!("quic://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Tunables of a transfer.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Parallel request streams (capped by the server's limit).
+    pub streams: usize,
+    /// Bytes of chunks per upload or download request.
+    pub batch_bytes: u64,
+    /// A pull imports received chunks into the local store in groups of
+    /// about this many bytes (each group is one durable pack).
+    pub import_bytes: u64,
+    /// Retries after transient failures.
+    pub retries: u32,
+    /// First backoff; doubled after each failure, up to `max_backoff`.
+    pub backoff: Duration,
+    /// Longest backoff.
+    pub max_backoff: Duration,
+    /// How long to wait for the server to answer a connection.
+    pub connect_timeout: Duration,
+    /// How long one request may take.
+    pub request_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            streams: 8,
+            batch_bytes: 16 << 20,
+            import_bytes: 64 << 20,
+            retries: 4,
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a transfer moved (summed over retries).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct TransferStats {
+    /// Distinct chunks in the stash.
+    pub chunks: u64,
+    /// Chunks the other side already had.
+    pub chunks_present: u64,
+    /// Chunks uploaded.
+    pub chunks_sent: u64,
+    /// Their stored bytes.
+    pub bytes_sent: u64,
+    /// Chunks downloaded.
+    pub chunks_received: u64,
+    /// Their stored bytes.
+    pub bytes_received: u64,
+    /// UDP payload bytes sent (everything on the wire: chunks, ids, manifest, QUIC).
+    pub wire_bytes_sent: u64,
+    /// UDP payload bytes received.
+    pub wire_bytes_received: u64,
+    /// Connections made (1 without retries).
+    pub attempts: u32,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks: AtomicU64,
+    present: AtomicU64,
+    sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    received: AtomicU64,
+    bytes_received: AtomicU64,
+    wire_sent: AtomicU64,
+    wire_received: AtomicU64,
+}
+
+impl Counters {
+    fn stats(&self, attempts: u32, started: Instant) -> TransferStats {
+        TransferStats {
+            chunks: self.chunks.load(Relaxed),
+            chunks_present: self.present.load(Relaxed),
+            chunks_sent: self.sent.load(Relaxed),
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            chunks_received: self.received.load(Relaxed),
+            bytes_received: self.bytes_received.load(Relaxed),
+            wire_bytes_sent: self.wire_sent.load(Relaxed),
+            wire_bytes_received: self.wire_received.load(Relaxed),
+            attempts,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// A finished push.
+#[derive(Debug, Clone, Serialize)]
+pub struct PushReport {
+    /// The name on the server.
+    pub name: String,
+    /// The manifest it points at.
+    pub manifest: ManifestId,
+    /// The server.
+    pub remote: String,
+    /// What moved.
+    pub stats: TransferStats,
+}
+
+/// A finished pull.
+#[derive(Debug, Clone, Serialize)]
+pub struct PullReport {
+    /// The name (the same locally and on the server).
+    pub name: String,
+    /// The manifest it points at.
+    pub manifest: ManifestId,
+    /// The server.
+    pub remote: String,
+    /// What moved.
+    pub stats: TransferStats,
+}
+
+/// An authenticated connection to a server: one request per stream.
+/// Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub struct Session {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    verifier: Arc<Verifier>,
+    remote: String,
+    limits: Limits,
+    scopes: Scopes,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("remote", &self.remote)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Connects, checks the server's certificate and says hello.
+    pub async fn connect(remote: &Remote, opts: &Options) -> Result<Session, ClientError> {
+        let shown = remote.display();
+        let unreachable = |detail: String| ClientError::Unreachable {
+            remote: shown.clone(),
+            detail,
+        };
+        let mut addrs: Vec<SocketAddr> =
+            tokio::net::lookup_host((remote.host.as_str(), remote.port))
+                .await
+                .map_err(|e| unreachable(format!("cannot resolve {}: {e}", remote.host)))?
+                .collect();
+        // IPv4 first: `localhost` often resolves to ::1 first while servers
+        // listen on 0.0.0.0.
+        addrs.sort_by_key(|a| a.is_ipv6());
+        let addr = *addrs
+            .first()
+            .ok_or_else(|| unreachable(format!("{} has no address", remote.host)))?;
+        let verifier = Arc::new(Verifier::new(&remote.trust)?);
+        let crypto = tls::client_config(verifier.clone())?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        let transport = wire::transport(opts.request_timeout.max(Duration::from_secs(30)), 0)
+            .map_err(ClientError::Config)?;
+        config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = wire::endpoint(bind, None)
+            .map_err(|e| ClientError::Config(format!("cannot open a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(config);
+        let server_name = if remote.host.parse::<std::net::IpAddr>().is_ok()
+            || rustls::pki_types::ServerName::try_from(remote.host.as_str()).is_ok()
+        {
+            remote.host.as_str()
+        } else {
+            "localhost"
+        };
+        let connecting = endpoint
+            .connect(addr, server_name)
+            .map_err(|e| ClientError::Config(format!("cannot connect to {shown}: {e}")))?;
+        let conn = match tokio::time::timeout(opts.connect_timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(conn_error(&shown, &verifier, e)),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {} s",
+                    opts.connect_timeout.as_secs()
+                )))
+            }
+        };
+        let mut session = Session {
+            conn,
+            endpoint,
+            verifier,
+            remote: shown,
+            limits: Limits::default(),
+            scopes: Scopes::default(),
+            request_timeout: opts.request_timeout,
+        };
+        let hello = Message::Hello {
+            version: proto::VERSION,
+            token: remote
+                .token
+                .as_ref()
+                .map(|t| t.secret().to_string())
+                .unwrap_or_default(),
+        };
+        let welcome = session.exchange(&proto::encode(&hello)).await?;
+        let (limits, read, write) =
+            proto::check_welcome(welcome).map_err(|r| session.refused(r.kind, r.message))?;
+        let read: Vec<&str> = read.iter().map(String::as_str).collect();
+        let write: Vec<&str> = write.iter().map(String::as_str).collect();
+        session.scopes = Scopes::parse(&read, &write).map_err(|e| ClientError::Protocol {
+            remote: session.remote.clone(),
+            detail: format!("unusable scopes in welcome: {e}"),
+        })?;
+        session.limits = limits;
+        Ok(session)
+    }
+
+    /// The server's limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// What the token may read and write.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+
+    /// UDP bytes (sent, received) on this connection so far.
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        let s = self.conn.stats();
+        (s.udp_tx.bytes, s.udp_rx.bytes)
+    }
+
+    fn refused(&self, kind: ErrorKind, message: String) -> ClientError {
+        ClientError::Refused {
+            remote: self.remote.clone(),
+            kind,
+            message,
+        }
+    }
+
+    fn protocol(&self, detail: impl Into<String>) -> ClientError {
+        ClientError::Protocol {
+            remote: self.remote.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    fn wire_error(&self, e: WireError) -> ClientError {
+        match e {
+            WireError::Read(quinn::ReadError::ConnectionLost(c))
+            | WireError::Write(quinn::WriteError::ConnectionLost(c)) => {
+                conn_error(&self.remote, &self.verifier, c)
+            }
+            WireError::Read(quinn::ReadError::Reset(code))
+            | WireError::Write(quinn::WriteError::Stopped(code)) => {
+                let kind = u8::try_from(code.into_inner())
+                    .map(ErrorKind::from_code)
+                    .unwrap_or(ErrorKind::Unknown(0));
+                // The server resets streams only while closing the connection.
+                if let Some(reason) = self.conn.close_reason() {
+                    return conn_error(&self.remote, &self.verifier, reason);
+                }
+                ClientError::ConnectionLost {
+                    remote: self.remote.clone(),
+                    detail: format!("the server abandoned a request ({})", kind.as_str()),
+                }
+            }
+            WireError::Ended | WireError::Truncated => {
+                if let Some(reason) = self.conn.close_reason() {
+                    return conn_error(&self.remote, &self.verifier, reason);
+                }
+                ClientError::ConnectionLost {
+                    remote: self.remote.clone(),
+                    detail: e.to_string(),
+                }
+            }
+            other => self.protocol(other.to_string()),
+        }
+    }
+
+    /// Sends one raw frame on a new stream and reads the reply (for tools
+    /// and tests that craft frames; [`Session::request`] is the normal way).
+    pub async fn exchange(&self, frame: &[u8]) -> Result<Message, ClientError> {
+        let work = async {
+            let (mut send, mut recv) = self
+                .conn
+                .open_bi()
+                .await
+                .map_err(|e| conn_error(&self.remote, &self.verifier, e))?;
+            send.write_all(frame)
+                .await
+                .map_err(|e| self.wire_error(WireError::Write(e)))?;
+            let _ = send.finish();
+            let (reply, _) =
+                wire::read_message(&mut recv, self.limits.max_frame.max(proto::MIN_FRAME))
+                    .await
+                    .map_err(|e| self.wire_error(e))?;
+            Ok(reply)
+        };
+        match tokio::time::timeout(self.request_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::ConnectionLost {
+                remote: self.remote.clone(),
+                detail: format!(
+                    "no answer to a request within {} s",
+                    self.request_timeout.as_secs()
+                ),
+            }),
+        }
+    }
+
+    /// Sends a request and returns the reply; an `Error` reply becomes
+    /// [`ClientError::Refused`].
+    pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+        match self.exchange(&proto::encode(msg)).await? {
+            Message::Error { kind, message } => Err(self.refused(kind, message)),
+            reply => Ok(reply),
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn conn_error(remote: &str, verifier: &Verifier, e: quinn::ConnectionError) -> ClientError {
+    use quinn::ConnectionError as C;
+    let remote = remote.to_string();
+    if let Some(detail) = verifier.refused() {
+        return ClientError::Certificate { remote, detail };
+    }
+    match e {
+        C::ApplicationClosed(close) => {
+            let kind = u8::try_from(close.error_code.into_inner())
+                .map(ErrorKind::from_code)
+                .unwrap_or(ErrorKind::Unknown(0));
+            let message = String::from_utf8_lossy(&close.reason).into_owned();
+            if close.error_code.into_inner() == 0 {
+                return ClientError::ConnectionLost {
+                    remote,
+                    detail: format!("closed by the server: {message}"),
+                };
+            }
+            ClientError::Refused {
+                remote,
+                kind,
+                message,
+            }
+        }
+        C::TimedOut => ClientError::Unreachable {
+            remote,
+            detail: "the connection timed out".into(),
+        },
+        C::TransportError(t) => {
+            let text = t.to_string();
+            if text.contains("certificate") || text.contains("crypto") || text.contains("TLS") {
+                ClientError::Certificate {
+                    remote,
+                    detail: text,
+                }
+            } else {
+                ClientError::Protocol {
+                    remote,
+                    detail: text,
+                }
+            }
+        }
+        C::ConnectionClosed(c) => ClientError::ConnectionLost {
+            remote,
+            detail: format!("closed by the server: {c}"),
+        },
+        other => ClientError::ConnectionLost {
+            remote,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails persistently, or the retries
+/// are used up; waits with exponential backoff between tries.
+async fn with_retries<T, F, Fut>(
+    opts: &Options,
+    what: &str,
+    mut attempt: F,
+) -> Result<(T, u32), ClientError>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut backoff = opts.backoff;
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        match attempt(n).await {
+            Ok(v) => return Ok((v, n)),
+            Err(e) if e.is_transient() && n <= opts.retries => {
+                warn!(error = %e, attempt = n, wait_ms = backoff.as_millis() as u64,
+                      "{what} failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ClientError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ClientError::Config(format!("a store task failed: {e}")))?
+        .map_err(ClientError::Store)
+}
+
+/// Distinct chunks of a manifest, in recipe order.
+fn distinct(m: &Manifest) -> Vec<ChunkRef> {
+    let mut seen = HashSet::new();
+    m.chunks().filter(|c| seen.insert(c.id)).copied().collect()
+}
+
+fn frame_budget(limits: &Limits, batch_bytes: u64) -> u64 {
+    (limits.max_frame as u64 - 4096).min(batch_bytes.max(1))
+}
+
+/// Pushes the stash `name` from `store` to the server: uploads only the
+/// chunks the server lacks, then commits the name there.
+pub async fn push(
+    store: Arc<Store>,
+    name: &Name,
+    remote: &Remote,
+    opts: &Options,
+    progress: Arc<dyn Progress>,
+) -> Result<PushReport, ClientError> {
+    let started = Instant::now();
+    let (id, manifest_bytes, manifest) = {
+        let (s, n) = (store.clone(), name.clone());
+        blocking(move || {
+            let (id, bytes) = s.manifest_bytes(&n)?;
+            let m = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
+                name: n.to_string(),
+                id,
+                problem: source,
+            })?;
+            Ok((id, bytes, m))
+        })
+        .await?
+    };
+    let refs = Arc::new(distinct(&manifest));
+    let manifest_bytes = Arc::new(manifest_bytes);
+    let counters = Arc::new(Counters::default());
+    counters.chunks.store(refs.len() as u64, Relaxed);
+    let (_, attempts) = with_retries(opts, "push", |_| {
+        let (store, refs, bytes, counters, progress) = (
+            store.clone(),
+            refs.clone(),
+            manifest_bytes.clone(),
+            counters.clone(),
+            progress.clone(),
+        );
+        async move {
+            let session = Session::connect(remote, opts).await?;
+            let r = push_once(
+                &session, store, name, &refs, &bytes, id, opts, &counters, progress,
+            )
+            .await;
+            let (tx, rx) = session.wire_bytes();
+            counters.wire_sent.fetch_add(tx, Relaxed);
+            counters.wire_received.fetch_add(rx, Relaxed);
+            session.close().await;
+            r
+        }
+    })
+    .await?;
+    Ok(PushReport {
+        name: name.to_string(),
+        manifest: id,
+        remote: remote.display(),
+        stats: counters.stats(attempts, started),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn push_once(
+    session: &Session,
+    store: Arc<Store>,
+    name: &Name,
+    refs: &[ChunkRef],
+    manifest_bytes: &[u8],
+    id: ManifestId,
+    opts: &Options,
+    counters: &Arc<Counters>,
+    progress: Arc<dyn Progress>,
+) -> Result<(), ClientError> {
+    if !session.scopes().can_write(name) {
+        return Err(session.refused(
+            ErrorKind::Forbidden,
+            format!(
+                "this token may not write {:?} (it writes {}); nothing was sent",
+                name.as_str(),
+                session.scopes().describe_write()
+            ),
+        ));
+    }
+    let limits = session.limits();
+    let streams = opts.streams.clamp(1, limits.max_streams as usize);
+    let max_ids = limits.max_batch_ids as usize;
+    // The server re-checks every chunk at the commit; if its garbage
+    // collector condemned one it had said it held, ask again and upload it.
+    let mut round = 0;
+    loop {
+        round += 1;
+        // 1. Which chunks does the server lack? Batches in parallel.
+        let mut missing: Vec<ChunkId> = Vec::new();
+        {
+            let batches: Vec<Vec<ChunkId>> = refs
+                .chunks(max_ids)
+                .map(|b| b.iter().map(|c| c.id).collect())
+                .collect();
+            let mut results: Vec<Option<Vec<ChunkId>>> = vec![None; batches.len()];
+            let mut set = JoinSet::new();
+            let mut next = 0;
+            while next < batches.len() || !set.is_empty() {
+                while next < batches.len() && set.len() < streams {
+                    let (s, ids, n) = (session.clone(), batches[next].clone(), name.to_string());
+                    let i = next;
+                    set.spawn(async move {
+                        let asked: HashSet<ChunkId> = ids.iter().copied().collect();
+                        match s.request(&Message::Missing { name: n, ids }).await? {
+                            Message::MissingReply { ids }
+                                if ids.iter().all(|i| asked.contains(i)) =>
+                            {
+                                Ok((i, ids))
+                            }
+                            other => Err(s.protocol(format!(
+                                "unexpected answer to a missing query: {}",
+                                other.kind_name()
+                            ))),
+                        }
+                    });
+                    next += 1;
+                }
+                if let Some(r) = set.join_next().await {
+                    let (i, ids) =
+                        r.map_err(|e| session.protocol(format!("task failed: {e}")))??;
+                    results[i] = Some(ids);
+                }
+            }
+            for r in results.into_iter().flatten() {
+                missing.extend(r);
+            }
+        }
+        let present = refs.len() as u64 - missing.len() as u64;
+        counters.present.store(present, Relaxed);
+        debug!(missing = missing.len(), present, "server lacks");
+
+        // 2. Upload what is missing: a reader thread groups stored chunks into
+        // batches; `streams` workers send them in parallel.
+        if !missing.is_empty() {
+            let budget = frame_budget(&limits, opts.batch_bytes);
+            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<StoredChunk>>(streams);
+            let reader_store = store.clone();
+            let reader = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                let mut batch = Vec::new();
+                let mut bytes = 0u64;
+                for id in missing {
+                    let c =
+                        reader_store
+                            .read_stored(&id)?
+                            .ok_or_else(|| StoreError::MissingChunk {
+                                name: "(push)".into(),
+                                chunk: id,
+                            })?;
+                    let cost = (CHUNK_OVERHEAD + c.bytes.len()) as u64;
+                    if !batch.is_empty() && (bytes + cost > budget || batch.len() >= max_ids) {
+                        if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                            return Ok(()); // the workers stopped; their error is reported
+                        }
+                        bytes = 0;
+                    }
+                    bytes += cost;
+                    batch.push(c);
+                }
+                if !batch.is_empty() {
+                    let _ = tx.blocking_send(batch);
+                }
+                Ok(())
+            });
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            let mut workers = JoinSet::new();
+            for _ in 0..streams {
+                let (s, rx, counters, progress, n) = (
+                    session.clone(),
+                    rx.clone(),
+                    counters.clone(),
+                    progress.clone(),
+                    name.to_string(),
+                );
+                workers.spawn(async move {
+                    loop {
+                        let next = rx.lock().await.recv().await;
+                        let Some(chunks) = next else {
+                            return Ok::<(), ClientError>(());
+                        };
+                        let count = chunks.len() as u64;
+                        let bytes: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
+                        match s
+                            .request(&Message::PutChunks {
+                                name: n.clone(),
+                                chunks,
+                            })
+                            .await?
+                        {
+                            Message::PutReply { received, .. } if received as u64 == count => {}
+                            other => {
+                                return Err(s.protocol(format!(
+                                    "unexpected answer to an upload: {other:?}"
+                                )))
+                            }
+                        }
+                        counters.sent.fetch_add(count, Relaxed);
+                        counters.bytes_sent.fetch_add(bytes, Relaxed);
+                        progress.advance(bytes);
+                    }
+                });
+            }
+            let mut first_err = None;
+            while let Some(r) = workers.join_next().await {
+                let r = r.unwrap_or_else(|e| Err(session.protocol(format!("task failed: {e}"))));
+                if let Err(e) = r {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                        workers.abort_all();
+                        rx.lock().await.close();
+                    }
+                }
+            }
+            // Drain so the reader's blocking_send cannot wait forever.
+            while rx.lock().await.recv().await.is_some() {}
+            let read = reader
+                .await
+                .map_err(|e| ClientError::Config(format!("the chunk reader failed: {e}")))?;
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            read?;
+        }
+
+        // 3. Commit, last.
+        match session
+            .request(&Message::Commit {
+                name: name.to_string(),
+                manifest: manifest_bytes.to_vec(),
+            })
+            .await
+        {
+            Ok(Message::CommitReply { id: got }) if got == id => return Ok(()),
+            Ok(other) => {
+                return Err(session.protocol(format!("unexpected answer to a commit: {other:?}")))
+            }
+            Err(e) if e.kind() == Some(ErrorKind::MissingChunks) && round < 3 => {
+                warn!(error = %e, "the server lost chunks before the commit; uploading them");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Manifests this store holds that are likely similar to `name`'s on the
+/// server (the same name first, then names sharing their last or first
+/// part): the server may send a delta against one of them.
+fn delta_bases(store: &Store, name: &Name) -> Vec<ManifestId> {
+    let backend = store.backend();
+    let Ok(refs) = store::refs::list(backend, None) else {
+        return Vec::new();
+    };
+    let parts: Vec<&str> = name.parts().collect();
+    let score = |n: &Name| {
+        if n == name {
+            return 4;
+        }
+        let p: Vec<&str> = n.parts().collect();
+        2 * u32::from(p.last() == parts.last()) + u32::from(p.first() == parts.first())
+    };
+    let mut scored: Vec<(u32, ManifestId)> = refs.iter().map(|(n, id)| (score(n), *id)).collect();
+    scored.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let mut out: Vec<ManifestId> = Vec::new();
+    for (_, id) in scored {
+        if out.len() == proto::MAX_HAVE {
+            break;
+        }
+        if !out.contains(&id)
+            && backend
+                .exists(Kind::Manifest, &id.to_hex())
+                .unwrap_or(false)
+        {
+            out.push(id);
+        }
+    }
+    out
+}
+
+/// Fetches `name`'s manifest (stored bytes), as a delta when the server
+/// offers one; falls back to the whole manifest if the delta does not
+/// rebuild it.
+async fn fetch_manifest(
+    session: &Session,
+    store: &Arc<Store>,
+    name: &Name,
+    have: Vec<ManifestId>,
+) -> Result<(ManifestId, Vec<u8>), ClientError> {
+    let request = |have: Vec<ManifestId>| Message::GetManifest {
+        name: name.to_string(),
+        have,
+    };
+    match session.request(&request(have.clone())).await? {
+        Message::Manifest { id, bytes } => return Ok((id, bytes)),
+        Message::ManifestDelta { id, base, delta } if have.contains(&base) => {
+            let s = store.clone();
+            let rebuilt = blocking(move || {
+                let Ok(b) = s.backend().get(Kind::Manifest, &base.to_hex()) else {
+                    return Ok(None);
+                };
+                Ok(if base == id && delta.is_empty() {
+                    Some(b)
+                } else {
+                    crate::delta::apply(&b, &delta, &id)
+                })
+            })
+            .await?;
+            if let Some(bytes) = rebuilt {
+                return Ok((id, bytes));
+            }
+            debug!("the manifest delta did not rebuild {id}; fetching it whole");
+        }
+        other => {
+            return Err(session.protocol(format!(
+                "unexpected answer to a manifest request: {}",
+                other.kind_name()
+            )))
+        }
+    }
+    match session.request(&request(Vec::new())).await? {
+        Message::Manifest { id, bytes } => Ok((id, bytes)),
+        other => Err(session.protocol(format!(
+            "unexpected answer to a manifest request: {}",
+            other.kind_name()
+        ))),
+    }
+}
+
+/// Pulls the stash `name` from the server into `store` (the node's cache):
+/// downloads only the chunks the store lacks, verifies and imports them,
+/// and points the local `name` at the server's manifest. Unstash it
+/// locally afterwards.
+pub async fn pull(
+    store: Arc<Store>,
+    name: &Name,
+    remote: &Remote,
+    opts: &Options,
+    progress: Arc<dyn Progress>,
+) -> Result<PullReport, ClientError> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let (id, attempts) = with_retries(opts, "pull", |_| {
+        let (store, counters, progress) = (store.clone(), counters.clone(), progress.clone());
+        async move {
+            let session = Session::connect(remote, opts).await?;
+            let r = pull_once(&session, store, name, opts, &counters, progress).await;
+            let (tx, rx) = session.wire_bytes();
+            counters.wire_sent.fetch_add(tx, Relaxed);
+            counters.wire_received.fetch_add(rx, Relaxed);
+            session.close().await;
+            r
+        }
+    })
+    .await?;
+    Ok(PullReport {
+        name: name.to_string(),
+        manifest: id,
+        remote: remote.display(),
+        stats: counters.stats(attempts, started),
+    })
+}
+
+async fn pull_once(
+    session: &Session,
+    store: Arc<Store>,
+    name: &Name,
+    opts: &Options,
+    counters: &Arc<Counters>,
+    progress: Arc<dyn Progress>,
+) -> Result<ManifestId, ClientError> {
+    if !session.scopes().can_read(name) {
+        return Err(session.refused(
+            ErrorKind::Forbidden,
+            format!(
+                "this token may not read {:?} (it reads {})",
+                name.as_str(),
+                session.scopes().describe_read()
+            ),
+        ));
+    }
+    let have = {
+        let (s, n) = (store.clone(), name.clone());
+        blocking(move || Ok(delta_bases(&s, &n))).await?
+    };
+    let (id, bytes) = fetch_manifest(session, &store, name, have).await?;
+    if ManifestId::of(&bytes) != id {
+        return Err(session.protocol(format!("manifest {id} does not match its bytes")));
+    }
+    let manifest = Manifest::decode(&bytes)
+        .map_err(|e| session.protocol(format!("manifest {id} does not decode: {e}")))?;
+    let refs = distinct(&manifest);
+    counters.chunks.store(refs.len() as u64, Relaxed);
+    let lens: HashMap<ChunkId, u32> = refs.iter().map(|c| (c.id, c.len)).collect();
+    let needed = {
+        let s = store.clone();
+        let ids: Vec<ChunkId> = refs.iter().map(|c| c.id).collect();
+        blocking(move || s.missing(&ids)).await?
+    };
+    counters
+        .present
+        .store((refs.len() - needed.len()) as u64, Relaxed);
+    debug!(needed = needed.len(), "chunks to download");
+
+    if !needed.is_empty() {
+        let limits = session.limits();
+        let streams = opts.streams.clamp(1, limits.max_streams as usize);
+        let sizes: Vec<u64> = needed.iter().map(|i| lens[i] as u64).collect();
+        let budget = frame_budget(&limits, opts.batch_bytes);
+        let queue: VecDeque<Vec<ChunkId>> =
+            proto::batches(&sizes, limits.max_batch_ids as usize, budget)
+                .into_iter()
+                .map(|r| needed[r].to_vec())
+                .collect();
+        let queue = Arc::new(Mutex::new(queue));
+        let lens = Arc::new(lens);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<StoredChunk>>(streams * 2);
+        // The importer: verifies and writes received chunks in groups, and
+        // imports whatever arrived even when the download fails, so that a
+        // retry or a re-run does not fetch it again.
+        let import_store = store.clone();
+        let import_bytes = opts.import_bytes;
+        let importer = tokio::spawn(async move {
+            let mut buf: Vec<StoredChunk> = Vec::new();
+            let mut held = 0u64;
+            let mut result: Result<(), ClientError> = Ok(());
+            while let Some(chunks) = rx.recv().await {
+                held += chunks.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
+                buf.extend(chunks);
+                if held >= import_bytes && result.is_ok() {
+                    let s = import_store.clone();
+                    let group = std::mem::take(&mut buf);
+                    held = 0;
+                    result = blocking(move || s.import_chunks(&group)).await.map(|_| ());
+                }
+            }
+            if !buf.is_empty() && result.is_ok() {
+                let s = import_store.clone();
+                result = blocking(move || s.import_chunks(&buf)).await.map(|_| ());
+            }
+            result
+        });
+        let mut workers = JoinSet::new();
+        for _ in 0..streams {
+            let (s, queue, lens, tx, counters, progress) = (
+                session.clone(),
+                queue.clone(),
+                lens.clone(),
+                tx.clone(),
+                counters.clone(),
+                progress.clone(),
+            );
+            workers.spawn(async move {
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                    let Some(ids) = next else {
+                        return Ok::<(), ClientError>(());
+                    };
+                    let reply = s.request(&Message::GetChunks { ids: ids.clone() }).await?;
+                    let Message::Chunks { chunks, not_found } = reply else {
+                        return Err(s.protocol(format!(
+                            "unexpected answer to a chunk request: {}",
+                            reply.kind_name()
+                        )));
+                    };
+                    if let Some(first) = not_found.first() {
+                        return Err(s.refused(
+                            ErrorKind::NotFound,
+                            format!(
+                                "the server's store lacks chunk {first} of {} \
+                                 (and {} more); its store needs `ferry fsck`",
+                                ids.len(),
+                                not_found.len() - 1
+                            ),
+                        ));
+                    }
+                    let mut left: HashSet<ChunkId> = ids.iter().copied().collect();
+                    for c in &chunks {
+                        if !left.remove(&c.id) || lens.get(&c.id) != Some(&c.raw_len) {
+                            return Err(s.protocol(format!(
+                                "sent chunk {} that was not asked for (or of the wrong length)",
+                                c.id
+                            )));
+                        }
+                    }
+                    if chunks.is_empty() {
+                        return Err(s.protocol("answered a chunk request with no chunk"));
+                    }
+                    if !left.is_empty() {
+                        // Did not fit in one frame: ask again.
+                        let rest: Vec<ChunkId> =
+                            ids.iter().filter(|i| left.contains(i)).copied().collect();
+                        if let Ok(mut q) = queue.lock() {
+                            q.push_back(rest);
+                        }
+                    }
+                    let bytes: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
+                    counters.received.fetch_add(chunks.len() as u64, Relaxed);
+                    counters.bytes_received.fetch_add(bytes, Relaxed);
+                    progress.advance(bytes);
+                    if tx.send(chunks).await.is_err() {
+                        return Ok(()); // the importer failed; its error is reported
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut first_err = None;
+        while let Some(r) = workers.join_next().await {
+            let r = r.unwrap_or_else(|e| Err(session.protocol(format!("task failed: {e}"))));
+            if let Err(e) = r {
+                if first_err.is_none() {
+                    first_err = Some(e);
+                    workers.abort_all();
+                }
+            }
+        }
+        let imported = importer
+            .await
+            .map_err(|e| ClientError::Config(format!("the importer failed: {e}")))?;
+        if let Err(e) = imported {
+            // A chunk that does not verify is the server's fault.
+            return Err(match e {
+                ClientError::Store(StoreError::CorruptChunk { chunk, detail, .. }) => session
+                    .refused(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "the server sent chunk {chunk}, which does not match its id ({detail})"
+                        ),
+                    ),
+                other => other,
+            });
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+    }
+    let s = store.clone();
+    let n = name.clone();
+    let committed = blocking(move || s.commit_manifest(&n, &bytes)).await?;
+    debug_assert_eq!(committed, id);
+    Ok(id)
+}
+
+/// The names on the server under `prefix` that the token may read.
+pub async fn list(
+    remote: &Remote,
+    prefix: Option<&str>,
+    opts: &Options,
+) -> Result<Vec<Entry>, ClientError> {
+    let (entries, _) = with_retries(opts, "list", |_| async move {
+        let session = Session::connect(remote, opts).await?;
+        let r = session
+            .request(&Message::List {
+                prefix: prefix.unwrap_or("").to_string(),
+            })
+            .await;
+        session.clone().close().await;
+        match r? {
+            Message::Listing { entries } => Ok(entries),
+            other => Err(session.protocol(format!(
+                "unexpected answer to a listing: {}",
+                other.kind_name()
+            ))),
+        }
+    })
+    .await?;
+    Ok(entries
+        .into_iter()
+        .map(|e| Entry {
+            name: e.name,
+            manifest: e.manifest,
+            created: e.created,
+            header: e
+                .header
+                .and_then(|h| serde_json::from_str::<Header>(&h).ok()),
+        })
+        .collect())
+}
+
+/// Blocking wrappers (each runs its own small runtime), for the CLI.
+pub mod blocking {
+    use super::*;
+
+    fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Config(format!("cannot start the async runtime: {e}")))
+    }
+
+    /// [`super::push`], blocking.
+    pub fn push(
+        store: Arc<Store>,
+        name: &Name,
+        remote: &Remote,
+        opts: &Options,
+        progress: Arc<dyn Progress>,
+    ) -> Result<PushReport, ClientError> {
+        runtime()?.block_on(super::push(store, name, remote, opts, progress))
+    }
+
+    /// [`super::pull`], blocking.
+    pub fn pull(
+        store: Arc<Store>,
+        name: &Name,
+        remote: &Remote,
+        opts: &Options,
+        progress: Arc<dyn Progress>,
+    ) -> Result<PullReport, ClientError> {
+        runtime()?.block_on(super::pull(store, name, remote, opts, progress))
+    }
+
+    /// [`super::list`], blocking.
+    pub fn list(
+        remote: &Remote,
+        prefix: Option<&str>,
+        opts: &Options,
+    ) -> Result<Vec<Entry>, ClientError> {
+        runtime()?.block_on(super::list(remote, prefix, opts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let ok = |u: &str| Remote::parse_url(u).unwrap();
+        assert_eq!(ok("quic://h:1"), ("h".into(), 1));
+        assert_eq!(ok("quic://ferry.ci:7443/"), ("ferry.ci".into(), 7443));
+        assert_eq!(ok("quic://h"), ("h".into(), DEFAULT_PORT));
+        assert_eq!(ok("quic://[::1]:9"), ("::1".into(), 9));
+        assert_eq!(ok("quic://[::1]"), ("::1".into(), DEFAULT_PORT));
+        for bad in [
+            "h:1",
+            "http://h:1",
+            "quic://",
+            "quic://h:0",
+            "quic://h:x",
+            "quic://h:1/path",
+            "quic://[::1",
+            "quic://u@h:1",
+            "quic://:5",
+        ] {
+            let e = Remote::parse_url(bad).unwrap_err().to_string();
+            assert!(e.contains("quic://HOST:PORT"), "{bad}: {e}");
+        }
+    }
+}

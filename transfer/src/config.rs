@@ -1,0 +1,333 @@
+//! The server's configuration file (TOML). Every key is documented in
+//! `docs/remote.md`; `docs/ferry-server.example.toml` is a complete example.
+
+use crate::auth::{AuthError, Scopes, TokenHash, TokenTable};
+use crate::proto::{self, Limits};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default UDP port of `ferry serve` (and of `quic://HOST` without a port).
+pub const DEFAULT_PORT: u16 = 4433;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the server config {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("the server config {} is invalid: {error}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Where and what.
+        error: Box<toml::de::Error>,
+    },
+    /// A token entry is unusable.
+    #[error("token {label:?} in the server config: {problem}")]
+    Token {
+        /// The token's label.
+        label: String,
+        /// What is wrong.
+        problem: AuthError,
+    },
+    /// A value is out of range.
+    #[error("the server config key {key}: {problem}")]
+    Value {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// `[limits]`: what one peer may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Concurrent connections; more are refused with "busy".
+    pub max_connections: u32,
+    /// Concurrent request streams per connection (QUIC flow control).
+    pub max_streams_per_connection: u32,
+    /// Largest frame, bytes (at least 16 MiB + 64 KiB, to carry any chunk).
+    pub max_frame_bytes: u32,
+    /// Most chunk ids in one request.
+    pub max_batch_ids: u32,
+    /// A connection with no traffic for this long is closed, seconds.
+    pub idle_timeout_secs: u64,
+    /// Deadline for one request (receive, handle, reply), seconds.
+    pub request_deadline_secs: u64,
+    /// On SIGTERM, how long in-flight requests may take to finish, seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 256,
+            max_streams_per_connection: 16,
+            max_frame_bytes: proto::DEFAULT_MAX_FRAME,
+            max_batch_ids: proto::DEFAULT_BATCH_IDS,
+            idle_timeout_secs: 60,
+            request_deadline_secs: 300,
+            shutdown_grace_secs: 60,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// What the protocol announces to clients.
+    pub fn proto(&self) -> Limits {
+        Limits {
+            max_frame: self.max_frame_bytes,
+            max_batch_ids: self.max_batch_ids,
+            max_streams: self.max_streams_per_connection,
+        }
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    /// The per-request deadline.
+    pub fn request_deadline(&self) -> Duration {
+        Duration::from_secs(self.request_deadline_secs)
+    }
+
+    /// The shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, problem: String| Err(ConfigError::Value { key, problem });
+        if self.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.max_streams_per_connection) {
+            return bad(
+                "limits.max_streams_per_connection",
+                "must be between 1 and 1024".into(),
+            );
+        }
+        if !(proto::MIN_FRAME..=(1 << 30)).contains(&self.max_frame_bytes) {
+            return bad(
+                "limits.max_frame_bytes",
+                format!(
+                    "must be between {} (a 16 MiB chunk and its header) and 1 GiB",
+                    proto::MIN_FRAME
+                ),
+            );
+        }
+        if !(1..=1 << 20).contains(&self.max_batch_ids) {
+            return bad(
+                "limits.max_batch_ids",
+                "must be between 1 and 1048576".into(),
+            );
+        }
+        // A reply may carry a maximal chunk beside a batch of ids.
+        let need = proto::MIN_FRAME as u64 + 36 * self.max_batch_ids as u64;
+        if (self.max_frame_bytes as u64) < need {
+            return bad(
+                "limits.max_frame_bytes",
+                format!(
+                    "must be at least {need} for max_batch_ids = {} \
+                     (a 16 MiB chunk beside 36 bytes per id)",
+                    self.max_batch_ids
+                ),
+            );
+        }
+        for (key, v) in [
+            ("limits.idle_timeout_secs", self.idle_timeout_secs),
+            ("limits.request_deadline_secs", self.request_deadline_secs),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                return bad(key, "must be between 1 and 86400 seconds".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[[token]]`: one token the server accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A label for logs and metrics (never the secret).
+    pub name: String,
+    /// SHA-256 of the token, 64 hex digits (`ferry serve --new-token FILE` prints it).
+    pub sha256: String,
+    /// Name prefixes the token may read (`"*"` for all).
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Name prefixes the token may write.
+    #[serde(default)]
+    pub write: Vec<String>,
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// UDP address to listen on, e.g. `0.0.0.0:4433`.
+    pub listen: SocketAddr,
+    /// The store directory.
+    pub store: PathBuf,
+    /// TLS certificate chain (PEM); generated (self-signed) if absent with `key`.
+    pub cert: PathBuf,
+    /// TLS private key (PEM).
+    pub key: PathBuf,
+    /// Names (DNS or IP) put in a generated certificate.
+    #[serde(default = "default_cert_names")]
+    pub cert_names: Vec<String>,
+    /// TCP address of the Prometheus metrics endpoint; none if absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Accepted tokens.
+    #[serde(default, rename = "token")]
+    pub tokens: Vec<TokenConfig>,
+}
+
+fn default_cert_names() -> Vec<String> {
+    vec!["localhost".into()]
+}
+
+impl ServerConfig {
+    /// A config with defaults for everything but the addresses and paths
+    /// (for tests and embedding).
+    pub fn new(listen: SocketAddr, store: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        ServerConfig {
+            listen,
+            store,
+            cert,
+            key,
+            cert_names: default_cert_names(),
+            metrics_listen: None,
+            limits: LimitsConfig::default(),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Reads and checks a config file. Relative paths in it are relative
+    /// to the file's directory.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.store, &mut cfg.cert, &mut cfg.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.token_table()?;
+        cfg.limits.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no path resolution, no checks).
+    pub fn parse(text: &str) -> Result<ServerConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks the limits and tokens.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits.validate()?;
+        self.token_table().map(|_| ())
+    }
+
+    /// The tokens as a lookup table.
+    pub fn token_table(&self) -> Result<TokenTable, ConfigError> {
+        let mut entries = Vec::new();
+        for t in &self.tokens {
+            let err = |problem| ConfigError::Token {
+                label: t.name.clone(),
+                problem,
+            };
+            let hash = TokenHash::from_hex(&t.sha256).map_err(err)?;
+            let read: Vec<&str> = t.read.iter().map(String::as_str).collect();
+            let write: Vec<&str> = t.write.iter().map(String::as_str).collect();
+            let scopes = Scopes::parse(&read, &write).map_err(err)?;
+            entries.push((t.name.clone(), hash, scopes));
+        }
+        Ok(TokenTable::new(entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let text = include_str!("../../docs/ferry-server.example.toml");
+        let cfg = ServerConfig::parse(text).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.tokens.len() >= 2);
+        assert!(cfg.metrics_listen.is_some());
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ferry.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:4433\"\nstore = \"store\"\ncert = \"c.pem\"\nkey = \"/k.pem\"\n",
+        )
+        .unwrap();
+        let cfg = ServerConfig::load(&p).unwrap();
+        assert_eq!(cfg.store, dir.path().join("store"));
+        assert_eq!(cfg.cert, dir.path().join("c.pem"));
+        assert_eq!(cfg.key, PathBuf::from("/k.pem"));
+        assert_eq!(cfg.limits.max_streams_per_connection, 16);
+        assert!(cfg.tokens.is_empty());
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let base = "listen = \"127.0.0.1:1\"\nstore = \"s\"\ncert = \"c\"\nkey = \"k\"\n";
+        let cases = [
+            (format!("{base}bogus = 1\n"), "bogus"),
+            (
+                format!("{base}[limits]\nmax_frame_bytes = 1000\n"),
+                "max_frame_bytes",
+            ),
+            (
+                format!("{base}[[token]]\nname = \"ci\"\nsha256 = \"abc\"\n"),
+                "ci",
+            ),
+            (
+                format!(
+                    "{base}[[token]]\nname = \"ci\"\nsha256 = \"{}\"\nwrite = [\"../x\"]\n",
+                    "a".repeat(64)
+                ),
+                "../x",
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (text, needle) in cases {
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, &text).unwrap();
+            let e = ServerConfig::load(&p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+}

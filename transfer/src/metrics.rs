@@ -1,0 +1,257 @@
+//! Server metrics in the Prometheus text format, served over plain HTTP on
+//! their own address by a tiny responder (`GET /metrics`).
+
+use crate::proto::ErrorKind;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Request kinds timed separately.
+pub const OPS: [&str; 7] = [
+    "hello",
+    "missing",
+    "put_chunks",
+    "commit",
+    "get_manifest",
+    "get_chunks",
+    "list",
+];
+
+/// Latency histogram bucket bounds, seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// Counters of one server.
+#[derive(Default)]
+pub struct Metrics {
+    /// Frame bytes received.
+    pub bytes_in: AtomicU64,
+    /// Frame bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Chunks received in uploads (verified).
+    pub chunks_received: AtomicU64,
+    /// Of those, new to the store.
+    pub chunks_stored: AtomicU64,
+    /// Chunks sent in downloads.
+    pub chunks_sent: AtomicU64,
+    /// Chunks clients asked about that the store already held.
+    pub dedup_hits: AtomicU64,
+    /// Names committed.
+    pub commits: AtomicU64,
+    /// Connections accepted, ever.
+    pub connections: AtomicU64,
+    /// Authenticated sessions now open.
+    pub active_sessions: AtomicI64,
+    errors: [AtomicU64; ErrorKind::ALL.len()],
+    latency: [Histogram; OPS.len()],
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Counts an error sent to (or a cut-off of) a peer.
+    pub fn error(&self, kind: ErrorKind) {
+        if let Some(i) = ErrorKind::ALL.iter().position(|k| *k == kind) {
+            self.errors[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Errors of `kind` so far.
+    pub fn errors(&self, kind: ErrorKind) -> u64 {
+        ErrorKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.errors[i].load(Relaxed))
+    }
+
+    /// Records how long a request of kind `op` took.
+    pub fn observe(&self, op: &str, took: Duration) {
+        let Some(i) = OPS.iter().position(|o| *o == op) else {
+            return;
+        };
+        let h = &self.latency[i];
+        let secs = took.as_secs_f64();
+        for (b, c) in BUCKETS.iter().zip(&h.counts) {
+            if secs <= *b {
+                c.fetch_add(1, Relaxed);
+            }
+        }
+        h.count.fetch_add(1, Relaxed);
+        h.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let counters: [(&str, &str, u64); 8] = [
+            (
+                "ferry_bytes_received_total",
+                "Frame bytes received from clients.",
+                self.bytes_in.load(Relaxed),
+            ),
+            (
+                "ferry_bytes_sent_total",
+                "Frame bytes sent to clients.",
+                self.bytes_out.load(Relaxed),
+            ),
+            (
+                "ferry_chunks_received_total",
+                "Chunks uploaded and verified.",
+                self.chunks_received.load(Relaxed),
+            ),
+            (
+                "ferry_chunks_stored_total",
+                "Uploaded chunks that were new to the store.",
+                self.chunks_stored.load(Relaxed),
+            ),
+            (
+                "ferry_chunks_sent_total",
+                "Chunks downloaded by clients.",
+                self.chunks_sent.load(Relaxed),
+            ),
+            (
+                "ferry_dedup_hits_total",
+                "Chunks clients offered that the store already held.",
+                self.dedup_hits.load(Relaxed),
+            ),
+            (
+                "ferry_commits_total",
+                "Names committed.",
+                self.commits.load(Relaxed),
+            ),
+            (
+                "ferry_connections_total",
+                "Connections accepted.",
+                self.connections.load(Relaxed),
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP ferry_active_sessions Authenticated sessions open now.\n\
+             # TYPE ferry_active_sessions gauge\nferry_active_sessions {}",
+            self.active_sessions.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP ferry_errors_total Errors sent to clients, by kind.\n# TYPE ferry_errors_total counter"
+        );
+        for (k, c) in ErrorKind::ALL.iter().zip(&self.errors) {
+            let _ = writeln!(
+                s,
+                "ferry_errors_total{{kind=\"{}\"}} {}",
+                k.as_str(),
+                c.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP ferry_request_duration_seconds Time to receive, handle and answer a request.\n\
+             # TYPE ferry_request_duration_seconds histogram"
+        );
+        for (op, h) in OPS.iter().zip(&self.latency) {
+            for (b, c) in BUCKETS.iter().zip(&h.counts) {
+                let _ = writeln!(
+                    s,
+                    "ferry_request_duration_seconds_bucket{{op=\"{op}\",le=\"{b}\"}} {}",
+                    c.load(Relaxed)
+                );
+            }
+            let n = h.count.load(Relaxed);
+            let _ = writeln!(
+                s,
+                "ferry_request_duration_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {n}\n\
+                 ferry_request_duration_seconds_sum{{op=\"{op}\"}} {}\n\
+                 ferry_request_duration_seconds_count{{op=\"{op}\"}} {n}",
+                h.sum_micros.load(Relaxed) as f64 / 1e6
+            );
+        }
+        s
+    }
+}
+
+/// Answers `GET /metrics` on `listener` until the task is dropped. Every
+/// other path is a 404; requests are bounded in size and time.
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/")
+            {
+                ("200 OK", metrics.render())
+            } else {
+                ("404 Not Found", "not found: try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), sock.write_all(resp.as_bytes())).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.bytes_in.fetch_add(10, Relaxed);
+        m.error(ErrorKind::Forbidden);
+        m.observe("commit", Duration::from_millis(3));
+        let t = m.render();
+        assert!(t.contains("ferry_bytes_received_total 10\n"));
+        assert!(t.contains("ferry_errors_total{kind=\"forbidden\"} 1\n"));
+        assert!(t.contains("ferry_request_duration_seconds_bucket{op=\"commit\",le=\"0.005\"} 1\n"));
+        assert!(
+            t.contains("ferry_request_duration_seconds_bucket{op=\"commit\",le=\"0.0025\"} 0\n")
+        );
+        assert!(t.contains("ferry_request_duration_seconds_count{op=\"commit\"} 1\n"));
+        assert_eq!(m.errors(ErrorKind::Forbidden), 1);
+    }
+}

@@ -1,0 +1,1246 @@
+//! The wire protocol, without I/O: typed messages, their framing and
+//! encoding, and the session logic of both ends.
+//!
+//! # Framing
+//!
+//! A frame is a 4-byte little-endian payload length followed by the payload:
+//! one type byte, then the message's fields. Integers are little-endian,
+//! byte strings and text are a `u32` length then the bytes, lists are a
+//! `u32` count then the elements. Decoding trusts nothing: every length is
+//! checked against the bytes that remain and against the frame limit before
+//! anything is allocated, and no input makes it panic.
+//!
+//! # Conversation
+//!
+//! One QUIC connection is one session. The client opens a bidirectional
+//! stream, sends [`Message::Hello`] and waits for [`Message::Welcome`] (or
+//! [`Message::Error`]). After that every request travels on a stream of its
+//! own: one request frame from the client, one reply frame from the server,
+//! so requests run in parallel and a slow one does not hold up the others.
+//! [`ServerSession`] is the server's state machine: it authenticates, checks
+//! every request against the token's scopes and the limits, and tells the
+//! transport what to do ([`Action`]); the transport only moves bytes and
+//! calls the store.
+//!
+//! ```
+//! use transfer::proto::{self, Message};
+//! let msg = Message::List { prefix: "main".into() };
+//! let frame = proto::encode(&msg);
+//! let mut dec = proto::FrameDecoder::new(proto::DEFAULT_MAX_FRAME);
+//! dec.push(&frame[..3]);
+//! assert_eq!(dec.next_message().unwrap(), None); // needs more bytes
+//! dec.push(&frame[3..]);
+//! assert_eq!(dec.next_message().unwrap(), Some(msg));
+//! ```
+
+use crate::auth::{Grant, Scopes, TokenTable};
+use std::collections::HashSet;
+use store::compress::Codec;
+use store::manifest::Manifest;
+use store::name::Name;
+use store::repo::{StoredChunk, MAX_CHUNK};
+use store::{ChunkId, ManifestId};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// ALPN protocol id negotiated in the TLS handshake.
+pub const ALPN: &[u8] = b"ferry/1";
+/// Bytes of the frame header (the payload length).
+pub const HEADER_LEN: usize = 4;
+/// Smallest frame limit that still carries the largest chunk.
+pub const MIN_FRAME: u32 = MAX_CHUNK + (1 << 16);
+/// Default frame limit.
+pub const DEFAULT_MAX_FRAME: u32 = 32 << 20;
+/// Default number of ids in one `Missing` or `GetChunks` request.
+pub const DEFAULT_BATCH_IDS: u32 = 16384;
+/// Longest token accepted.
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// Most manifests a client offers as delta bases.
+pub const MAX_HAVE: usize = 16;
+/// Bytes of a chunk's fixed fields in a frame (id, codec, raw and stored length).
+pub const CHUNK_OVERHEAD: usize = 32 + 1 + 4 + 4;
+
+/// What went wrong, as it travels in [`Message::Error`] and as a QUIC
+/// application close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A malformed or unexpected message.
+    Protocol,
+    /// The peers speak different protocol versions.
+    Version,
+    /// No token, or an unknown one.
+    Unauthenticated,
+    /// The token does not grant this name (or these chunks).
+    Forbidden,
+    /// No stash has this name.
+    NotFound,
+    /// A chunk does not match its id.
+    Corrupt,
+    /// A commit names chunks the server does not hold.
+    MissingChunks,
+    /// A limit was exceeded (frame size, batch size, streams).
+    Limit,
+    /// The server has too many connections; try again later.
+    Busy,
+    /// The server is shutting down; try again later.
+    ShuttingDown,
+    /// The server failed (its store); see its log.
+    Internal,
+    /// A name is not valid.
+    BadName,
+    /// A request took longer than the server's deadline.
+    Deadline,
+    /// A code this build does not know.
+    Unknown(u8),
+}
+
+impl ErrorKind {
+    /// The wire code (also the QUIC close code).
+    pub fn code(self) -> u8 {
+        match self {
+            ErrorKind::Protocol => 1,
+            ErrorKind::Version => 2,
+            ErrorKind::Unauthenticated => 3,
+            ErrorKind::Forbidden => 4,
+            ErrorKind::NotFound => 5,
+            ErrorKind::Corrupt => 6,
+            ErrorKind::MissingChunks => 7,
+            ErrorKind::Limit => 8,
+            ErrorKind::Busy => 9,
+            ErrorKind::ShuttingDown => 10,
+            ErrorKind::Internal => 11,
+            ErrorKind::BadName => 12,
+            ErrorKind::Deadline => 13,
+            ErrorKind::Unknown(c) => c,
+        }
+    }
+
+    /// The kind for a wire code.
+    pub fn from_code(code: u8) -> ErrorKind {
+        match code {
+            1 => ErrorKind::Protocol,
+            2 => ErrorKind::Version,
+            3 => ErrorKind::Unauthenticated,
+            4 => ErrorKind::Forbidden,
+            5 => ErrorKind::NotFound,
+            6 => ErrorKind::Corrupt,
+            7 => ErrorKind::MissingChunks,
+            8 => ErrorKind::Limit,
+            9 => ErrorKind::Busy,
+            10 => ErrorKind::ShuttingDown,
+            11 => ErrorKind::Internal,
+            12 => ErrorKind::BadName,
+            13 => ErrorKind::Deadline,
+            c => ErrorKind::Unknown(c),
+        }
+    }
+
+    /// A short label (metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Version => "version",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::MissingChunks => "missing_chunks",
+            ErrorKind::Limit => "limit",
+            ErrorKind::Busy => "busy",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::Internal => "internal",
+            ErrorKind::BadName => "bad_name",
+            ErrorKind::Deadline => "deadline",
+            ErrorKind::Unknown(_) => "unknown",
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Busy | ErrorKind::ShuttingDown | ErrorKind::Internal | ErrorKind::Deadline
+        )
+    }
+
+    /// Every known kind (for metrics).
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::Protocol,
+        ErrorKind::Version,
+        ErrorKind::Unauthenticated,
+        ErrorKind::Forbidden,
+        ErrorKind::NotFound,
+        ErrorKind::Corrupt,
+        ErrorKind::MissingChunks,
+        ErrorKind::Limit,
+        ErrorKind::Busy,
+        ErrorKind::ShuttingDown,
+        ErrorKind::Internal,
+        ErrorKind::BadName,
+        ErrorKind::Deadline,
+    ];
+}
+
+/// The limits a server announces in [`Message::Welcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame (payload bytes) either side may send.
+    pub max_frame: u32,
+    /// Most ids in one `Missing` or `GetChunks`, most chunks in one `PutChunks`.
+    pub max_batch_ids: u32,
+    /// Concurrent request streams per connection.
+    pub max_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: DEFAULT_MAX_FRAME,
+            max_batch_ids: DEFAULT_BATCH_IDS,
+            max_streams: 16,
+        }
+    }
+}
+
+/// One line of a remote listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListEntry {
+    /// The name.
+    pub name: String,
+    /// The manifest it points at.
+    pub manifest: ManifestId,
+    /// When the name was last set, seconds since the Unix epoch.
+    pub created: u64,
+    /// The manifest header as JSON (`store::manifest::Header`), if readable.
+    pub header: Option<String>,
+}
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Client → server, first on a new connection.
+    Hello {
+        /// The client's protocol version.
+        version: u16,
+        /// The secret token (empty: none).
+        token: String,
+    },
+    /// Server → client: authenticated.
+    Welcome {
+        /// The server's protocol version.
+        version: u16,
+        /// What the server accepts.
+        limits: Limits,
+        /// Name prefixes the token may read.
+        read: Vec<String>,
+        /// Name prefixes the token may write.
+        write: Vec<String>,
+    },
+    /// Either way: a refusal or failure.
+    Error {
+        /// What kind.
+        kind: ErrorKind,
+        /// What happened and what to do, for humans.
+        message: String,
+    },
+    /// Which of these chunks does the server lack (for a push to `name`)?
+    Missing {
+        /// The name the chunks will be committed under.
+        name: String,
+        /// Chunk ids.
+        ids: Vec<ChunkId>,
+    },
+    /// The ids the server lacks.
+    MissingReply {
+        /// Chunk ids.
+        ids: Vec<ChunkId>,
+    },
+    /// Upload of chunks as stored (for a push to `name`).
+    PutChunks {
+        /// The name the chunks will be committed under.
+        name: String,
+        /// The chunks.
+        chunks: Vec<StoredChunk>,
+    },
+    /// All chunks of a `PutChunks` were verified and are durable.
+    PutReply {
+        /// Chunks received.
+        received: u32,
+        /// Of those, new to the server's store.
+        new: u32,
+    },
+    /// Point `name` at this manifest (stored bytes); sent last.
+    Commit {
+        /// The name.
+        name: String,
+        /// The manifest's stored bytes.
+        manifest: Vec<u8>,
+    },
+    /// The name now points at the manifest.
+    CommitReply {
+        /// Its id.
+        id: ManifestId,
+    },
+    /// What does `name` point at?
+    GetManifest {
+        /// The name.
+        name: String,
+        /// Manifests the client holds (at most [`MAX_HAVE`]), most similar
+        /// first: the server may answer with a delta against one of them.
+        have: Vec<ManifestId>,
+    },
+    /// A manifest.
+    Manifest {
+        /// Its id.
+        id: ManifestId,
+        /// Its stored bytes.
+        bytes: Vec<u8>,
+    },
+    /// A manifest as a delta against one the client holds: a zstd frame of
+    /// the manifest's uncompressed encoding, compressed with the base's
+    /// uncompressed encoding as dictionary. `base == id` with an empty delta:
+    /// the client holds the manifest already.
+    ManifestDelta {
+        /// The manifest's id.
+        id: ManifestId,
+        /// The manifest (from the client's `have`) the delta is against.
+        base: ManifestId,
+        /// The delta.
+        delta: Vec<u8>,
+    },
+    /// Download chunks (of manifests fetched on this connection).
+    GetChunks {
+        /// Chunk ids.
+        ids: Vec<ChunkId>,
+    },
+    /// Downloaded chunks. Requested ids that are in neither list did not fit
+    /// in the frame: ask again.
+    Chunks {
+        /// Chunks as stored.
+        chunks: Vec<StoredChunk>,
+        /// Requested ids the server does not hold.
+        not_found: Vec<ChunkId>,
+    },
+    /// Names under a prefix (the token's readable ones).
+    List {
+        /// The prefix ("" for all).
+        prefix: String,
+    },
+    /// A listing.
+    Listing {
+        /// Entries, sorted by name.
+        entries: Vec<ListEntry>,
+    },
+}
+
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const ERROR: u8 = 3;
+    pub const MISSING: u8 = 10;
+    pub const MISSING_REPLY: u8 = 11;
+    pub const PUT_CHUNKS: u8 = 12;
+    pub const PUT_REPLY: u8 = 13;
+    pub const COMMIT: u8 = 14;
+    pub const COMMIT_REPLY: u8 = 15;
+    pub const GET_MANIFEST: u8 = 16;
+    pub const MANIFEST: u8 = 17;
+    pub const GET_CHUNKS: u8 = 18;
+    pub const CHUNKS: u8 = 19;
+    pub const LIST: u8 = 20;
+    pub const LISTING: u8 = 21;
+    pub const MANIFEST_DELTA: u8 = 22;
+}
+
+impl Message {
+    /// The message's name, for logs and metrics.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::Error { .. } => "error",
+            Message::Missing { .. } => "missing",
+            Message::MissingReply { .. } => "missing_reply",
+            Message::PutChunks { .. } => "put_chunks",
+            Message::PutReply { .. } => "put_reply",
+            Message::Commit { .. } => "commit",
+            Message::CommitReply { .. } => "commit_reply",
+            Message::GetManifest { .. } => "get_manifest",
+            Message::Manifest { .. } => "manifest",
+            Message::ManifestDelta { .. } => "manifest_delta",
+            Message::GetChunks { .. } => "get_chunks",
+            Message::Chunks { .. } => "chunks",
+            Message::List { .. } => "list",
+            Message::Listing { .. } => "listing",
+        }
+    }
+
+    /// An error message.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Message {
+        Message::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why bytes did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtoError {
+    /// The frame announces more bytes than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Announced length.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// The payload is malformed.
+    #[error("malformed {what} message: {detail}")]
+    Malformed {
+        /// The message type being decoded.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// An unknown message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// An empty payload.
+    #[error("empty frame")]
+    Empty,
+}
+
+// ----------------------------------------------------------------- encoding
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    put_u32(out, u32::try_from(n).unwrap_or(u32::MAX));
+}
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_len(out, b.len());
+    out.extend_from_slice(b);
+}
+fn put_ids(out: &mut Vec<u8>, ids: &[ChunkId]) {
+    put_len(out, ids.len());
+    for id in ids {
+        out.extend_from_slice(&id.0);
+    }
+}
+fn put_strings(out: &mut Vec<u8>, v: &[String]) {
+    put_len(out, v.len());
+    for s in v {
+        put_bytes(out, s.as_bytes());
+    }
+}
+fn put_chunks(out: &mut Vec<u8>, chunks: &[StoredChunk]) {
+    put_len(out, chunks.len());
+    for c in chunks {
+        out.extend_from_slice(&c.id.0);
+        out.push(c.codec.code());
+        put_u32(out, c.raw_len);
+        put_bytes(out, &c.bytes);
+    }
+}
+
+/// Bytes `msg` takes as a frame, header included.
+pub fn encoded_len(msg: &Message) -> usize {
+    let strs = |v: &[String]| 4 + v.iter().map(|s| 4 + s.len()).sum::<usize>();
+    let chunks = |v: &[StoredChunk]| {
+        4 + v
+            .iter()
+            .map(|c| CHUNK_OVERHEAD + c.bytes.len())
+            .sum::<usize>()
+    };
+    HEADER_LEN
+        + 1
+        + match msg {
+            Message::Hello { token, .. } => 2 + 4 + token.len(),
+            Message::Welcome { read, write, .. } => 2 + 12 + strs(read) + strs(write),
+            Message::Error { message, .. } => 1 + 4 + message.len(),
+            Message::Missing { name, ids } => 4 + name.len() + 4 + 32 * ids.len(),
+            Message::MissingReply { ids } | Message::GetChunks { ids } => 4 + 32 * ids.len(),
+            Message::PutChunks { name, chunks: c } => 4 + name.len() + chunks(c),
+            Message::PutReply { .. } => 8,
+            Message::Commit { name, manifest } => 8 + name.len() + manifest.len(),
+            Message::CommitReply { .. } => 32,
+            Message::GetManifest { name, have } => 4 + name.len() + 4 + 32 * have.len(),
+            Message::List { prefix } => 4 + prefix.len(),
+            Message::Manifest { bytes, .. } => 32 + 4 + bytes.len(),
+            Message::ManifestDelta { delta, .. } => 64 + 4 + delta.len(),
+            Message::Chunks {
+                chunks: c,
+                not_found,
+            } => chunks(c) + 4 + 32 * not_found.len(),
+            Message::Listing { entries } => {
+                4 + entries
+                    .iter()
+                    .map(|e| {
+                        4 + e.name.len() + 32 + 8 + 1 + e.header.as_ref().map_or(0, |h| 4 + h.len())
+                    })
+                    .sum::<usize>()
+            }
+        }
+}
+
+/// Encodes `msg` as a frame (header and payload) appended to `out`.
+pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.reserve(encoded_len(msg));
+    put_u32(out, 0);
+    match msg {
+        Message::Hello { version, token } => {
+            out.push(tag::HELLO);
+            put_u16(out, *version);
+            put_bytes(out, token.as_bytes());
+        }
+        Message::Welcome {
+            version,
+            limits,
+            read,
+            write,
+        } => {
+            out.push(tag::WELCOME);
+            put_u16(out, *version);
+            put_u32(out, limits.max_frame);
+            put_u32(out, limits.max_batch_ids);
+            put_u32(out, limits.max_streams);
+            put_strings(out, read);
+            put_strings(out, write);
+        }
+        Message::Error { kind, message } => {
+            out.push(tag::ERROR);
+            out.push(kind.code());
+            put_bytes(out, message.as_bytes());
+        }
+        Message::Missing { name, ids } => {
+            out.push(tag::MISSING);
+            put_bytes(out, name.as_bytes());
+            put_ids(out, ids);
+        }
+        Message::MissingReply { ids } => {
+            out.push(tag::MISSING_REPLY);
+            put_ids(out, ids);
+        }
+        Message::PutChunks { name, chunks } => {
+            out.push(tag::PUT_CHUNKS);
+            put_bytes(out, name.as_bytes());
+            put_chunks(out, chunks);
+        }
+        Message::PutReply { received, new } => {
+            out.push(tag::PUT_REPLY);
+            put_u32(out, *received);
+            put_u32(out, *new);
+        }
+        Message::Commit { name, manifest } => {
+            out.push(tag::COMMIT);
+            put_bytes(out, name.as_bytes());
+            put_bytes(out, manifest);
+        }
+        Message::CommitReply { id } => {
+            out.push(tag::COMMIT_REPLY);
+            out.extend_from_slice(&id.0);
+        }
+        Message::GetManifest { name, have } => {
+            out.push(tag::GET_MANIFEST);
+            put_bytes(out, name.as_bytes());
+            put_len(out, have.len());
+            for id in have {
+                out.extend_from_slice(&id.0);
+            }
+        }
+        Message::Manifest { id, bytes } => {
+            out.push(tag::MANIFEST);
+            out.extend_from_slice(&id.0);
+            put_bytes(out, bytes);
+        }
+        Message::ManifestDelta { id, base, delta } => {
+            out.push(tag::MANIFEST_DELTA);
+            out.extend_from_slice(&id.0);
+            out.extend_from_slice(&base.0);
+            put_bytes(out, delta);
+        }
+        Message::GetChunks { ids } => {
+            out.push(tag::GET_CHUNKS);
+            put_ids(out, ids);
+        }
+        Message::Chunks { chunks, not_found } => {
+            out.push(tag::CHUNKS);
+            put_chunks(out, chunks);
+            put_ids(out, not_found);
+        }
+        Message::List { prefix } => {
+            out.push(tag::LIST);
+            put_bytes(out, prefix.as_bytes());
+        }
+        Message::Listing { entries } => {
+            out.push(tag::LISTING);
+            put_len(out, entries.len());
+            for e in entries {
+                put_bytes(out, e.name.as_bytes());
+                out.extend_from_slice(&e.manifest.0);
+                out.extend_from_slice(&e.created.to_le_bytes());
+                match &e.header {
+                    Some(h) => {
+                        out.push(1);
+                        put_bytes(out, h.as_bytes());
+                    }
+                    None => out.push(0),
+                }
+            }
+        }
+    }
+    let payload = out.len() - start - HEADER_LEN;
+    let len = u32::try_from(payload).unwrap_or(u32::MAX).to_le_bytes();
+    out[start..start + HEADER_LEN].copy_from_slice(&len);
+}
+
+/// Encodes `msg` as a frame.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(msg, &mut out);
+    out
+}
+
+// ----------------------------------------------------------------- decoding
+
+/// The payload length a frame header announces, checked against `max_frame`.
+pub fn frame_len(header: [u8; HEADER_LEN], max_frame: u32) -> Result<usize, ProtoError> {
+    let len = u32::from_le_bytes(header);
+    if len > max_frame {
+        return Err(ProtoError::FrameTooLarge {
+            len: len as u64,
+            max: max_frame,
+        });
+    }
+    if len == 0 {
+        return Err(ProtoError::Empty);
+    }
+    Ok(len as usize)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn bad(&self, detail: impl Into<String>) -> ProtoError {
+        ProtoError::Malformed {
+            what: self.what,
+            detail: detail.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.buf.len() < n {
+            return Err(self.bad(format!("needs {n} more bytes, {} remain", self.buf.len())));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn id32(&mut self) -> Result<[u8; 32], ProtoError> {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(self.take(32)?);
+        Ok(id)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], ProtoError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn text(&mut self, field: &str) -> Result<String, ProtoError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.bad(format!("{field} is not UTF-8")))
+    }
+
+    /// A list count, bounded by the bytes left (each element takes at
+    /// least `min_size` bytes), so a lying count cannot make us allocate.
+    fn count(&mut self, min_size: usize) -> Result<usize, ProtoError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_size) > self.buf.len() {
+            return Err(self.bad(format!(
+                "announces {n} elements but only {} bytes remain",
+                self.buf.len()
+            )));
+        }
+        Ok(n)
+    }
+
+    fn ids(&mut self) -> Result<Vec<ChunkId>, ProtoError> {
+        let n = self.count(32)?;
+        (0..n).map(|_| self.id32().map(ChunkId)).collect()
+    }
+
+    fn strings(&mut self, field: &str) -> Result<Vec<String>, ProtoError> {
+        let n = self.count(4)?;
+        (0..n).map(|_| self.text(field)).collect()
+    }
+
+    fn chunks(&mut self) -> Result<Vec<StoredChunk>, ProtoError> {
+        let n = self.count(CHUNK_OVERHEAD)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = ChunkId(self.id32()?);
+            let code = self.u8()?;
+            let codec = Codec::from_code(code)
+                .ok_or_else(|| self.bad(format!("chunk {id}: unknown codec {code}")))?;
+            let raw_len = self.u32()?;
+            if raw_len == 0 || raw_len > MAX_CHUNK {
+                return Err(self.bad(format!("chunk {id}: raw length {raw_len} out of range")));
+            }
+            let bytes = self.bytes()?;
+            if bytes.len() > MAX_CHUNK as usize + 4096 {
+                return Err(self.bad(format!("chunk {id}: {} stored bytes", bytes.len())));
+            }
+            out.push(StoredChunk {
+                id,
+                codec,
+                raw_len,
+                bytes: bytes.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn end(self) -> Result<(), ProtoError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(self.bad(format!("{} trailing bytes", self.buf.len())))
+        }
+    }
+}
+
+/// Decodes one payload (the bytes after the frame header).
+pub fn decode(payload: &[u8]) -> Result<Message, ProtoError> {
+    let (&t, body) = payload.split_first().ok_or(ProtoError::Empty)?;
+    let what = match t {
+        tag::HELLO => "hello",
+        tag::WELCOME => "welcome",
+        tag::ERROR => "error",
+        tag::MISSING => "missing",
+        tag::MISSING_REPLY => "missing_reply",
+        tag::PUT_CHUNKS => "put_chunks",
+        tag::PUT_REPLY => "put_reply",
+        tag::COMMIT => "commit",
+        tag::COMMIT_REPLY => "commit_reply",
+        tag::GET_MANIFEST => "get_manifest",
+        tag::MANIFEST => "manifest",
+        tag::MANIFEST_DELTA => "manifest_delta",
+        tag::GET_CHUNKS => "get_chunks",
+        tag::CHUNKS => "chunks",
+        tag::LIST => "list",
+        tag::LISTING => "listing",
+        other => return Err(ProtoError::UnknownType(other)),
+    };
+    let mut r = Reader { buf: body, what };
+    let msg = match t {
+        tag::HELLO => {
+            let version = r.u16()?;
+            let token = r.text("token")?;
+            if token.len() > MAX_TOKEN_LEN {
+                return Err(r.bad("token too long"));
+            }
+            Message::Hello { version, token }
+        }
+        tag::WELCOME => Message::Welcome {
+            version: r.u16()?,
+            limits: Limits {
+                max_frame: r.u32()?,
+                max_batch_ids: r.u32()?,
+                max_streams: r.u32()?,
+            },
+            read: r.strings("read scope")?,
+            write: r.strings("write scope")?,
+        },
+        tag::ERROR => Message::Error {
+            kind: ErrorKind::from_code(r.u8()?),
+            message: r.text("message")?,
+        },
+        tag::MISSING => Message::Missing {
+            name: r.text("name")?,
+            ids: r.ids()?,
+        },
+        tag::MISSING_REPLY => Message::MissingReply { ids: r.ids()? },
+        tag::PUT_CHUNKS => Message::PutChunks {
+            name: r.text("name")?,
+            chunks: r.chunks()?,
+        },
+        tag::PUT_REPLY => Message::PutReply {
+            received: r.u32()?,
+            new: r.u32()?,
+        },
+        tag::COMMIT => Message::Commit {
+            name: r.text("name")?,
+            manifest: r.bytes()?.to_vec(),
+        },
+        tag::COMMIT_REPLY => Message::CommitReply {
+            id: ManifestId(r.id32()?),
+        },
+        tag::GET_MANIFEST => Message::GetManifest {
+            name: r.text("name")?,
+            have: r.ids()?.into_iter().map(|c| ManifestId(c.0)).collect(),
+        },
+        tag::MANIFEST => Message::Manifest {
+            id: ManifestId(r.id32()?),
+            bytes: r.bytes()?.to_vec(),
+        },
+        tag::MANIFEST_DELTA => Message::ManifestDelta {
+            id: ManifestId(r.id32()?),
+            base: ManifestId(r.id32()?),
+            delta: r.bytes()?.to_vec(),
+        },
+        tag::GET_CHUNKS => Message::GetChunks { ids: r.ids()? },
+        tag::CHUNKS => Message::Chunks {
+            chunks: r.chunks()?,
+            not_found: r.ids()?,
+        },
+        tag::LIST => Message::List {
+            prefix: r.text("prefix")?,
+        },
+        tag::LISTING => {
+            let n = r.count(4 + 32 + 8 + 1)?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = r.text("name")?;
+                let manifest = ManifestId(r.id32()?);
+                let created = r.u64()?;
+                let header = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.text("header")?),
+                    f => return Err(r.bad(format!("header flag {f}"))),
+                };
+                entries.push(ListEntry {
+                    name,
+                    manifest,
+                    created,
+                    header,
+                });
+            }
+            Message::Listing { entries }
+        }
+        _ => unreachable!("every known tag is matched above"),
+    };
+    r.end()?;
+    Ok(msg)
+}
+
+/// Splits a byte stream into messages (for transports that deliver bytes in
+/// arbitrary pieces, and for tests).
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    max_frame: u32,
+}
+
+impl FrameDecoder {
+    /// A decoder that refuses frames larger than `max_frame`.
+    pub fn new(max_frame: u32) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            max_frame,
+        }
+    }
+
+    /// Adds received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, `None` if more bytes are needed. After an
+    /// error the stream is unusable (the peer is to be cut off).
+    pub fn next_message(&mut self) -> Result<Option<Message>, ProtoError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&self.buf[..HEADER_LEN]);
+        let len = frame_len(header, self.max_frame)?;
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let msg = decode(&self.buf[HEADER_LEN..HEADER_LEN + len]);
+        self.buf.drain(..HEADER_LEN + len);
+        msg.map(Some)
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+// ------------------------------------------------------------ server session
+
+/// A refusal: the error to send, and whether the connection is to be closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// What kind.
+    pub kind: ErrorKind,
+    /// For humans.
+    pub message: String,
+    /// Whether the peer is cut off (limits, protocol, authentication).
+    pub fatal: bool,
+}
+
+impl Reject {
+    fn fatal(kind: ErrorKind, message: impl Into<String>) -> Reject {
+        Reject {
+            kind,
+            message: message.into(),
+            fatal: true,
+        }
+    }
+
+    fn refuse(kind: ErrorKind, message: impl Into<String>) -> Reject {
+        Reject {
+            kind,
+            message: message.into(),
+            fatal: false,
+        }
+    }
+
+    /// The message that carries this refusal.
+    pub fn to_message(&self) -> Message {
+        Message::error(self.kind, self.message.clone())
+    }
+}
+
+/// What the transport is to do for an accepted request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Answer which of `ids` the store lacks.
+    Missing {
+        /// Chunk ids.
+        ids: Vec<ChunkId>,
+    },
+    /// Verify and import `chunks`.
+    Put {
+        /// The chunks.
+        chunks: Vec<StoredChunk>,
+    },
+    /// Commit the manifest under the name.
+    Commit {
+        /// The name (checked against the write scope).
+        name: Name,
+        /// Stored manifest bytes.
+        manifest: Vec<u8>,
+    },
+    /// Send the manifest of `name`, then report it with
+    /// [`ServerSession::manifest_served`].
+    GetManifest {
+        /// The name (checked against the read scope).
+        name: Name,
+        /// Manifests the client holds (for a delta).
+        have: Vec<ManifestId>,
+    },
+    /// Send these chunks (all readable on this session).
+    GetChunks {
+        /// Chunk ids.
+        ids: Vec<ChunkId>,
+    },
+    /// List names under `prefix`, then filter with [`ServerSession::readable`].
+    List {
+        /// The prefix ("" for all).
+        prefix: String,
+    },
+}
+
+#[derive(Debug)]
+enum State {
+    AwaitHello,
+    Ready(Grant),
+    Closed,
+}
+
+/// The server's side of one connection: authentication, then a check of
+/// every request against the token's scopes and the limits.
+#[derive(Debug)]
+pub struct ServerSession {
+    state: State,
+    limits: Limits,
+    /// Chunks of manifests served on this session: the only ones it may
+    /// download. A token that cannot read a name cannot fetch its chunks
+    /// either, even knowing their ids.
+    readable: HashSet<ChunkId>,
+}
+
+impl ServerSession {
+    /// A new session on a connection.
+    pub fn new(limits: Limits) -> Self {
+        ServerSession {
+            state: State::AwaitHello,
+            limits,
+            readable: HashSet::new(),
+        }
+    }
+
+    /// The token's label and scopes, once authenticated.
+    pub fn grant(&self) -> Option<&Grant> {
+        match &self.state {
+            State::Ready(g) => Some(g),
+            State::AwaitHello | State::Closed => None,
+        }
+    }
+
+    /// Handles the first message: a `Hello` with a known token gets a
+    /// `Welcome`; anything else is refused and the connection closed.
+    pub fn on_hello(&mut self, msg: Message, tokens: &TokenTable) -> Result<Message, Reject> {
+        if self.grant().is_some() {
+            return Err(Reject::fatal(
+                ErrorKind::Protocol,
+                "hello sent twice on one connection",
+            ));
+        }
+        let Message::Hello { version, token } = msg else {
+            return Err(Reject::fatal(
+                ErrorKind::Protocol,
+                format!("expected hello, got {}", msg.kind_name()),
+            ));
+        };
+        if version != VERSION {
+            return Err(Reject::fatal(
+                ErrorKind::Version,
+                format!(
+                    "this server speaks protocol version {VERSION}, the client {version}: \
+                     use a ferry of the same release as the server"
+                ),
+            ));
+        }
+        if token.is_empty() {
+            return Err(Reject::fatal(
+                ErrorKind::Unauthenticated,
+                "no token: pass --token-file FILE or set FERRY_TOKEN_FILE",
+            ));
+        }
+        let Some(grant) = tokens.authenticate(&token) else {
+            return Err(Reject::fatal(
+                ErrorKind::Unauthenticated,
+                "the token is not known to this server (check the token file, \
+                 and that its SHA-256 is in the server's config)",
+            ));
+        };
+        let welcome = Message::Welcome {
+            version: VERSION,
+            limits: self.limits,
+            read: grant.scopes.read.iter().map(|s| s.to_string()).collect(),
+            write: grant.scopes.write.iter().map(|s| s.to_string()).collect(),
+        };
+        self.state = State::Ready(grant.clone());
+        Ok(welcome)
+    }
+
+    fn batch(&self, n: usize, what: &str) -> Result<(), Reject> {
+        if n > self.limits.max_batch_ids as usize {
+            return Err(Reject::fatal(
+                ErrorKind::Limit,
+                format!(
+                    "{what} of {n} exceeds the batch limit of {}",
+                    self.limits.max_batch_ids
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn name(text: &str) -> Result<Name, Reject> {
+        Name::parse(text).map_err(|e| Reject::refuse(ErrorKind::BadName, e.to_string()))
+    }
+
+    fn writable(scopes: &Scopes, text: &str) -> Result<Name, Reject> {
+        let name = Self::name(text)?;
+        if !scopes.can_write(&name) {
+            return Err(Reject::refuse(
+                ErrorKind::Forbidden,
+                format!(
+                    "this token may not write {name:?} (it writes {})",
+                    scopes.describe_write()
+                ),
+            ));
+        }
+        Ok(name)
+    }
+
+    /// Checks a request; returns what to do, or the refusal to send.
+    pub fn on_request(&mut self, msg: Message) -> Result<Action, Reject> {
+        let grant = match &self.state {
+            State::Ready(grant) => grant,
+            State::AwaitHello => {
+                return Err(Reject::fatal(
+                    ErrorKind::Unauthenticated,
+                    "request before hello",
+                ))
+            }
+            State::Closed => {
+                return Err(Reject::fatal(
+                    ErrorKind::Protocol,
+                    "the connection is being closed",
+                ))
+            }
+        };
+        let scopes = &grant.scopes;
+        match msg {
+            Message::Missing { name, ids } => {
+                self.batch(ids.len(), "a missing query")?;
+                Self::writable(scopes, &name)?;
+                Ok(Action::Missing { ids })
+            }
+            Message::PutChunks { name, chunks } => {
+                self.batch(chunks.len(), "an upload")?;
+                Self::writable(scopes, &name)?;
+                Ok(Action::Put { chunks })
+            }
+            Message::Commit { name, manifest } => {
+                let name = Self::writable(scopes, &name)?;
+                Ok(Action::Commit { name, manifest })
+            }
+            Message::GetManifest { name, mut have } => {
+                have.truncate(MAX_HAVE);
+                let name = Self::name(&name)?;
+                if !scopes.can_read(&name) {
+                    return Err(Reject::refuse(
+                        ErrorKind::Forbidden,
+                        format!(
+                            "this token may not read {name:?} (it reads {})",
+                            scopes.describe_read()
+                        ),
+                    ));
+                }
+                Ok(Action::GetManifest { name, have })
+            }
+            Message::GetChunks { ids } => {
+                self.batch(ids.len(), "a chunk request")?;
+                if let Some(bad) = ids.iter().find(|id| !self.readable.contains(id)) {
+                    return Err(Reject::refuse(
+                        ErrorKind::Forbidden,
+                        format!(
+                            "chunk {bad} is not part of a manifest fetched on this connection \
+                             (fetch the manifest of a readable name first)"
+                        ),
+                    ));
+                }
+                Ok(Action::GetChunks { ids })
+            }
+            Message::List { prefix } => Ok(Action::List { prefix }),
+            other => Err(Reject::fatal(
+                ErrorKind::Protocol,
+                format!("{} is not a request", other.kind_name()),
+            )),
+        }
+    }
+
+    /// Marks the session as cut off (after a fatal refusal): no further
+    /// request is served while the connection closes.
+    pub fn close(&mut self) {
+        self.state = State::Closed;
+    }
+
+    /// Whether [`ServerSession::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Records that `manifest` was sent: its chunks may now be downloaded.
+    pub fn manifest_served(&mut self, manifest: &Manifest) {
+        self.readable.extend(manifest.chunks().map(|c| c.id));
+    }
+
+    /// Whether the token may see `name` in a listing.
+    pub fn readable(&self, name: &str) -> bool {
+        match (self.grant(), Name::parse(name)) {
+            (Some(g), Ok(n)) => g.scopes.can_read(&n),
+            _ => false,
+        }
+    }
+}
+
+// ------------------------------------------------------------ client helpers
+
+/// Checks the server's answer to `Hello`.
+pub fn check_welcome(msg: Message) -> Result<(Limits, Vec<String>, Vec<String>), Reject> {
+    match msg {
+        Message::Welcome {
+            version,
+            limits,
+            read,
+            write,
+        } => {
+            if version != VERSION {
+                return Err(Reject::fatal(
+                    ErrorKind::Version,
+                    format!("the server speaks protocol version {version}, this client {VERSION}"),
+                ));
+            }
+            if limits.max_frame < MIN_FRAME || limits.max_batch_ids == 0 || limits.max_streams == 0
+            {
+                return Err(Reject::fatal(
+                    ErrorKind::Protocol,
+                    format!("the server announced unusable limits {limits:?}"),
+                ));
+            }
+            Ok((limits, read, write))
+        }
+        Message::Error { kind, message } => Err(Reject::fatal(kind, message)),
+        other => Err(Reject::fatal(
+            ErrorKind::Protocol,
+            format!("expected welcome, got {}", other.kind_name()),
+        )),
+    }
+}
+
+/// Groups chunks (by their sizes) into batches of at most `max_ids` chunks
+/// and at most `max_bytes` bytes each (a chunk larger than `max_bytes` goes
+/// alone). Returns index ranges into `sizes`.
+pub fn batches(sizes: &[u64], max_ids: usize, max_bytes: u64) -> Vec<std::ops::Range<usize>> {
+    let max_ids = max_ids.max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, &s) in sizes.iter().enumerate() {
+        let cost = s + CHUNK_OVERHEAD as u64;
+        if i > start && (i - start >= max_ids || bytes + cost > max_bytes) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += cost;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

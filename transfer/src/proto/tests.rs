@@ -1,0 +1,507 @@
+//! Encoding, decoding and session tests, without sockets.
+
+use super::*;
+use crate::auth::{Scopes, Token};
+use proptest::prelude::*;
+
+fn id(n: u8) -> ChunkId {
+    ChunkId([n; 32])
+}
+
+fn chunk(data: &[u8]) -> StoredChunk {
+    StoredChunk {
+        id: ChunkId::of(data),
+        codec: Codec::Raw,
+        raw_len: data.len() as u32,
+        bytes: data.to_vec(),
+    }
+}
+
+fn samples() -> Vec<Message> {
+    vec![
+        Message::Hello {
+            version: VERSION,
+            token: "tok".into(),
+        },
+        Message::Welcome {
+            version: VERSION,
+            limits: Limits::default(),
+            read: vec!["main".into(), "pr/1".into()],
+            write: vec!["pr/1".into()],
+        },
+        Message::error(ErrorKind::Forbidden, "no"),
+        Message::error(ErrorKind::Unknown(200), ""),
+        Message::Missing {
+            name: "pr/1/x".into(),
+            ids: vec![id(1), id(2)],
+        },
+        Message::MissingReply { ids: vec![] },
+        Message::PutChunks {
+            name: "pr/1/x".into(),
+            chunks: vec![chunk(b"hello"), chunk(b"world!")],
+        },
+        Message::PutReply {
+            received: 2,
+            new: 1,
+        },
+        Message::Commit {
+            name: "main/a".into(),
+            manifest: vec![1, 2, 3],
+        },
+        Message::CommitReply {
+            id: ManifestId([7; 32]),
+        },
+        Message::GetManifest {
+            name: "main/a".into(),
+            have: vec![ManifestId([3; 32])],
+        },
+        Message::ManifestDelta {
+            id: ManifestId([4; 32]),
+            base: ManifestId([5; 32]),
+            delta: vec![1, 2],
+        },
+        Message::Manifest {
+            id: ManifestId([9; 32]),
+            bytes: vec![0; 100],
+        },
+        Message::GetChunks { ids: vec![id(3)] },
+        Message::Chunks {
+            chunks: vec![chunk(b"x")],
+            not_found: vec![id(4)],
+        },
+        Message::List { prefix: "".into() },
+        Message::Listing {
+            entries: vec![
+                ListEntry {
+                    name: "main/a".into(),
+                    manifest: ManifestId([1; 32]),
+                    created: 1_700_000_000,
+                    header: Some("{}".into()),
+                },
+                ListEntry {
+                    name: "main/b".into(),
+                    manifest: ManifestId([2; 32]),
+                    created: 0,
+                    header: None,
+                },
+            ],
+        },
+    ]
+}
+
+#[test]
+fn every_message_round_trips_and_reports_its_length() {
+    for msg in samples() {
+        let frame = encode(&msg);
+        assert_eq!(frame.len(), encoded_len(&msg), "{msg:?}");
+        let len = frame_len(frame[..4].try_into().unwrap(), DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        assert_eq!(decode(&frame[4..]).unwrap(), msg);
+    }
+}
+
+#[test]
+fn frame_decoder_handles_pieces_and_limits() {
+    let msgs = samples();
+    let mut stream = Vec::new();
+    for m in &msgs {
+        encode_into(m, &mut stream);
+    }
+    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+    let mut got = Vec::new();
+    for piece in stream.chunks(7) {
+        dec.push(piece);
+        while let Some(m) = dec.next_message().unwrap() {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, msgs);
+    assert_eq!(dec.buffered(), 0);
+
+    let mut dec = FrameDecoder::new(MIN_FRAME);
+    dec.push(&(MIN_FRAME + 1).to_le_bytes());
+    assert!(matches!(
+        dec.next_message(),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+    assert_eq!(frame_len([0; 4], 10), Err(ProtoError::Empty));
+}
+
+#[test]
+fn malformed_payloads_are_errors() {
+    assert_eq!(decode(&[]), Err(ProtoError::Empty));
+    assert_eq!(decode(&[99]), Err(ProtoError::UnknownType(99)));
+    // A count far larger than the bytes present.
+    let mut p = vec![tag::GET_CHUNKS];
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(decode(&p), Err(ProtoError::Malformed { .. })));
+    // Trailing bytes.
+    let mut f = encode(&Message::List { prefix: "a".into() });
+    f.push(0);
+    assert!(decode(&f[4..]).is_err());
+    // Unknown codec and out-of-range raw length.
+    let good = encode(&Message::PutChunks {
+        name: "a".into(),
+        chunks: vec![chunk(b"abc")],
+    });
+    let codec_at = 4 + 1 + 4 + 1 + 4 + 32;
+    let mut bad = good.clone();
+    bad[codec_at] = 77;
+    assert!(decode(&bad[4..]).is_err());
+    let mut bad = good.clone();
+    bad[codec_at + 1..codec_at + 5].copy_from_slice(&0u32.to_le_bytes());
+    assert!(decode(&bad[4..]).is_err());
+    // Text that is not UTF-8.
+    let mut bad = encode(&Message::GetManifest {
+        name: "ab".into(),
+        have: vec![],
+    });
+    bad[9] = 0xff;
+    assert!(decode(&bad[4..]).is_err());
+}
+
+#[test]
+fn batches_respect_count_and_bytes() {
+    let sizes = [10u64, 10, 10, 100, 5, 5, 1000, 1];
+    let b = batches(&sizes, 3, 150);
+    // every index appears once, in order
+    let flat: Vec<usize> = b.iter().flat_map(|r| r.clone()).collect();
+    assert_eq!(flat, (0..sizes.len()).collect::<Vec<_>>());
+    for r in &b {
+        assert!(r.len() <= 3);
+        let bytes: u64 = sizes[r.clone()]
+            .iter()
+            .map(|s| s + CHUNK_OVERHEAD as u64)
+            .sum();
+        assert!(bytes <= 150 || r.len() == 1, "{r:?}");
+    }
+    assert!(batches(&[], 3, 10).is_empty());
+}
+
+fn table() -> TokenTable {
+    TokenTable::new(vec![
+        (
+            "pr-1".into(),
+            Token::new("pr1").unwrap().hash(),
+            Scopes::parse(&["main", "pr/1"], &["pr/1"]).unwrap(),
+        ),
+        (
+            "main".into(),
+            Token::new("main").unwrap().hash(),
+            Scopes::parse(&["*"], &["*"]).unwrap(),
+        ),
+    ])
+}
+
+fn hello(token: &str) -> Message {
+    Message::Hello {
+        version: VERSION,
+        token: token.into(),
+    }
+}
+
+#[test]
+fn session_requires_a_known_token_first() {
+    let t = table();
+    let mut s = ServerSession::new(Limits::default());
+    let r = s
+        .on_request(Message::List { prefix: "".into() })
+        .unwrap_err();
+    assert_eq!((r.kind, r.fatal), (ErrorKind::Unauthenticated, true));
+    for (msg, kind) in [
+        (hello(""), ErrorKind::Unauthenticated),
+        (hello("wrong"), ErrorKind::Unauthenticated),
+        (
+            Message::Hello {
+                version: 99,
+                token: "pr1".into(),
+            },
+            ErrorKind::Version,
+        ),
+        (Message::List { prefix: "".into() }, ErrorKind::Protocol),
+    ] {
+        let mut s = ServerSession::new(Limits::default());
+        let r = s.on_hello(msg, &t).unwrap_err();
+        assert_eq!(r.kind, kind);
+        assert!(r.fatal);
+        assert!(s.grant().is_none());
+    }
+    let mut s = ServerSession::new(Limits::default());
+    let w = s.on_hello(hello("pr1"), &t).unwrap();
+    let (limits, read, write) = check_welcome(w).unwrap();
+    assert_eq!(limits, Limits::default());
+    assert_eq!(read, ["main", "pr/1"]);
+    assert_eq!(write, ["pr/1"]);
+    assert_eq!(s.grant().unwrap().label, "pr-1");
+    assert_eq!(
+        s.on_hello(hello("pr1"), &t).unwrap_err().kind,
+        ErrorKind::Protocol
+    );
+}
+
+#[test]
+fn session_enforces_scopes() {
+    let t = table();
+    let mut s = ServerSession::new(Limits::default());
+    s.on_hello(hello("pr1"), &t).unwrap();
+    let forbidden = |r: Result<Action, Reject>| {
+        let r = r.unwrap_err();
+        assert_eq!((r.kind, r.fatal), (ErrorKind::Forbidden, false), "{r:?}");
+    };
+    forbidden(s.on_request(Message::Commit {
+        name: "main/x".into(),
+        manifest: vec![],
+    }));
+    forbidden(s.on_request(Message::Missing {
+        name: "main/x".into(),
+        ids: vec![id(1)],
+    }));
+    forbidden(s.on_request(Message::PutChunks {
+        name: "pr/2/x".into(),
+        chunks: vec![],
+    }));
+    forbidden(s.on_request(Message::GetManifest {
+        name: "pr/2/x".into(),
+        have: vec![],
+    }));
+    // Chunks are readable only once a manifest naming them was served.
+    forbidden(s.on_request(Message::GetChunks { ids: vec![id(1)] }));
+    assert!(matches!(
+        s.on_request(Message::GetManifest {
+            name: "main/x".into(),
+            have: vec![],
+        }),
+        Ok(Action::GetManifest { .. })
+    ));
+    assert!(matches!(
+        s.on_request(Message::Commit {
+            name: "pr/1/x".into(),
+            manifest: vec![],
+        }),
+        Ok(Action::Commit { .. })
+    ));
+    let bad = s
+        .on_request(Message::GetManifest {
+            name: "../etc".into(),
+            have: vec![],
+        })
+        .unwrap_err();
+    assert_eq!(bad.kind, ErrorKind::BadName);
+    assert!(s.readable("main/x") && s.readable("pr/1/y"));
+    assert!(!s.readable("pr/2/y") && !s.readable("not a name"));
+    // A reply is not a request.
+    assert_eq!(
+        s.on_request(Message::PutReply {
+            received: 0,
+            new: 0
+        })
+        .unwrap_err()
+        .kind,
+        ErrorKind::Protocol
+    );
+}
+
+#[test]
+fn a_closed_session_serves_nothing() {
+    let t = table();
+    let mut s = ServerSession::new(Limits::default());
+    s.on_hello(hello("main"), &t).unwrap();
+    assert!(s.on_request(Message::List { prefix: "".into() }).is_ok());
+    s.close();
+    assert!(s.is_closed() && s.grant().is_none());
+    let r = s
+        .on_request(Message::List { prefix: "".into() })
+        .unwrap_err();
+    assert!(r.fatal);
+    assert!(!s.readable("main/x"));
+}
+
+#[test]
+fn session_enforces_batch_limits() {
+    let t = table();
+    let limits = Limits {
+        max_batch_ids: 2,
+        ..Limits::default()
+    };
+    let mut s = ServerSession::new(limits);
+    s.on_hello(hello("main"), &t).unwrap();
+    let r = s
+        .on_request(Message::Missing {
+            name: "main/x".into(),
+            ids: vec![id(1), id(2), id(3)],
+        })
+        .unwrap_err();
+    assert_eq!((r.kind, r.fatal), (ErrorKind::Limit, true));
+    assert!(s
+        .on_request(Message::Missing {
+            name: "main/x".into(),
+            ids: vec![id(1), id(2)],
+        })
+        .is_ok());
+}
+
+#[test]
+fn welcome_checks() {
+    assert_eq!(
+        check_welcome(Message::error(ErrorKind::Busy, "busy"))
+            .unwrap_err()
+            .kind,
+        ErrorKind::Busy
+    );
+    let w = |max_frame| Message::Welcome {
+        version: VERSION,
+        limits: Limits {
+            max_frame,
+            ..Limits::default()
+        },
+        read: vec![],
+        write: vec![],
+    };
+    assert!(check_welcome(w(MIN_FRAME)).is_ok());
+    assert_eq!(
+        check_welcome(w(1000)).unwrap_err().kind,
+        ErrorKind::Protocol
+    );
+    for k in ErrorKind::ALL {
+        assert_eq!(ErrorKind::from_code(k.code()), k);
+    }
+}
+
+fn arb_chunk() -> impl Strategy<Value = StoredChunk> {
+    (
+        any::<[u8; 32]>(),
+        prop::bool::ANY,
+        1u32..MAX_CHUNK,
+        prop::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(id, z, raw_len, bytes)| StoredChunk {
+            id: ChunkId(id),
+            codec: if z { Codec::Zstd } else { Codec::Raw },
+            raw_len,
+            bytes,
+        })
+}
+
+fn arb_ids() -> impl Strategy<Value = Vec<ChunkId>> {
+    prop::collection::vec(any::<[u8; 32]>().prop_map(ChunkId), 0..8)
+}
+
+fn arb_message() -> impl Strategy<Value = Message> {
+    let s = || ".{0,20}";
+    prop_oneof![
+        (any::<u16>(), "[!-~]{0,40}")
+            .prop_map(|(version, token)| Message::Hello { version, token }),
+        (
+            any::<u16>(),
+            any::<(u32, u32, u32)>(),
+            prop::collection::vec(s(), 0..4),
+            prop::collection::vec(s(), 0..4)
+        )
+            .prop_map(|(version, (a, b, c), read, write)| Message::Welcome {
+                version,
+                limits: Limits {
+                    max_frame: a,
+                    max_batch_ids: b,
+                    max_streams: c
+                },
+                read,
+                write
+            }),
+        (1u8..=255, s()).prop_map(|(k, m)| Message::error(ErrorKind::from_code(k), m)),
+        (s(), arb_ids()).prop_map(|(name, ids)| Message::Missing { name, ids }),
+        arb_ids().prop_map(|ids| Message::MissingReply { ids }),
+        (s(), prop::collection::vec(arb_chunk(), 0..4))
+            .prop_map(|(name, chunks)| Message::PutChunks { name, chunks }),
+        any::<(u32, u32)>().prop_map(|(received, new)| Message::PutReply { received, new }),
+        (s(), prop::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(name, manifest)| Message::Commit { name, manifest }),
+        any::<[u8; 32]>().prop_map(|i| Message::CommitReply { id: ManifestId(i) }),
+        (
+            s(),
+            prop::collection::vec(any::<[u8; 32]>().prop_map(ManifestId), 0..3)
+        )
+            .prop_map(|(name, have)| Message::GetManifest { name, have }),
+        (
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            prop::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(i, b, delta)| Message::ManifestDelta {
+                id: ManifestId(i),
+                base: ManifestId(b),
+                delta,
+            }),
+        (any::<[u8; 32]>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(i, bytes)| {
+            Message::Manifest {
+                id: ManifestId(i),
+                bytes,
+            }
+        }),
+        arb_ids().prop_map(|ids| Message::GetChunks { ids }),
+        (prop::collection::vec(arb_chunk(), 0..4), arb_ids())
+            .prop_map(|(chunks, not_found)| Message::Chunks { chunks, not_found }),
+        s().prop_map(|prefix| Message::List { prefix }),
+        prop::collection::vec(
+            (s(), any::<[u8; 32]>(), any::<u64>(), prop::option::of(s())).prop_map(
+                |(name, m, created, header)| ListEntry {
+                    name,
+                    manifest: ManifestId(m),
+                    created,
+                    header,
+                }
+            ),
+            0..4
+        )
+        .prop_map(|entries| Message::Listing { entries }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn round_trip(msg in arb_message()) {
+        let frame = encode(&msg);
+        prop_assert_eq!(frame.len(), encoded_len(&msg));
+        prop_assert_eq!(decode(&frame[4..]).unwrap(), msg);
+    }
+
+    #[test]
+    fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes);
+        let mut d = FrameDecoder::new(1 << 20);
+        d.push(&bytes);
+        while let Ok(Some(_)) = d.next_message() {}
+    }
+
+    #[test]
+    fn decode_of_mutated_frames_never_panics(
+        msg in arb_message(),
+        flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        cut in any::<usize>(),
+    ) {
+        let mut frame = encode(&msg);
+        for (at, v) in flips {
+            let n = frame.len();
+            frame[at % n] ^= v;
+        }
+        let cut = cut % (frame.len() + 1);
+        let _ = decode(&frame[4.min(cut)..cut]);
+        let _ = decode(&frame[4..]);
+    }
+
+    #[test]
+    fn session_never_panics_on_any_message(msgs in prop::collection::vec(arb_message(), 0..6)) {
+        let t = table();
+        let mut s = ServerSession::new(Limits::default());
+        let mut first = true;
+        for m in msgs {
+            if first {
+                let _ = s.on_hello(m, &t);
+                first = false;
+            } else {
+                let _ = s.on_request(m);
+            }
+        }
+    }
+}

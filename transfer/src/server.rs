@@ -1,0 +1,820 @@
+//! `ferry serve`: the QUIC server. Thin glue: it accepts connections and
+//! streams, reads frames, asks [`ServerSession`] what each means, calls the
+//! store on a blocking thread, and writes the answer.
+//!
+//! A peer that breaks a limit (frame size, batch size, the request
+//! deadline, malformed messages) is cut off with an error; everyone else
+//! goes on being served. On shutdown the server stops accepting, lets
+//! in-flight requests finish (a commit is one store call, so a name is
+//! never half-updated), then closes every connection with "shutting down",
+//! which clients treat as a reason to retry.
+
+use crate::auth::Scopes;
+use crate::auth::TokenTable;
+use crate::config::{ConfigError, LimitsConfig, ServerConfig};
+use crate::metrics::{self, Metrics};
+use crate::proto::{self, Action, ErrorKind, ListEntry, Message, Reject, ServerSession};
+use crate::tls::{self, TlsError};
+use crate::wire::{self, WireError};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use store::backend::Kind;
+use store::manifest::Manifest;
+use store::refs::RefError;
+use store::repo::{Store, StoreError};
+use store::ManifestId;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The certificate or key.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An address could not be bound.
+    #[error("cannot listen on {what} {addr}: {error}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Largest hello frame (a token and a version).
+const HELLO_MAX_FRAME: u32 = 64 << 10;
+/// How long a new connection may take to say hello.
+const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// Stop accepting, finish in-flight requests, then close.
+    Graceful,
+    /// Close every connection now (like a crash, minus the process).
+    Now,
+}
+
+/// Stops a running [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    tx: Arc<watch::Sender<Stop>>,
+}
+
+impl ServerHandle {
+    /// Graceful: stop accepting, let in-flight requests finish (up to the
+    /// grace period), then close connections with "shutting down".
+    pub fn shutdown(&self) {
+        self.tx.send_if_modified(|s| {
+            let change = *s == Stop::Running;
+            if change {
+                *s = Stop::Graceful;
+            }
+            change
+        });
+    }
+
+    /// Immediate: close every connection now.
+    pub fn stop_now(&self) {
+        self.tx.send_replace(Stop::Now);
+    }
+}
+
+struct Shared {
+    store: Arc<Store>,
+    tokens: TokenTable,
+    limits: LimitsConfig,
+    metrics: Arc<Metrics>,
+    connections: AtomicU32,
+}
+
+/// A bound server, ready to [`run`](Server::run).
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+    fingerprint: String,
+    generated: bool,
+    stop: Arc<watch::Sender<Stop>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.endpoint.local_addr().ok())
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the store, loads (or generates) the certificate and binds the
+    /// UDP socket and the metrics listener. Must run inside a tokio runtime.
+    pub async fn bind(cfg: &ServerConfig) -> Result<Server, ServerError> {
+        cfg.validate()?;
+        let tokens = cfg.token_table()?;
+        if tokens.is_empty() {
+            warn!("no [[token]] in the config: every client will be refused");
+        }
+        let identity = tls::load_or_generate(&cfg.cert, &cfg.key, &cfg.cert_names)?;
+        let crypto = tls::server_config(&identity)?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let transport = wire::transport(
+            cfg.limits.idle_timeout(),
+            cfg.limits.max_streams_per_connection,
+        )
+        .map_err(|problem| ConfigError::Value {
+            key: "limits.idle_timeout_secs",
+            problem,
+        })?;
+        server_config.transport_config(Arc::new(transport));
+        let store = {
+            let dir = cfg.store.clone();
+            tokio::task::spawn_blocking(move || Store::open(dir))
+                .await
+                .map_err(|e| ServerError::Runtime(std::io::Error::other(e)))??
+        };
+        let endpoint =
+            wire::endpoint(cfg.listen, Some(server_config)).map_err(|error| ServerError::Bind {
+                what: "QUIC (UDP)",
+                addr: cfg.listen,
+                error,
+            })?;
+        let (metrics_listener, metrics_addr) = match cfg.metrics_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await.map_err(|error| {
+                    ServerError::Bind {
+                        what: "metrics (TCP)",
+                        addr,
+                        error,
+                    }
+                })?;
+                let a = l.local_addr().ok();
+                (Some(l), a)
+            }
+            None => (None, None),
+        };
+        let (tx, _) = watch::channel(Stop::Running);
+        Ok(Server {
+            endpoint,
+            shared: Arc::new(Shared {
+                store: Arc::new(store),
+                tokens,
+                limits: cfg.limits.clone(),
+                metrics: Arc::new(Metrics::default()),
+                connections: AtomicU32::new(0),
+            }),
+            metrics_listener,
+            metrics_addr,
+            fingerprint: identity.fingerprint(),
+            generated: identity.generated,
+            stop: Arc::new(tx),
+        })
+    }
+
+    /// The UDP address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// `sha256:<hex>` of the server's certificate (what clients pin).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Whether the certificate was generated by this start.
+    pub fn generated_certificate(&self) -> bool {
+        self.generated
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// A handle to stop the server.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            tx: self.stop.clone(),
+        }
+    }
+
+    /// Serves until stopped through a [`ServerHandle`].
+    pub async fn run(self) -> Result<(), ServerError> {
+        let Server {
+            endpoint,
+            shared,
+            metrics_listener,
+            stop,
+            ..
+        } = self;
+        let metrics_task =
+            metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.metrics.clone())));
+        let mut rx = stop.subscribe();
+        let mut conns = JoinSet::new();
+        info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
+        loop {
+            tokio::select! {
+                _ = rx.wait_for(|s| *s != Stop::Running) => break,
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        let shared = shared.clone();
+                        let rx = stop.subscribe();
+                        let peer = incoming.remote_address();
+                        conns.spawn(
+                            handle_incoming(incoming, shared, rx)
+                                .instrument(tracing::info_span!("conn", %peer)),
+                        );
+                    }
+                    None => break,
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        endpoint.set_server_config(None);
+        let graceful = *stop.borrow() != Stop::Now;
+        info!(graceful, "shutting down");
+        if graceful {
+            let grace = shared.limits.shutdown_grace() + Duration::from_secs(1);
+            let drain = async { while conns.join_next().await.is_some() {} };
+            if tokio::time::timeout(grace, drain).await.is_err() {
+                warn!("requests still running after the grace period; closing");
+            }
+        }
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
+        endpoint.close(
+            ErrorKind::ShuttingDown.code().into(),
+            b"the server is shutting down; try again",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// Closes `conn` with a refusal (the close reason carries the message)
+/// and counts the error.
+fn cut_off(conn: &quinn::Connection, shared: &Shared, kind: ErrorKind, message: &str) {
+    shared.metrics.error(kind);
+    close_with(conn, kind, message);
+}
+
+/// Closes `conn` with a refusal already counted.
+fn close_with(conn: &quinn::Connection, kind: ErrorKind, message: &str) {
+    warn!(kind = kind.as_str(), %message, "cutting the peer off");
+    let mut reason = message.as_bytes().to_vec();
+    reason.truncate(1000);
+    conn.close(kind.code().into(), &reason);
+}
+
+struct SessionGuard(Arc<Metrics>);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.active_sessions.fetch_sub(1, Relaxed);
+    }
+}
+
+struct ConnSlot<'a>(&'a AtomicU32);
+
+impl Drop for ConnSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    rx: watch::Receiver<Stop>,
+) {
+    let limits = &shared.limits;
+    let deadline = limits.request_deadline();
+    let count = shared.connections.fetch_add(1, Relaxed) + 1;
+    let _slot = ConnSlot(&shared.connections);
+    let conn = match tokio::time::timeout(deadline, async { incoming.accept()?.await }).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("handshake timed out");
+            return;
+        }
+    };
+    shared.metrics.connections.fetch_add(1, Relaxed);
+    if count > limits.max_connections {
+        cut_off(
+            &conn,
+            &shared,
+            ErrorKind::Busy,
+            &format!(
+                "the server is busy ({} connections); try again later",
+                limits.max_connections
+            ),
+        );
+        return;
+    }
+
+    // Hello, on the first stream.
+    let started = Instant::now();
+    let first = tokio::time::timeout(deadline.min(HELLO_DEADLINE), async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(WireError::from_conn)?;
+        // Before authentication only a small frame is accepted.
+        let (msg, n) = wire::read_message(&mut recv, HELLO_MAX_FRAME).await?;
+        Ok::<_, WireError>((send, msg, n))
+    })
+    .await;
+    let (mut send, msg, n) = match first {
+        Ok(Ok(first)) => first,
+        Ok(Err(e)) => {
+            reject_wire(&conn, &shared, e);
+            return;
+        }
+        Err(_) => {
+            cut_off(
+                &conn,
+                &shared,
+                ErrorKind::Deadline,
+                "no hello within the request deadline",
+            );
+            return;
+        }
+    };
+    shared.metrics.bytes_in.fetch_add(n as u64, Relaxed);
+    let mut session = ServerSession::new(limits.proto());
+    match session.on_hello(msg, &shared.tokens) {
+        Ok(welcome) => {
+            if let Ok(n) = wire::write_message(&mut send, &welcome).await {
+                shared.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+            }
+            let _ = send.finish();
+        }
+        Err(rej) => {
+            if wire::write_message(&mut send, &rej.to_message())
+                .await
+                .is_ok()
+            {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            }
+            cut_off(&conn, &shared, rej.kind, &rej.message);
+            return;
+        }
+    }
+    shared.metrics.observe("hello", started.elapsed());
+    let label = session.grant().map(|g| g.label.clone()).unwrap_or_default();
+    info!(token = %label, "session started");
+    shared.metrics.active_sessions.fetch_add(1, Relaxed);
+    let _guard = SessionGuard(shared.metrics.clone());
+    let session = Arc::new(Mutex::new(session));
+
+    let mut streams = JoinSet::new();
+    let mut rx = rx;
+    loop {
+        tokio::select! {
+            _ = rx.wait_for(|s| *s != Stop::Running) => break,
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(
+                        handle_stream(conn.clone(), shared.clone(), session.clone(), send, recv)
+                            .in_current_span(),
+                    );
+                }
+                Err(e) => {
+                    debug!(error = %e, "connection ended");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+    let stop = *rx.borrow();
+    if stop == Stop::Graceful {
+        // Let in-flight requests finish; the server's loop bounds the wait.
+        while streams.join_next().await.is_some() {}
+    }
+    if stop != Stop::Running {
+        conn.close(
+            ErrorKind::ShuttingDown.code().into(),
+            b"the server is shutting down; try again",
+        );
+    }
+    streams.abort_all();
+    info!(token = %label, "session ended");
+}
+
+impl WireError {
+    fn from_conn(e: quinn::ConnectionError) -> WireError {
+        WireError::Read(quinn::ReadError::ConnectionLost(e))
+    }
+}
+
+/// Cuts off a peer whose bytes broke the protocol or a limit; a lost
+/// connection or a reset stream needs no answer.
+fn reject_wire(conn: &quinn::Connection, shared: &Shared, e: WireError) {
+    match e {
+        WireError::Proto(p @ proto::ProtoError::FrameTooLarge { .. }) => {
+            cut_off(conn, shared, ErrorKind::Limit, &p.to_string())
+        }
+        WireError::Proto(p) => cut_off(conn, shared, ErrorKind::Protocol, &p.to_string()),
+        WireError::Truncated => cut_off(
+            conn,
+            shared,
+            ErrorKind::Protocol,
+            "the stream ended inside a message",
+        ),
+        WireError::Ended => cut_off(
+            conn,
+            shared,
+            ErrorKind::Protocol,
+            "the stream ended without a request",
+        ),
+        WireError::Read(e) => debug!(error = %e, "stream read failed"),
+        WireError::Write(e) => debug!(error = %e, "stream write failed"),
+    }
+}
+
+async fn handle_stream(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    session: Arc<Mutex<ServerSession>>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let started = Instant::now();
+    let deadline = shared.limits.request_deadline();
+    let work = async {
+        let (msg, n) = match wire::read_message(&mut recv, shared.limits.max_frame_bytes).await {
+            Ok(m) => m,
+            Err(e) => {
+                reject_wire(&conn, &shared, e);
+                return None;
+            }
+        };
+        shared.metrics.bytes_in.fetch_add(n as u64, Relaxed);
+        let op = msg.kind_name();
+        let checked = match session.lock() {
+            // Cut off already: the connection is closing.
+            Ok(s) if s.is_closed() => return None,
+            Ok(mut s) => s.on_request(msg),
+            Err(_) => Err(Reject {
+                kind: ErrorKind::Internal,
+                message: "session state poisoned".into(),
+                fatal: true,
+            }),
+        };
+        let (reply, fatal) = match checked {
+            Ok(action) => (execute(&shared, &session, action).await, None),
+            Err(rej) => {
+                shared.metrics.error(rej.kind);
+                debug!(kind = rej.kind.as_str(), message = %rej.message, "request refused");
+                let fatal = rej.fatal.then(|| rej.clone());
+                (rej.to_message(), fatal)
+            }
+        };
+        let fatal = match &reply {
+            // Tampered or damaged uploads: the peer is cut off.
+            Message::Error {
+                kind: ErrorKind::Corrupt,
+                message,
+            } if fatal.is_none() => Some(Reject {
+                kind: ErrorKind::Corrupt,
+                message: message.clone(),
+                fatal: true,
+            }),
+            _ => fatal,
+        };
+        if fatal.is_some() {
+            // Serve nothing more on this connection, from now on.
+            if let Ok(mut s) = session.lock() {
+                s.close();
+            }
+        }
+        Some((op, reply, fatal))
+    };
+    let outcome = match tokio::time::timeout(deadline, work).await {
+        Ok(o) => o,
+        Err(_) => {
+            cut_off(
+                &conn,
+                &shared,
+                ErrorKind::Deadline,
+                &format!(
+                    "a request took longer than the deadline of {} s",
+                    deadline.as_secs()
+                ),
+            );
+            return;
+        }
+    };
+    let Some((op, reply, fatal)) = outcome else {
+        return;
+    };
+    match tokio::time::timeout(deadline, wire::write_message(&mut send, &reply)).await {
+        Ok(Ok(n)) => {
+            shared.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+            let _ = send.finish();
+        }
+        Ok(Err(e)) => debug!(error = %e, "reply not delivered"),
+        Err(_) => {
+            cut_off(
+                &conn,
+                &shared,
+                ErrorKind::Deadline,
+                "the reply was not read within the request deadline",
+            );
+            return;
+        }
+    }
+    shared.metrics.observe(op, started.elapsed());
+    if let Some(rej) = fatal {
+        // Give the error frame a moment to arrive before the close.
+        let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+        close_with(&conn, rej.kind, &rej.message);
+    }
+}
+
+/// Runs `f` on the blocking pool (store calls do disk I/O and hashing).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StoreError::Output {
+            what: "a store task".into(),
+            error: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+fn internal(what: &str, e: &StoreError) -> Message {
+    error!(error = %e, "{what} failed");
+    Message::error(
+        ErrorKind::Internal,
+        format!("the server could not {what} (its store failed; see the server's log)"),
+    )
+}
+
+async fn execute(
+    shared: &Arc<Shared>,
+    session: &Arc<Mutex<ServerSession>>,
+    action: Action,
+) -> Message {
+    let store = shared.store.clone();
+    let metrics = &shared.metrics;
+    let reply = match action {
+        Action::Missing { ids } => {
+            let n = ids.len() as u64;
+            match blocking(move || store.missing(&ids)).await {
+                Ok(missing) => {
+                    metrics
+                        .dedup_hits
+                        .fetch_add(n - missing.len() as u64, Relaxed);
+                    Message::MissingReply { ids: missing }
+                }
+                Err(e) => internal("look chunks up", &e),
+            }
+        }
+        Action::Put { chunks } => {
+            let n = chunks.len() as u32;
+            match blocking(move || store.import_chunks(&chunks)).await {
+                Ok(new) => {
+                    metrics.chunks_received.fetch_add(n as u64, Relaxed);
+                    metrics.chunks_stored.fetch_add(new, Relaxed);
+                    Message::PutReply {
+                        received: n,
+                        new: new as u32,
+                    }
+                }
+                Err(StoreError::CorruptChunk { chunk, detail, .. }) => Message::error(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "uploaded chunk {chunk} does not match its id ({detail}); \
+                         nothing of this upload was stored"
+                    ),
+                ),
+                Err(e) => internal("store uploaded chunks", &e),
+            }
+        }
+        Action::Commit { name, manifest } => {
+            let n = name.clone();
+            match blocking(move || store.commit_manifest(&n, &manifest)).await {
+                Ok(id) => {
+                    metrics.commits.fetch_add(1, Relaxed);
+                    info!(name = %name, manifest = %id, "committed");
+                    Message::CommitReply { id }
+                }
+                Err(StoreError::MissingChunk { chunk, .. }) => Message::error(
+                    ErrorKind::MissingChunks,
+                    format!(
+                        "commit of {name} refused: chunk {chunk} is not on the server \
+                         (upload every chunk before committing)"
+                    ),
+                ),
+                Err(StoreError::Manifest {
+                    problem: source, ..
+                }) => Message::error(
+                    ErrorKind::Corrupt,
+                    format!("commit of {name} refused: the manifest does not decode ({source})"),
+                ),
+                Err(e) => internal("commit", &e),
+            }
+        }
+        Action::GetManifest { name, have } => {
+            let n = name.clone();
+            let scopes = session
+                .lock()
+                .ok()
+                .and_then(|s| s.grant().map(|g| g.scopes.clone()))
+                .unwrap_or_default();
+            match blocking(move || {
+                let (id, bytes) = store.manifest_bytes(&n)?;
+                let m = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
+                    name: n.to_string(),
+                    id,
+                    problem: source,
+                })?;
+                Ok((manifest_reply(&store, id, bytes, &have, &scopes), m))
+            })
+            .await
+            {
+                Ok((reply, m)) => {
+                    if let Ok(mut s) = session.lock() {
+                        s.manifest_served(&m);
+                    }
+                    reply
+                }
+                Err(StoreError::Ref(RefError::NotFound(_))) => Message::error(
+                    ErrorKind::NotFound,
+                    format!("the server has no stash named {name:?}"),
+                ),
+                Err(e) => internal("read the manifest", &e),
+            }
+        }
+        Action::GetChunks { ids } => {
+            let budget =
+                (shared.limits.max_frame_bytes as usize).saturating_sub(1024 + 32 * ids.len());
+            match blocking(move || {
+                let mut chunks = Vec::new();
+                let mut not_found = Vec::new();
+                let mut used = 0usize;
+                for id in &ids {
+                    match store.read_stored(id)? {
+                        Some(c) => {
+                            let cost = proto::CHUNK_OVERHEAD + c.bytes.len();
+                            if used + cost > budget && !chunks.is_empty() {
+                                break; // the client asks again for the rest
+                            }
+                            used += cost;
+                            chunks.push(c);
+                        }
+                        None => not_found.push(*id),
+                    }
+                }
+                Ok((chunks, not_found))
+            })
+            .await
+            {
+                Ok((chunks, not_found)) => {
+                    metrics.chunks_sent.fetch_add(chunks.len() as u64, Relaxed);
+                    if !not_found.is_empty() {
+                        warn!(count = not_found.len(), first = %not_found[0],
+                              "a served manifest names chunks the store lacks; run ferry fsck");
+                    }
+                    Message::Chunks { chunks, not_found }
+                }
+                Err(e) => internal("read chunks", &e),
+            }
+        }
+        Action::List { prefix } => {
+            let p = prefix.clone();
+            match blocking(move || store.list(if p.is_empty() { None } else { Some(&p) })).await {
+                Ok(entries) => {
+                    let s = session.lock();
+                    let entries = entries
+                        .into_iter()
+                        .filter(|e| s.as_ref().is_ok_and(|s| s.readable(&e.name)))
+                        .map(|e| ListEntry {
+                            name: e.name,
+                            manifest: e.manifest,
+                            created: e.created,
+                            header: e.header.and_then(|h| serde_json::to_string(&h).ok()),
+                        })
+                        .collect();
+                    Message::Listing { entries }
+                }
+                Err(e) => internal("list", &e),
+            }
+        }
+    };
+    if let Message::Error { kind, .. } = &reply {
+        metrics.error(*kind);
+    }
+    reply
+}
+
+/// The answer to a manifest request: nothing if the client holds the
+/// manifest, a delta against one it holds (and the token may read), or the
+/// manifest whole.
+fn manifest_reply(
+    store: &Store,
+    id: ManifestId,
+    bytes: Vec<u8>,
+    have: &[ManifestId],
+    scopes: &Scopes,
+) -> Message {
+    if have.contains(&id) {
+        return Message::ManifestDelta {
+            id,
+            base: id,
+            delta: Vec::new(),
+        };
+    }
+    if have.is_empty() {
+        return Message::Manifest { id, bytes };
+    }
+    // Only manifests that a name the token may read points at serve as
+    // bases: the delta then tells the client nothing it could not fetch.
+    let backend = store.backend();
+    let mut readable = HashSet::new();
+    for scope in &scopes.read {
+        let prefix = Some(scope.prefix()).filter(|p| !p.is_empty());
+        if let Ok(refs) = store::refs::list(backend, prefix) {
+            readable.extend(refs.into_iter().map(|(_, m)| m));
+        }
+    }
+    let base = have.iter().find(|b| readable.contains(*b));
+    if let Some(base) = base {
+        if let Ok(b) = backend.get(Kind::Manifest, &base.to_hex()) {
+            if let Some(delta) = crate::delta::make(&b, &bytes) {
+                return Message::ManifestDelta {
+                    id,
+                    base: *base,
+                    delta,
+                };
+            }
+        }
+    }
+    Message::Manifest { id, bytes }
+}
+
+/// Runs a server from `cfg` until SIGTERM or SIGINT, on a runtime of its
+/// own. `ready` is called once the server listens (to print the address
+/// and the certificate's fingerprint).
+pub fn serve_until_signal(
+    cfg: &ServerConfig,
+    ready: impl FnOnce(&Server),
+) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    rt.block_on(async {
+        let server = Server::bind(cfg).await?;
+        ready(&server);
+        let handle = server.handle();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ServerError::Runtime)?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+            }
+            handle.shutdown();
+        });
+        server.run().await
+    })
+}

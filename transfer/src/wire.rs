@@ -1,0 +1,109 @@
+//! Frames over QUIC streams: the only place bytes meet [`crate::proto`].
+
+use crate::proto::{self, Message, ProtoError, HEADER_LEN};
+use quinn::{ReadError, ReadExactError, RecvStream, SendStream, WriteError};
+
+/// Why a frame could not be moved.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WireError {
+    /// The stream ended before a frame started.
+    #[error("the stream ended before a message")]
+    Ended,
+    /// The stream ended inside a frame.
+    #[error("the stream ended inside a message")]
+    Truncated,
+    /// The bytes are not a valid frame.
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    /// Reading failed (connection lost, stream reset).
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// Writing failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// Reads one frame. Memory grows only as bytes actually arrive, so a peer
+/// cannot make us reserve `max_frame` by announcing it.
+pub(crate) async fn read_message(
+    recv: &mut RecvStream,
+    max_frame: u32,
+) -> Result<(Message, usize), WireError> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Err(WireError::Ended),
+        Err(ReadExactError::FinishedEarly(_)) => return Err(WireError::Truncated),
+        Err(ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let len = proto::frame_len(header, max_frame)?;
+    let mut payload = Vec::with_capacity(len.min(1 << 20));
+    while payload.len() < len {
+        match recv.read_chunk(len - payload.len(), true).await? {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            None => return Err(WireError::Truncated),
+        }
+    }
+    Ok((proto::decode(&payload)?, HEADER_LEN + len))
+}
+
+/// Writes one frame; returns its size.
+pub(crate) async fn write_message(
+    send: &mut SendStream,
+    msg: &Message,
+) -> Result<usize, WireError> {
+    let frame = proto::encode(msg);
+    send.write_all(&frame).await?;
+    Ok(frame.len())
+}
+
+/// The QUIC transport settings both ends use.
+pub(crate) fn transport(
+    idle: std::time::Duration,
+    bidi_streams: u32,
+) -> Result<quinn::TransportConfig, String> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(bidi_streams.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle).map_err(|e| format!("idle timeout: {e}"))?,
+        ))
+        // Large windows: chunks travel in frames of several MiB.
+        .stream_receive_window((16u32 << 20).into())
+        .receive_window((128u32 << 20).into())
+        .send_window(128 << 20);
+    // Let MTU discovery find large datagrams where the path has them
+    // (loopback, jumbo frames): far fewer packets to encrypt and send.
+    // Paths with a 1500-byte MTU stay at quinn's usual size.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(max_udp_payload());
+    t.mtu_discovery_config(Some(mtu));
+    Ok(t)
+}
+
+fn max_udp_payload() -> u16 {
+    std::env::var("FERRY_QUIC_MAX_UDP_PAYLOAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAX_UDP_PAYLOAD)
+        .clamp(1200, 65527)
+}
+
+/// Largest UDP payload accepted and probed for.
+const MAX_UDP_PAYLOAD: u16 = 1472;
+
+/// A QUIC endpoint on `addr` (a server if `server` is given) that accepts
+/// datagrams up to [`max_udp_payload`].
+pub(crate) fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(max_udp_payload())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
+    quinn::Endpoint::new(config, server, socket, runtime)
+}

@@ -1,0 +1,233 @@
+//! Tokens, scopes and certificates.
+
+use crate::util::*;
+use transfer::client::{list, pull, push, ClientError, Remote, Session};
+use transfer::proto::{ErrorKind, Message};
+use transfer::tls::Trust;
+
+fn refused(e: ClientError) -> ErrorKind {
+    match e {
+        ClientError::Refused { kind, .. } => kind,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_request_token_reads_main_and_its_own_pr_and_writes_only_its_pr() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let main = server.remote(MAIN);
+    let pr = server.remote(PR);
+    let ci = client_store(dir.path(), "ci");
+    let data = mixed_bytes(1, 600_000);
+    stash_bytes(&ci, "main/base", &data).await;
+    stash_bytes(&ci, "pr/999/other", &mixed_bytes(2, 300_000)).await;
+    for n in ["main/base", "pr/999/other"] {
+        push(ci.clone(), &name(n), &main, &opts(), none())
+            .await
+            .unwrap();
+    }
+
+    // The PR token reads main, and writes its own scope.
+    let node = client_store(dir.path(), "pr-node");
+    pull(node.clone(), &name("main/base"), &pr, &opts(), none())
+        .await
+        .unwrap();
+    assert_eq!(unstash_bytes(&node, "main/base").await, data);
+    stash_bytes(&node, "pr/1234/ci", &mixed_bytes(3, 300_000)).await;
+    push(node.clone(), &name("pr/1234/ci"), &pr, &opts(), none())
+        .await
+        .unwrap();
+
+    // It cannot write main, nor read another PR.
+    stash_bytes(&node, "main/poisoned", &mixed_bytes(4, 300_000)).await;
+    let e = push(node.clone(), &name("main/poisoned"), &pr, &opts(), none())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("may not write"), "{e}");
+    assert_eq!(refused(e), ErrorKind::Forbidden);
+    let e = pull(node.clone(), &name("pr/999/other"), &pr, &opts(), none())
+        .await
+        .unwrap_err();
+    assert_eq!(refused(e), ErrorKind::Forbidden);
+
+    // The server enforces it too, whatever the client does: crafted requests.
+    let s = Session::connect(&pr, &opts()).await.unwrap();
+    let ids = chunk_ids(&node, "main/poisoned");
+    let stored = node.read_stored(&ids[0]).unwrap().unwrap();
+    let (_, manifest) = node.manifest_bytes(&name("main/poisoned")).unwrap();
+    for msg in [
+        Message::Missing {
+            name: "main/poisoned".into(),
+            ids: ids.clone(),
+        },
+        Message::PutChunks {
+            name: "main/poisoned".into(),
+            chunks: vec![stored],
+        },
+        Message::Commit {
+            name: "main/poisoned".into(),
+            manifest,
+        },
+        Message::GetManifest {
+            name: "pr/999/other".into(),
+            have: vec![],
+        },
+        // Chunk ids of another PR's stash, known from elsewhere.
+        Message::GetChunks {
+            ids: chunk_ids(&ci, "pr/999/other"),
+        },
+    ] {
+        let what = msg.kind_name();
+        let e = s.request(&msg).await.unwrap_err();
+        assert_eq!(refused(e), ErrorKind::Forbidden, "{what}");
+    }
+    // Refusals do not end the session.
+    assert!(matches!(
+        s.request(&Message::GetManifest {
+            name: "main/base".into(),
+            have: vec![],
+        })
+        .await
+        .unwrap(),
+        Message::Manifest { .. }
+    ));
+    s.close().await;
+
+    // Nothing of main/poisoned reached the server.
+    let srv = server.open_store();
+    assert!(srv.manifest(&name("main/poisoned")).is_err());
+    assert_eq!(srv.missing(&ids).unwrap().len(), ids.len());
+
+    // Listing shows only readable names.
+    let seen: Vec<String> = list(&pr, None, &opts())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(seen, ["main/base", "pr/1234/ci"]);
+    let all = list(&main, None, &opts()).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all[0].header.as_ref().is_some_and(|h| h.size == 600_000));
+
+    // A read-only token cannot push at all.
+    let e = push(
+        node.clone(),
+        &name("main/base"),
+        &server.remote(READER),
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused(e), ErrorKind::Forbidden);
+    assert!(server.metrics.errors(ErrorKind::Forbidden) >= 5);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_wrong_tokens_are_rejected_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let c = client_store(dir.path(), "c");
+    stash_bytes(&c, "main/x", &mixed_bytes(1, 300_000)).await;
+    for (token, needle) in [("", "no token"), ("not-a-known-token", "not known")] {
+        let remote = server.remote(token);
+        let e = push(c.clone(), &name("main/x"), &remote, &opts(), none())
+            .await
+            .unwrap_err();
+        assert!(!e.is_transient());
+        assert!(e.to_string().contains(needle), "{e}");
+        assert_eq!(refused(e), ErrorKind::Unauthenticated);
+        let e = list(&remote, None, &opts()).await.unwrap_err();
+        assert_eq!(refused(e), ErrorKind::Unauthenticated);
+    }
+    let srv = server.open_store();
+    assert!(srv.list(None).unwrap().is_empty());
+    assert_eq!(srv.usage().unwrap().chunks, 0);
+    wait_for(5, "4 refusals counted", || {
+        server.metrics.errors(ErrorKind::Unauthenticated) == 4
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_mismatch_and_unreachable_servers_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let url = format!("quic://{}", server.addr);
+    let token = Some(transfer::auth::Token::new(MAIN).unwrap());
+
+    // Pinned to another certificate.
+    let other = Trust::from_arg(&format!("sha256:{}", "ab".repeat(32))).unwrap();
+    let r = Remote::new(&url, other, token.clone()).unwrap();
+    let e = list(&r, None, &opts()).await.unwrap_err();
+    assert!(matches!(e, ClientError::Certificate { .. }), "{e}");
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains(&server.fingerprint), "{e}");
+
+    // The server's certificate file works (pinned), as does its fingerprint.
+    let cert = dir.path().join("tls/cert.pem");
+    let r = Remote::new(
+        &url,
+        Trust::from_arg(cert.to_str().unwrap()).unwrap(),
+        token.clone(),
+    )
+    .unwrap();
+    assert!(list(&r, None, &opts()).await.unwrap().is_empty());
+
+    // Nobody listens: unreachable, transient, and said so.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    drop(sock);
+    let r = Remote::new(
+        &format!("quic://127.0.0.1:{port}"),
+        Trust::from_arg(&server.fingerprint).unwrap(),
+        token,
+    )
+    .unwrap();
+    let mut o = opts();
+    o.connect_timeout = std::time::Duration::from_millis(500);
+    let e = list(&r, None, &o).await.unwrap_err();
+    assert!(matches!(e, ClientError::Unreachable { .. }), "{e}");
+    assert!(e.is_transient());
+    server.stop().await;
+}
+
+/// A CA-signed server certificate is accepted through the CA, for the
+/// name it was issued to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_can_stand_in_for_pinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &*ca)
+        .unwrap();
+    std::fs::write(tls.join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(tls.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let trust = Trust::from_arg(dir.path().join("ca.pem").to_str().unwrap()).unwrap();
+    let token = Some(transfer::auth::Token::new(MAIN).unwrap());
+    let ok = Remote::new(
+        &format!("quic://localhost:{}", server.addr.port()),
+        trust.clone(),
+        token.clone(),
+    )
+    .unwrap();
+    assert!(list(&ok, None, &opts()).await.unwrap().is_empty());
+    // The same CA, but a name the certificate does not carry.
+    let wrong = Remote::new(&format!("quic://{}", server.addr), trust, token).unwrap();
+    let e = list(&wrong, None, &opts()).await.unwrap_err();
+    assert!(matches!(e, ClientError::Certificate { .. }), "{e}");
+    server.stop().await;
+}
