@@ -7,7 +7,8 @@ use serde::Deserialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
-use store::gc::{GcOptions, GcReport, Policy};
+use store::gc::{parse_duration, GcOptions, GcReport, Policy};
+use transfer::client::RemoteGcReport;
 
 pub const LONG_ABOUT: &str = "\
 Apply retention policies, then delete what no name refers to.
@@ -34,11 +35,25 @@ Config file (TOML):
   prefix = \"main\"
   keep_last = 10
 
+On a server:
+  --remote quic://HOST:PORT  run the same collection, with the same options, on
+                           the store of that `ferry serve` (also $FERRY_REMOTE)
+                           and print the server's report. Needs a token with
+                           the admin scope (`admin = true` in the server's
+                           [[token]] entry): --token-file FILE or
+                           $FERRY_TOKEN_FILE, and --server-cert as for the other
+                           remote commands. Only one collection runs on a
+                           server at a time; one already running (its [gc]
+                           schedule) makes the request fail as busy after a
+                           few retries.
+
 Examples:
   ferry gc --prefix build/5678            # a finished build's scope
   ferry gc --prefix main --keep-last 5 --dry-run
   ferry gc --max-age 7d --json
-  ferry gc                                # no policy: only collect garbage";
+  ferry gc                                # no policy: only collect garbage
+  ferry gc --remote quic://ferry.ci:4433 --token-file ops.token \\
+      --server-cert sha256:… --prefix build/5678";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -67,31 +82,8 @@ pub struct Args {
     /// the mark (time to write it, plus clock skew between machines).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, hide = true)]
     mark_slack: Option<Duration>,
-}
-
-/// `30s`, `15m`, `12h`, `7d`, `2w`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30m, 12h, 7d"))?;
-    let secs = match unit {
-        "" | "s" => 1,
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}: use s, m, h, d or w"
-            ))
-        }
-    };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("duration {text:?} is too long"))
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 #[derive(Deserialize)]
@@ -162,21 +154,46 @@ pub fn run(store_args: &StoreArgs, args: Args, out: &Output) -> anyhow::Result<(
     for p in &opts.policies {
         p.validate().map_err(anyhow::Error::msg)?;
     }
+    if let Some(remote) = args.remote.resolve()? {
+        if args.mark_slack.is_some() {
+            bail!("--mark-slack applies to a local gc only; a server uses its own");
+        }
+        let report = crate::remote::gc(&remote, &opts)?;
+        return out.emit(&report, |r: &RemoteGcReport| {
+            format!(
+                "on {}:\n{}",
+                r.remote,
+                render_counted(&r.report, r.names_not_listed)
+            )
+        });
+    }
     let store = store_args.open()?;
     let report = store.gc(&opts)?;
     out.emit(&report, render)
 }
 
 fn render(r: &GcReport) -> String {
+    render_counted(r, 0)
+}
+
+/// The report as text; `not_listed` more names were removed than
+/// `names_removed` lists (a server's report that did not fit in one reply).
+fn render_counted(r: &GcReport, not_listed: u64) -> String {
     let mut s = String::new();
     let verb = if r.dry_run { "would remove" } else { "removed" };
     for n in &r.names_removed {
         let _ = writeln!(s, "{verb} {} ({})", n.name, n.reason);
     }
+    if not_listed > 0 {
+        let _ = writeln!(
+            s,
+            "… and {not_listed} more (the list did not fit in the server's reply; see its log)"
+        );
+    }
     let _ = writeln!(
         s,
         "names: {} {verb}, {} kept; {} live chunks",
-        r.names_removed.len(),
+        r.names_removed.len() as u64 + not_listed,
         r.names_kept,
         r.live_chunks
     );

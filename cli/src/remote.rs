@@ -1,5 +1,6 @@
 //! `--remote`: stash = local stash, then push; unstash = pull into the local
-//! store (the node's cache), then the local unstash; ls = the server's list.
+//! store (the node's cache), then the local unstash; ls = the server's list;
+//! gc = a collection on the server's store (admin tokens).
 
 use crate::commands::StoreArgs;
 use crate::output::{bytes, rate, Output};
@@ -9,14 +10,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use store::name::Name;
 use store::repo::{Entry, Store};
-use transfer::client::{self, blocking, Options, PullReport, PushReport, Remote, TransferStats};
+use transfer::client::{
+    self, blocking, Options, PullReport, PushReport, Remote, RemoteGcReport, TransferStats,
+};
 use transfer::tls::Trust;
 
 /// Where the shared server is, and how to trust and authenticate to it.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct RemoteArgs {
     /// A ferry server, quic://HOST:PORT: stash pushes there after stashing
-    /// locally; unstash fetches the chunks this node lacks first.
+    /// locally; unstash fetches the chunks this node lacks first; ls lists
+    /// and gc collects the server's store.
     #[arg(long, env = client::REMOTE_ENV, value_name = "URL")]
     remote: Option<String>,
     /// File holding the token for --remote (never pass a token itself).
@@ -137,4 +141,10 @@ pub fn pull(
 /// The server's names under `prefix` (those the token may read).
 pub fn list(remote: &Remote, prefix: Option<&str>) -> anyhow::Result<Vec<Entry>> {
     Ok(blocking::list(remote, prefix, &Options::default())?)
+}
+
+/// Runs a collection with `opts` on the server's store (admin tokens only).
+pub fn gc(remote: &Remote, opts: &store::gc::GcOptions) -> anyhow::Result<RemoteGcReport> {
+    blocking::gc(remote, opts, &Options::default())
+        .with_context(|| format!("gc on {} failed", remote.display()))
 }

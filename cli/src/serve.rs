@@ -39,9 +39,25 @@ complete example). Relative paths in it are relative to the file. Keys:
   sha256 = \"<64 hex>\"              SHA-256 of the token (--new-token prints it)
   read = [\"main\", \"pr\"]            name prefixes it may read (\"*\": all)
   write = [\"pr\"]                   name prefixes it may write
+  admin = false                    true: may run `ferry gc --remote` (which can
+                                   remove any name); for operators only
+
+  [gc]                             scheduled retention and garbage collection
+  interval = \"1h\"                  how often (>= 1s); absent: never on a
+                                   schedule (only `ferry gc --remote`)
+  grace = \"1h\"                     condemned data is deleted only after this
+  repack_below = 0.5               repack packs less live than this (0: never)
+  [[gc.retention]]                 rules, as in `ferry gc --config`; a name
+  prefix = \"pr\"                    goes if any rule removes it: prefix alone
+  max_age = \"3d\"                   drops the scope, keep_last = N keeps the
+  keep_last = 10                   newest N per parent path, max_age drops
+                                   older names (durations: 90s, 15m, 12h, 7d, 2w)
 
 A peer that breaks a limit is cut off with an error; others keep being served.
-SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish, exit.
+One collection runs at a time (scheduled or remote), beside any number of
+stashes; its report is logged and counted in the metrics (ferry_gc_*).
+SIGTERM or Ctrl-C: stop accepting, let in-flight requests and a running
+collection finish (up to shutdown_grace_secs), exit.
 Logs go to stderr (FERRY_LOG=error|warn|info|debug|trace, default info).
 
 Examples:

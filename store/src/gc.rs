@@ -91,6 +91,32 @@ impl Policy {
     }
 }
 
+/// Parses a duration: `30s`, `15m`, `12h`, `7d`, `2w`, or plain seconds
+/// (the syntax of `ferry gc` and of the config files).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30m, 12h, 7d"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?}: use s, m, h, d or w"
+            ))
+        }
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("duration {text:?} is too long"))
+}
+
 /// How a collection runs.
 #[derive(Debug, Clone)]
 pub struct GcOptions {
@@ -130,7 +156,7 @@ pub struct RemovedName {
 }
 
 /// What a collection did (or, with `dry_run`, would do).
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
 pub struct GcReport {
     /// Nothing was changed.
     pub dry_run: bool,

@@ -609,6 +609,23 @@ impl Store {
         crate::gc::collect(self, opts)
     }
 
+    /// Re-reads the collector's marks and brings the chunk index up to date
+    /// with the packs on disk. Writers do this when they take their lease;
+    /// a long-lived reader of the store (a server) calls it after a
+    /// collection, so that no chunk keeps pointing at a pack it deleted.
+    /// Does nothing to the index if it was never loaded.
+    pub fn refresh(&self) -> Result<(), StoreError> {
+        *self.condemned.write().expect("condemned lock") =
+            crate::gc::condemned_packs(self.backend.as_ref())?;
+        if let Some(index) = self.index.get() {
+            index
+                .write()
+                .expect("index lock")
+                .sync(self.backend.as_ref())?;
+        }
+        Ok(())
+    }
+
     /// Of `ids`, those the store does not hold (in the order given, each once).
     pub fn missing(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, StoreError> {
         let index = self.index()?.read().expect("index lock");
@@ -768,14 +785,37 @@ impl Store {
                         hint: "unstash it into a directory (a path that does not exist yet, or an empty directory)",
                     });
                 }
-                if path.exists() && !force {
-                    return Err(StoreError::Exists { path });
+                let shown = path.display().to_string();
+                let existing = std::fs::metadata(&path).ok();
+                if let Some(meta) = &existing {
+                    if meta.is_dir() {
+                        return Err(StoreError::WrongTarget {
+                            name: name.to_string(),
+                            kind: kind.as_str(),
+                            hint: "the target is a directory: name a file in it, or - for standard output",
+                        });
+                    }
+                    if !meta.is_file() {
+                        // A device, FIFO or socket (/dev/stdout, a named pipe): write
+                        // into it; renaming over it would replace the node itself.
+                        let mut out = std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(output_err(&shown))?;
+                        let mut w = io::BufWriter::with_capacity(64 << 10, &mut out);
+                        reader.copy_to(&mut w, progress)?;
+                        w.flush().map_err(output_err(&shown))?;
+                        drop(w);
+                        return Ok(self.unstash_report(name, kind, size, chunks, started));
+                    }
+                    if !force {
+                        return Err(StoreError::Exists { path });
+                    }
                 }
                 let dir = match path.parent() {
                     Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                     _ => PathBuf::from("."),
                 };
-                let shown = path.display().to_string();
                 let mut tmp = tempfile_for(&path, &dir).map_err(output_err(&shown))?;
                 // Not fsynced: a restore is scratch data for the job at hand,
                 // and the rename already keeps a partial file from its name.
@@ -835,15 +875,26 @@ impl Store {
                 }
             }
         }
+        Ok(self.unstash_report(name, kind, size, chunks, started))
+    }
+
+    fn unstash_report(
+        &self,
+        name: &Name,
+        kind: StashKind,
+        size: u64,
+        chunks: u64,
+        started: Instant,
+    ) -> UnstashReport {
         let seconds = started.elapsed().as_secs_f64();
-        Ok(UnstashReport {
+        UnstashReport {
             name: name.to_string(),
             kind,
             size,
             chunks,
             seconds,
             bytes_per_second: size as f64 / seconds.max(1e-9),
-        })
+        }
     }
 
     /// Names, optionally under `prefix`, with their manifest headers.

@@ -364,3 +364,26 @@ fn chunks_and_manifests_move_between_stores() {
     );
     assert_eq!(unstash_bytes(&dst, "main/img"), data);
 }
+
+#[test]
+fn unstash_into_a_fifo_writes_into_it_and_leaves_the_node() {
+    use std::os::unix::fs::FileTypeExt;
+    let (d, s) = store();
+    let data = random(300_000, 11);
+    stash_bytes(&s, "f", &data);
+    let fifo = d.path().join("pipe");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    s.unstash(&name("f"), Target::File(fifo.clone()), false, &NoProgress)
+        .unwrap();
+    assert_eq!(reader.join().unwrap(), data);
+    assert!(
+        std::fs::metadata(&fifo).unwrap().file_type().is_fifo(),
+        "the FIFO was replaced"
+    );
+}

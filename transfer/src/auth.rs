@@ -246,17 +246,22 @@ impl fmt::Display for Scope {
     }
 }
 
-/// What a token may read and write.
+/// What a token may read and write, and whether it may administer the
+/// server.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Scopes {
     /// Readable prefixes.
     pub read: Vec<Scope>,
     /// Writable prefixes.
     pub write: Vec<Scope>,
+    /// The admin scope: may run a collection on the server (`ferry gc
+    /// --remote`), which can remove any name whatever `read` and `write`
+    /// say.
+    pub admin: bool,
 }
 
 impl Scopes {
-    /// Parses two lists of prefixes.
+    /// Parses two lists of prefixes (no admin scope).
     pub fn parse(read: &[&str], write: &[&str]) -> Result<Scopes, AuthError> {
         Ok(Scopes {
             read: read
@@ -267,7 +272,14 @@ impl Scopes {
                 .iter()
                 .map(|s| Scope::parse(s))
                 .collect::<Result<_, _>>()?,
+            admin: false,
         })
+    }
+
+    /// The same scopes, with the admin scope granted or not.
+    pub fn with_admin(mut self, admin: bool) -> Scopes {
+        self.admin = admin;
+        self
     }
 
     /// Whether `name` may be read (fetched, listed).

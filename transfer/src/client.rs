@@ -11,10 +11,13 @@
 //! (unreachable server, lost connection, "busy", "shutting down") are
 //! retried with exponential backoff; persistent ones (bad token, scope,
 //! certificate mismatch, corrupt data) end at once with a clear error.
+//!
+//! [`gc`] asks the server to run retention and garbage collection on its
+//! store (admin tokens only) and returns the server's report.
 
 use crate::auth::{Scopes, Token};
 use crate::config::DEFAULT_PORT;
-use crate::proto::{self, ErrorKind, Limits, Message, CHUNK_OVERHEAD};
+use crate::proto::{self, ErrorKind, GcRequest, Limits, Message, CHUNK_OVERHEAD};
 use crate::tls::{self, TlsError, Trust, Verifier};
 use crate::wire::{self, WireError};
 use serde::Serialize;
@@ -24,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::backend::Kind;
+use store::gc::{GcOptions, GcReport};
 use store::manifest::{ChunkRef, Header, Manifest};
 use store::name::Name;
 use store::repo::{Entry, Progress, Store, StoreError, StoredChunk};
@@ -35,6 +39,13 @@ use tracing::{debug, warn};
 pub const REMOTE_ENV: &str = "FERRY_REMOTE";
 /// Environment variable with the server certificate (file or fingerprint).
 pub const SERVER_CERT_ENV: &str = "FERRY_SERVER_CERT";
+/// How long a remote collection may take before the client gives up
+/// waiting for its report (the collection itself goes on on the server).
+pub const GC_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+/// While a request may be long (a collection), the client pings this often
+/// so that neither side takes the quiet connection for a dead one (a
+/// server's idle timeout may be as short as a second).
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
 
 /// What went wrong talking to a server.
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +196,8 @@ impl Remote {
         })
     }
 
-    fn display(&self) -> String {
+    /// The URL, `quic://HOST:PORT`.
+    pub fn display(&self) -> String {
         if self.host.contains(':') {
             format!("quic://[{}]:{}", self.host, self.port)
         } else {
@@ -336,6 +348,14 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Connects, checks the server's certificate and says hello.
     pub async fn connect(remote: &Remote, opts: &Options) -> Result<Session, ClientError> {
+        Self::connect_with(remote, opts, None).await
+    }
+
+    async fn connect_with(
+        remote: &Remote,
+        opts: &Options,
+        keep_alive: Option<Duration>,
+    ) -> Result<Session, ClientError> {
         let shown = remote.display();
         let unreachable = |detail: String| ClientError::Unreachable {
             remote: shown.clone(),
@@ -357,8 +377,9 @@ impl Session {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        let transport = wire::transport(opts.request_timeout.max(Duration::from_secs(30)), 0)
+        let mut transport = wire::transport(opts.request_timeout.max(Duration::from_secs(30)), 0)
             .map_err(ClientError::Config)?;
+        transport.keep_alive_interval(keep_alive);
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -1206,6 +1227,61 @@ pub async fn list(
         .collect())
 }
 
+/// What a remote collection did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteGcReport {
+    /// The server.
+    pub remote: String,
+    /// The server's report. `names_removed` may be cut short when the list
+    /// does not fit in one reply: see `names_not_listed`.
+    #[serde(flatten)]
+    pub report: GcReport,
+    /// Names removed that `report.names_removed` does not list.
+    pub names_not_listed: u64,
+}
+
+/// Runs retention and garbage collection with `gc` on the server's store
+/// and returns the server's report. Needs a token with the admin scope;
+/// any other is refused ([`ErrorKind::Forbidden`]) and nothing runs. A
+/// server already collecting answers [`ErrorKind::Busy`] (retried with
+/// backoff, like other transient failures). The mark slack of `gc` is not
+/// sent: the server uses its own.
+pub async fn gc(
+    remote: &Remote,
+    gc: &GcOptions,
+    opts: &Options,
+) -> Result<RemoteGcReport, ClientError> {
+    let request = GcRequest::from_options(gc);
+    request
+        .check()
+        .map_err(|(_, m)| ClientError::Config(format!("cannot ask for this collection: {m}")))?;
+    let ((report, names_not_listed), _) = with_retries(opts, "gc", |_| {
+        let request = request.clone();
+        async move {
+            let mut session = Session::connect_with(remote, opts, Some(KEEP_ALIVE)).await?;
+            session.request_timeout = session.request_timeout.max(GC_TIMEOUT);
+            let r = session.request(&Message::Gc { request }).await;
+            session.clone().close().await;
+            match r? {
+                Message::GcReply {
+                    report,
+                    names_not_listed,
+                } => Ok((report, names_not_listed)),
+                other => Err(session.protocol(format!(
+                    "unexpected answer to a gc request: {}",
+                    other.kind_name()
+                ))),
+            }
+        }
+    })
+    .await?;
+    Ok(RemoteGcReport {
+        remote: remote.display(),
+        report,
+        names_not_listed,
+    })
+}
+
 /// Blocking wrappers (each runs its own small runtime), for the CLI.
 pub mod blocking {
     use super::*;
@@ -1247,6 +1323,15 @@ pub mod blocking {
         opts: &Options,
     ) -> Result<Vec<Entry>, ClientError> {
         runtime()?.block_on(super::list(remote, prefix, opts))
+    }
+
+    /// [`super::gc`], blocking.
+    pub fn gc(
+        remote: &Remote,
+        gc: &GcOptions,
+        opts: &Options,
+    ) -> Result<RemoteGcReport, ClientError> {
+        runtime()?.block_on(super::gc(remote, gc, opts))
     }
 }
 

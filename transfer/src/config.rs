@@ -3,10 +3,11 @@
 
 use crate::auth::{AuthError, Scopes, TokenHash, TokenTable};
 use crate::proto::{self, Limits};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use store::gc::{GcOptions, Policy};
 
 /// Default UDP port of `ferry serve` (and of `quic://HOST` without a port).
 pub const DEFAULT_PORT: u16 = 4433;
@@ -172,6 +173,129 @@ pub struct TokenConfig {
     /// Name prefixes the token may write.
     #[serde(default)]
     pub write: Vec<String>,
+    /// The admin scope: may run `ferry gc --remote` (which can remove any
+    /// name, whatever `read` and `write` say).
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// A duration in a config file: `"90s"`, `"15m"`, `"12h"`, `"7d"`, `"2w"`,
+/// or a number of seconds.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Secs(u64),
+        Text(String),
+    }
+    match Text::deserialize(d)? {
+        Text::Secs(n) => Ok(Duration::from_secs(n)),
+        Text::Text(t) => store::gc::parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn some_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// `[[gc.retention]]`: one retention rule, as in `ferry gc --config`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Names the rule applies to (whole parts); alone, drop them all.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Keep the newest N names of each group (names sharing a parent path).
+    #[serde(default)]
+    pub keep_last: Option<usize>,
+    /// Remove names set longer ago than this.
+    #[serde(default, deserialize_with = "some_duration")]
+    pub max_age: Option<Duration>,
+}
+
+/// `[gc]`: the server's scheduled retention and garbage collection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// How often to collect; `None` (the key absent): never on a schedule.
+    #[serde(deserialize_with = "some_duration")]
+    pub interval: Option<Duration>,
+    /// Condemned data lives at least this long before it is deleted.
+    #[serde(deserialize_with = "duration")]
+    pub grace: Duration,
+    /// Repack packs whose live share of bytes is below this (0: never).
+    pub repack_below: f64,
+    /// Retention rules; a name goes if any rule removes it.
+    pub retention: Vec<RetentionConfig>,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        let d = GcOptions::default();
+        GcConfig {
+            interval: None,
+            grace: d.grace,
+            repack_below: d.repack_below,
+            retention: Vec::new(),
+        }
+    }
+}
+
+impl GcConfig {
+    /// The retention rules.
+    pub fn policies(&self) -> Vec<Policy> {
+        self.retention
+            .iter()
+            .map(|r| Policy {
+                prefix: r.prefix.clone(),
+                keep_last: r.keep_last,
+                max_age: r.max_age,
+            })
+            .collect()
+    }
+
+    /// The options of each scheduled collection.
+    pub fn options(&self) -> GcOptions {
+        GcOptions {
+            policies: self.policies(),
+            grace: self.grace,
+            repack_below: self.repack_below,
+            ..GcOptions::default()
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, problem: String| Err(ConfigError::Value { key, problem });
+        if let Some(i) = self.interval {
+            if !(Duration::from_secs(1)..=Duration::from_secs(366 * 86_400)).contains(&i) {
+                return bad(
+                    "gc.interval",
+                    "must be between 1 s and a year (e.g. \"1h\"); leave it out to \
+                     collect only on demand"
+                        .into(),
+                );
+            }
+        }
+        if self.grace > proto::MAX_GC_GRACE {
+            return bad("gc.grace", "must be at most ten years".into());
+        }
+        if !(0.0..=1.0).contains(&self.repack_below) {
+            return bad(
+                "gc.repack_below",
+                format!(
+                    "must be between 0 (never repack) and 1 (got {})",
+                    self.repack_below
+                ),
+            );
+        }
+        for (i, p) in self.policies().iter().enumerate() {
+            p.validate().map_err(|e| ConfigError::Value {
+                key: "gc.retention",
+                problem: format!("entry {} ([[gc.retention]] number {}): {e}", i + 1, i + 1),
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// The whole server configuration.
@@ -198,6 +322,9 @@ pub struct ServerConfig {
     /// Accepted tokens.
     #[serde(default, rename = "token")]
     pub tokens: Vec<TokenConfig>,
+    /// Scheduled collection.
+    #[serde(default)]
+    pub gc: GcConfig,
 }
 
 fn default_cert_names() -> Vec<String> {
@@ -217,6 +344,7 @@ impl ServerConfig {
             metrics_listen: None,
             limits: LimitsConfig::default(),
             tokens: Vec::new(),
+            gc: GcConfig::default(),
         }
     }
 
@@ -237,8 +365,7 @@ impl ServerConfig {
                 *p = base.join(&*p);
             }
         }
-        cfg.token_table()?;
-        cfg.limits.validate()?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -247,9 +374,10 @@ impl ServerConfig {
         toml::from_str(text)
     }
 
-    /// Checks the limits and tokens.
+    /// Checks the limits, the tokens and the collection schedule.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.limits.validate()?;
+        self.gc.validate()?;
         self.token_table().map(|_| ())
     }
 
@@ -264,7 +392,9 @@ impl ServerConfig {
             let hash = TokenHash::from_hex(&t.sha256).map_err(err)?;
             let read: Vec<&str> = t.read.iter().map(String::as_str).collect();
             let write: Vec<&str> = t.write.iter().map(String::as_str).collect();
-            let scopes = Scopes::parse(&read, &write).map_err(err)?;
+            let scopes = Scopes::parse(&read, &write)
+                .map_err(err)?
+                .with_admin(t.admin);
             entries.push((t.name.clone(), hash, scopes));
         }
         Ok(TokenTable::new(entries))
@@ -282,6 +412,66 @@ mod tests {
         cfg.validate().unwrap();
         assert!(cfg.tokens.len() >= 2);
         assert!(cfg.metrics_listen.is_some());
+        assert!(
+            cfg.gc.interval.is_none(),
+            "the example's [gc] is commented out"
+        );
+        // Uncommented, its [gc] section (lines "#key = …") is valid too.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => {
+                    rest
+                }
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = ServerConfig::parse(&uncommented).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.gc.interval.is_some());
+        assert!(!cfg.gc.retention.is_empty());
+        assert!(cfg.tokens.iter().any(|t| t.admin));
+    }
+
+    #[test]
+    fn gc_section_and_admin_tokens() {
+        let text = format!(
+            "listen = \"127.0.0.1:1\"\nstore = \"s\"\ncert = \"c\"\nkey = \"k\"\n\
+             [[token]]\nname = \"ops\"\nsha256 = \"{}\"\nadmin = true\n\
+             [[token]]\nname = \"ci\"\nsha256 = \"{}\"\nread = [\"*\"]\n\
+             [gc]\ninterval = \"1h\"\ngrace = 30\nrepack_below = 0.25\n\
+             [[gc.retention]]\nprefix = \"pr\"\nmax_age = \"3d\"\n\
+             [[gc.retention]]\nprefix = \"main\"\nkeep_last = 10\n",
+            crate::auth::Token::new("ops-secret")
+                .unwrap()
+                .hash()
+                .to_hex(),
+            crate::auth::Token::new("ci-secret")
+                .unwrap()
+                .hash()
+                .to_hex(),
+        );
+        let cfg = ServerConfig::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.gc.interval, Some(Duration::from_secs(3600)));
+        let o = cfg.gc.options();
+        assert_eq!(o.grace, Duration::from_secs(30));
+        assert_eq!(o.repack_below, 0.25);
+        assert_eq!(o.policies.len(), 2);
+        assert_eq!(o.policies[0].max_age, Some(Duration::from_secs(3 * 86_400)));
+        assert_eq!(o.policies[1].keep_last, Some(10));
+        let table = cfg.token_table().unwrap();
+        let admin = |t: &str| table.authenticate(t).map(|g| g.scopes.admin);
+        assert_eq!(admin("ops-secret"), Some(true));
+        assert_eq!(admin("ci-secret"), Some(false));
+        // No [gc]: nothing scheduled, the defaults of `ferry gc`.
+        let cfg = ServerConfig::parse(
+            "listen = \"127.0.0.1:1\"\nstore = \"s\"\ncert = \"c\"\nkey = \"k\"\n",
+        )
+        .unwrap();
+        assert!(cfg.gc.interval.is_none());
+        assert_eq!(cfg.gc.grace, GcOptions::default().grace);
     }
 
     #[test]
@@ -320,6 +510,22 @@ mod tests {
                     "a".repeat(64)
                 ),
                 "../x",
+            ),
+            (format!("{base}[gc]\ninterval = \"0s\"\n"), "gc.interval"),
+            (format!("{base}[gc]\ninterval = \"soon\"\n"), "soon"),
+            (
+                format!("{base}[gc]\nrepack_below = 2.0\n"),
+                "gc.repack_below",
+            ),
+            (format!("{base}[gc]\nintervall = \"1h\"\n"), "intervall"),
+            (
+                format!("{base}[[gc.retention]]\nprefix = \"../x\"\n"),
+                "gc.retention",
+            ),
+            (format!("{base}[[gc.retention]]\n"), "gc.retention"),
+            (
+                format!("{base}[[gc.retention]]\nprefix = \"pr\"\nmax_age = \"3 days\"\n"),
+                "3 days",
             ),
         ];
         let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Request kinds timed separately.
-pub const OPS: [&str; 7] = [
+pub const OPS: [&str; 8] = [
     "hello",
     "missing",
     "put_chunks",
@@ -18,7 +18,29 @@ pub const OPS: [&str; 7] = [
     "get_manifest",
     "get_chunks",
     "list",
+    "gc",
 ];
+
+/// What started a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcTrigger {
+    /// The `[gc] interval` schedule.
+    Schedule,
+    /// `ferry gc --remote` (an admin token).
+    Remote,
+}
+
+impl GcTrigger {
+    /// A short label (metrics, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GcTrigger::Schedule => "schedule",
+            GcTrigger::Remote => "remote",
+        }
+    }
+
+    const ALL: [GcTrigger; 2] = [GcTrigger::Schedule, GcTrigger::Remote];
+}
 
 /// Latency histogram bucket bounds, seconds.
 const BUCKETS: [f64; 12] = [
@@ -53,6 +75,16 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Authenticated sessions now open.
     pub active_sessions: AtomicI64,
+    /// Collections finished, by trigger (schedule, remote).
+    gc_runs: [AtomicU64; 2],
+    /// Collections that failed, by trigger.
+    gc_errors: [AtomicU64; 2],
+    /// Bytes collections deleted.
+    pub gc_bytes_freed: AtomicU64,
+    /// Names retention removed.
+    pub gc_names_removed: AtomicU64,
+    /// 1 while a collection runs.
+    pub gc_running: AtomicI64,
     errors: [AtomicU64; ErrorKind::ALL.len()],
     latency: [Histogram; OPS.len()],
 }
@@ -77,6 +109,29 @@ impl Metrics {
             .iter()
             .position(|k| *k == kind)
             .map_or(0, |i| self.errors[i].load(Relaxed))
+    }
+
+    /// Counts a finished collection (`freed` bytes, `names` removed; a dry
+    /// run frees nothing).
+    pub fn gc_run(&self, trigger: GcTrigger, freed: u64, names: u64) {
+        self.gc_runs[trigger as usize].fetch_add(1, Relaxed);
+        self.gc_bytes_freed.fetch_add(freed, Relaxed);
+        self.gc_names_removed.fetch_add(names, Relaxed);
+    }
+
+    /// Counts a failed collection.
+    pub fn gc_error(&self, trigger: GcTrigger) {
+        self.gc_errors[trigger as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Collections finished so far, by trigger.
+    pub fn gc_runs(&self, trigger: GcTrigger) -> u64 {
+        self.gc_runs[trigger as usize].load(Relaxed)
+    }
+
+    /// Collections failed so far, by trigger.
+    pub fn gc_errors(&self, trigger: GcTrigger) -> u64 {
+        self.gc_errors[trigger as usize].load(Relaxed)
     }
 
     /// Records how long a request of kind `op` took.
@@ -149,6 +204,40 @@ impl Metrics {
              # TYPE ferry_active_sessions gauge\nferry_active_sessions {}",
             self.active_sessions.load(Relaxed)
         );
+        let _ = writeln!(
+            s,
+            "# HELP ferry_gc_bytes_freed_total Bytes garbage collections deleted.\n\
+             # TYPE ferry_gc_bytes_freed_total counter\nferry_gc_bytes_freed_total {}\n\
+             # HELP ferry_gc_names_removed_total Names retention policies removed.\n\
+             # TYPE ferry_gc_names_removed_total counter\nferry_gc_names_removed_total {}\n\
+             # HELP ferry_gc_running Whether a garbage collection is running.\n\
+             # TYPE ferry_gc_running gauge\nferry_gc_running {}",
+            self.gc_bytes_freed.load(Relaxed),
+            self.gc_names_removed.load(Relaxed),
+            self.gc_running.load(Relaxed)
+        );
+        for (name, help, counts) in [
+            (
+                "ferry_gc_runs_total",
+                "Garbage collections finished, by trigger.",
+                &self.gc_runs,
+            ),
+            (
+                "ferry_gc_errors_total",
+                "Garbage collections that failed, by trigger.",
+                &self.gc_errors,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (t, c) in GcTrigger::ALL.iter().zip(counts) {
+                let _ = writeln!(
+                    s,
+                    "{name}{{trigger=\"{}\"}} {}",
+                    t.as_str(),
+                    c.load(Relaxed)
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "# HELP ferry_errors_total Errors sent to clients, by kind.\n# TYPE ferry_errors_total counter"
@@ -253,5 +342,15 @@ mod tests {
         );
         assert!(t.contains("ferry_request_duration_seconds_count{op=\"commit\"} 1\n"));
         assert_eq!(m.errors(ErrorKind::Forbidden), 1);
+        m.gc_run(GcTrigger::Schedule, 4096, 2);
+        m.gc_error(GcTrigger::Remote);
+        let t = m.render();
+        assert!(t.contains("ferry_gc_runs_total{trigger=\"schedule\"} 1\n"));
+        assert!(t.contains("ferry_gc_runs_total{trigger=\"remote\"} 0\n"));
+        assert!(t.contains("ferry_gc_errors_total{trigger=\"remote\"} 1\n"));
+        assert!(t.contains("ferry_gc_bytes_freed_total 4096\n"));
+        assert!(t.contains("ferry_gc_names_removed_total 2\n"));
+        assert!(t.contains("ferry_gc_running 0\n"));
+        assert_eq!(m.gc_runs(GcTrigger::Schedule), 1);
     }
 }

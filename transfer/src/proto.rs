@@ -35,7 +35,9 @@
 
 use crate::auth::{Grant, Scopes, TokenTable};
 use std::collections::HashSet;
+use std::time::Duration;
 use store::compress::Codec;
+use store::gc::{GcOptions, GcReport, Policy, RemovedName};
 use store::manifest::Manifest;
 use store::name::Name;
 use store::repo::{StoredChunk, MAX_CHUNK};
@@ -59,6 +61,16 @@ pub const MAX_TOKEN_LEN: usize = 4096;
 pub const MAX_HAVE: usize = 16;
 /// Bytes of a chunk's fixed fields in a frame (id, codec, raw and stored length).
 pub const CHUNK_OVERHEAD: usize = 32 + 1 + 4 + 4;
+/// Most retention policies in one [`Message::Gc`].
+pub const MAX_GC_POLICIES: usize = 64;
+/// Longest policy prefix in a [`Message::Gc`] (a name and a trailing `/`).
+pub const MAX_GC_PREFIX_LEN: usize = store::name::MAX_NAME_LEN + 1;
+/// Longest grace period a [`Message::Gc`] may ask for (ten years).
+pub const MAX_GC_GRACE: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// Most names kept by a `keep_last` policy in a [`Message::Gc`].
+pub const MAX_GC_KEEP_LAST: u64 = u32::MAX as u64;
+/// The repack threshold's unit in a [`Message::Gc`]: parts per million.
+pub const PPM: u32 = 1_000_000;
 
 /// What went wrong, as it travels in [`Message::Error`] and as a QUIC
 /// application close code.
@@ -216,6 +228,104 @@ pub struct ListEntry {
     pub header: Option<String>,
 }
 
+/// What a remote collection is to do: the options of `ferry gc`, as they
+/// travel in [`Message::Gc`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcRequest {
+    /// Retention rules (at most [`MAX_GC_POLICIES`]); a name goes if any
+    /// rule removes it.
+    pub policies: Vec<Policy>,
+    /// Condemned data lives at least this long before it is deleted
+    /// (whole seconds; at most [`MAX_GC_GRACE`]).
+    pub grace: Duration,
+    /// Repack packs whose live share of bytes is below this many parts per
+    /// million (0: never; at most [`PPM`]).
+    pub repack_below_ppm: u32,
+    /// Plan only: change nothing.
+    pub dry_run: bool,
+}
+
+impl GcRequest {
+    /// The request for a collection with `opts` (the mark slack stays the
+    /// server's).
+    pub fn from_options(opts: &GcOptions) -> GcRequest {
+        let ppm = (opts.repack_below.clamp(0.0, 1.0) * PPM as f64).round() as u32;
+        GcRequest {
+            policies: opts.policies.clone(),
+            grace: Duration::from_secs(opts.grace.as_secs()),
+            repack_below_ppm: ppm,
+            dry_run: opts.dry_run,
+        }
+    }
+
+    /// The options a server runs the collection with.
+    pub fn to_options(&self) -> GcOptions {
+        GcOptions {
+            policies: self.policies.clone(),
+            grace: self.grace,
+            repack_below: f64::from(self.repack_below_ppm) / f64::from(PPM),
+            dry_run: self.dry_run,
+            ..GcOptions::default()
+        }
+    }
+
+    /// Checks every value against its bounds (the server does, whatever
+    /// the client sent): the error's kind and what is wrong.
+    pub fn check(&self) -> Result<(), (ErrorKind, String)> {
+        if self.policies.len() > MAX_GC_POLICIES {
+            return Err((
+                ErrorKind::Limit,
+                format!(
+                    "{} retention policies; at most {MAX_GC_POLICIES} are accepted",
+                    self.policies.len()
+                ),
+            ));
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            if p.prefix
+                .as_ref()
+                .is_some_and(|x| x.len() > MAX_GC_PREFIX_LEN)
+            {
+                return Err((
+                    ErrorKind::BadName,
+                    format!("policy {}: the prefix is longer than a name", i + 1),
+                ));
+            }
+            if p.keep_last.is_some_and(|k| k as u64 > MAX_GC_KEEP_LAST) {
+                return Err((
+                    ErrorKind::Limit,
+                    format!("policy {}: keep_last is out of range", i + 1),
+                ));
+            }
+            p.validate().map_err(|e| {
+                let kind = if e.contains("prefix") && p.prefix.is_some() {
+                    ErrorKind::BadName
+                } else {
+                    ErrorKind::Protocol
+                };
+                (kind, format!("policy {}: {e}", i + 1))
+            })?;
+        }
+        if self.grace > MAX_GC_GRACE {
+            return Err((
+                ErrorKind::Limit,
+                format!(
+                    "a grace period of {} s is longer than the limit of {} s",
+                    self.grace.as_secs(),
+                    MAX_GC_GRACE.as_secs()
+                ),
+            ));
+        }
+        if self.repack_below_ppm > PPM {
+            return Err((
+                ErrorKind::Limit,
+                "the repack threshold is above 1 (every byte of a pack)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -332,6 +442,20 @@ pub enum Message {
         /// Entries, sorted by name.
         entries: Vec<ListEntry>,
     },
+    /// Run retention and garbage collection on the server's store (tokens
+    /// with the admin scope only).
+    Gc {
+        /// What to collect.
+        request: GcRequest,
+    },
+    /// What the collection did (or, for a dry run, would do).
+    GcReply {
+        /// The server's report. Its `names_removed` may be cut short to fit
+        /// in one frame.
+        report: GcReport,
+        /// Removed names missing from `report.names_removed`.
+        names_not_listed: u64,
+    },
 }
 
 mod tag {
@@ -351,6 +475,8 @@ mod tag {
     pub const LIST: u8 = 20;
     pub const LISTING: u8 = 21;
     pub const MANIFEST_DELTA: u8 = 22;
+    pub const GC: u8 = 23;
+    pub const GC_REPLY: u8 = 24;
 }
 
 impl Message {
@@ -373,6 +499,8 @@ impl Message {
             Message::Chunks { .. } => "chunks",
             Message::List { .. } => "list",
             Message::Listing { .. } => "listing",
+            Message::Gc { .. } => "gc",
+            Message::GcReply { .. } => "gc_reply",
         }
     }
 
@@ -450,6 +578,37 @@ fn put_chunks(out: &mut Vec<u8>, chunks: &[StoredChunk]) {
     }
 }
 
+fn policy_len(p: &Policy) -> usize {
+    1 + p.prefix.as_ref().map_or(0, |x| 4 + x.len())
+        + p.keep_last.map_or(0, |_| 8)
+        + p.max_age.map_or(0, |_| 8)
+}
+
+/// Bytes one removed name takes in a [`Message::GcReply`].
+pub fn removed_name_len(r: &RemovedName) -> usize {
+    8 + r.name.len() + r.reason.len()
+}
+
+/// Bytes of a [`Message::GcReply`] besides its removed names.
+pub const GC_REPLY_FIXED: usize = HEADER_LEN + 1 + 1 + 4 + 8 + 12 * 8;
+
+fn gc_counters(r: &GcReport) -> [u64; 12] {
+    [
+        r.names_kept,
+        r.live_chunks,
+        r.packs_condemned,
+        r.packs_uncondemned,
+        r.packs_repacked,
+        r.packs_deleted,
+        r.manifests_deleted,
+        r.bytes_freed,
+        r.bytes_pending,
+        r.blocked_by_leases,
+        r.bytes_freeable_now,
+        r.leftovers_removed,
+    ]
+}
+
 /// Bytes `msg` takes as a frame, header included.
 pub fn encoded_len(msg: &Message) -> usize {
     let strs = |v: &[String]| 4 + v.iter().map(|s| 4 + s.len()).sum::<usize>();
@@ -486,6 +645,17 @@ pub fn encoded_len(msg: &Message) -> usize {
                         4 + e.name.len() + 32 + 8 + 1 + e.header.as_ref().map_or(0, |h| 4 + h.len())
                     })
                     .sum::<usize>()
+            }
+            Message::Gc { request } => {
+                4 + request.policies.iter().map(policy_len).sum::<usize>() + 8 + 4 + 1
+            }
+            Message::GcReply { report, .. } => {
+                GC_REPLY_FIXED - HEADER_LEN - 1
+                    + report
+                        .names_removed
+                        .iter()
+                        .map(removed_name_len)
+                        .sum::<usize>()
             }
         }
 }
@@ -594,6 +764,44 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
                     }
                     None => out.push(0),
                 }
+            }
+        }
+        Message::Gc { request } => {
+            out.push(tag::GC);
+            put_len(out, request.policies.len());
+            for p in &request.policies {
+                let flags = u8::from(p.prefix.is_some())
+                    | u8::from(p.keep_last.is_some()) << 1
+                    | u8::from(p.max_age.is_some()) << 2;
+                out.push(flags);
+                if let Some(x) = &p.prefix {
+                    put_bytes(out, x.as_bytes());
+                }
+                if let Some(k) = p.keep_last {
+                    out.extend_from_slice(&(k as u64).to_le_bytes());
+                }
+                if let Some(a) = p.max_age {
+                    out.extend_from_slice(&a.as_secs().to_le_bytes());
+                }
+            }
+            out.extend_from_slice(&request.grace.as_secs().to_le_bytes());
+            put_u32(out, request.repack_below_ppm);
+            out.push(u8::from(request.dry_run));
+        }
+        Message::GcReply {
+            report,
+            names_not_listed,
+        } => {
+            out.push(tag::GC_REPLY);
+            out.push(u8::from(report.dry_run));
+            put_len(out, report.names_removed.len());
+            for r in &report.names_removed {
+                put_bytes(out, r.name.as_bytes());
+                put_bytes(out, r.reason.as_bytes());
+            }
+            out.extend_from_slice(&names_not_listed.to_le_bytes());
+            for v in gc_counters(report) {
+                out.extend_from_slice(&v.to_le_bytes());
             }
         }
     }
@@ -733,6 +941,106 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    fn flag(&mut self, field: &str) -> Result<bool, ProtoError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            f => Err(self.bad(format!("{field} flag {f}"))),
+        }
+    }
+
+    fn gc_request(&mut self) -> Result<GcRequest, ProtoError> {
+        let n = self.count(1)?;
+        if n > MAX_GC_POLICIES {
+            return Err(self.bad(format!(
+                "{n} retention policies; at most {MAX_GC_POLICIES} are accepted"
+            )));
+        }
+        let mut policies = Vec::with_capacity(n);
+        for _ in 0..n {
+            let flags = self.u8()?;
+            if flags & !0b111 != 0 {
+                return Err(self.bad(format!("policy flags {flags:#x}")));
+            }
+            let prefix = if flags & 1 != 0 {
+                let p = self.text("prefix")?;
+                if p.len() > MAX_GC_PREFIX_LEN {
+                    return Err(self.bad(format!(
+                        "a prefix of {} bytes; names are at most {} bytes",
+                        p.len(),
+                        store::name::MAX_NAME_LEN
+                    )));
+                }
+                Some(p)
+            } else {
+                None
+            };
+            let keep_last = if flags & 2 != 0 {
+                let k = self.u64()?;
+                if k > MAX_GC_KEEP_LAST {
+                    return Err(self.bad(format!("keep_last {k} out of range")));
+                }
+                Some(k as usize)
+            } else {
+                None
+            };
+            let max_age = if flags & 4 != 0 {
+                Some(Duration::from_secs(self.u64()?))
+            } else {
+                None
+            };
+            policies.push(Policy {
+                prefix,
+                keep_last,
+                max_age,
+            });
+        }
+        Ok(GcRequest {
+            policies,
+            grace: Duration::from_secs(self.u64()?),
+            repack_below_ppm: self.u32()?,
+            dry_run: self.flag("dry run")?,
+        })
+    }
+
+    fn gc_report(&mut self) -> Result<(GcReport, u64), ProtoError> {
+        let dry_run = self.flag("dry run")?;
+        let n = self.count(8)?;
+        let mut names_removed = Vec::with_capacity(n);
+        for _ in 0..n {
+            names_removed.push(RemovedName {
+                name: self.text("name")?,
+                reason: self.text("reason")?,
+            });
+        }
+        let not_listed = self.u64()?;
+        let mut c = [0u64; 12];
+        for v in &mut c {
+            *v = self.u64()?;
+        }
+        let [names_kept, live_chunks, packs_condemned, packs_uncondemned, packs_repacked, packs_deleted, manifests_deleted, bytes_freed, bytes_pending, blocked_by_leases, bytes_freeable_now, leftovers_removed] =
+            c;
+        Ok((
+            GcReport {
+                dry_run,
+                names_removed,
+                names_kept,
+                live_chunks,
+                packs_condemned,
+                packs_uncondemned,
+                packs_repacked,
+                packs_deleted,
+                manifests_deleted,
+                bytes_freed,
+                bytes_pending,
+                blocked_by_leases,
+                bytes_freeable_now,
+                leftovers_removed,
+            },
+            not_listed,
+        ))
+    }
+
     fn end(self) -> Result<(), ProtoError> {
         if self.buf.is_empty() {
             Ok(())
@@ -762,6 +1070,8 @@ pub fn decode(payload: &[u8]) -> Result<Message, ProtoError> {
         tag::CHUNKS => "chunks",
         tag::LIST => "list",
         tag::LISTING => "listing",
+        tag::GC => "gc",
+        tag::GC_REPLY => "gc_reply",
         other => return Err(ProtoError::UnknownType(other)),
     };
     let mut r = Reader { buf: body, what };
@@ -849,6 +1159,16 @@ pub fn decode(payload: &[u8]) -> Result<Message, ProtoError> {
                 });
             }
             Message::Listing { entries }
+        }
+        tag::GC => Message::Gc {
+            request: r.gc_request()?,
+        },
+        tag::GC_REPLY => {
+            let (report, names_not_listed) = r.gc_report()?;
+            Message::GcReply {
+                report,
+                names_not_listed,
+            }
         }
         _ => unreachable!("every known tag is matched above"),
     };
@@ -974,6 +1294,12 @@ pub enum Action {
     List {
         /// The prefix ("" for all).
         prefix: String,
+    },
+    /// Run a collection on the store (the token has the admin scope; the
+    /// request is within its bounds).
+    Gc {
+        /// What to collect.
+        request: GcRequest,
     },
 }
 
@@ -1153,6 +1479,26 @@ impl ServerSession {
                 Ok(Action::GetChunks { ids })
             }
             Message::List { prefix } => Ok(Action::List { prefix }),
+            Message::Gc { request } => {
+                if !scopes.admin {
+                    return Err(Reject::refuse(
+                        ErrorKind::Forbidden,
+                        format!(
+                            "the token {:?} does not have the admin scope, which a remote gc \
+                             needs (add `admin = true` to its [[token]] entry in the server's \
+                             config, or use an admin token); nothing was collected",
+                            grant.label
+                        ),
+                    ));
+                }
+                request.check().map_err(|(kind, message)| {
+                    Reject::refuse(
+                        kind,
+                        format!("the gc request is invalid: {message}; nothing was collected"),
+                    )
+                })?;
+                Ok(Action::Gc { request })
+            }
             other => Err(Reject::fatal(
                 ErrorKind::Protocol,
                 format!("{} is not a request", other.kind_name()),

@@ -8,12 +8,16 @@
 //! in-flight requests finish (a commit is one store call, so a name is
 //! never half-updated), then closes every connection with "shutting down",
 //! which clients treat as a reason to retry.
+//!
+//! Garbage collection runs on the server's store on a schedule (`[gc]` in
+//! the config) and on demand (`ferry gc --remote`, admin tokens), one
+//! collection at a time, on a blocking thread: it never blocks serving.
 
 use crate::auth::Scopes;
 use crate::auth::TokenTable;
 use crate::config::{ConfigError, LimitsConfig, ServerConfig};
-use crate::metrics::{self, Metrics};
-use crate::proto::{self, Action, ErrorKind, ListEntry, Message, Reject, ServerSession};
+use crate::metrics::{self, GcTrigger, Metrics};
+use crate::proto::{self, Action, ErrorKind, GcRequest, ListEntry, Message, Reject, ServerSession};
 use crate::tls::{self, TlsError};
 use crate::wire::{self, WireError};
 use std::collections::HashSet;
@@ -22,6 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::backend::Kind;
+use store::gc::{GcOptions, GcReport};
 use store::manifest::Manifest;
 use store::refs::RefError;
 use store::repo::{Store, StoreError};
@@ -98,12 +103,189 @@ impl ServerHandle {
     }
 }
 
+/// The collection running now, if any: what started it, and when.
+type GcSlot = watch::Sender<Option<(GcTrigger, Instant)>>;
+
 struct Shared {
     store: Arc<Store>,
     tokens: TokenTable,
     limits: LimitsConfig,
     metrics: Arc<Metrics>,
     connections: AtomicU32,
+    /// At most one collection at a time, whoever starts it.
+    gc: Arc<GcSlot>,
+}
+
+/// Holds the collection slot; frees it when dropped (on the blocking
+/// thread, once the collection has really ended).
+struct GcTicket {
+    slot: Arc<GcSlot>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for GcTicket {
+    fn drop(&mut self) {
+        self.metrics.gc_running.store(0, Relaxed);
+        self.slot.send_replace(None);
+    }
+}
+
+/// Why a collection did not run or did not finish.
+#[derive(Debug)]
+enum GcFailure {
+    /// Another collection is running.
+    Busy {
+        /// What started it.
+        trigger: GcTrigger,
+        /// How long it has been running.
+        running_for: Duration,
+    },
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl Shared {
+    /// Takes the collection slot, or says who holds it.
+    fn start_gc(&self, trigger: GcTrigger) -> Result<GcTicket, GcFailure> {
+        let mut busy = None;
+        let taken = self.gc.send_if_modified(|s| match s {
+            Some((t, at)) => {
+                busy = Some(GcFailure::Busy {
+                    trigger: *t,
+                    running_for: at.elapsed(),
+                });
+                false
+            }
+            None => {
+                *s = Some((trigger, Instant::now()));
+                true
+            }
+        });
+        if !taken {
+            return Err(busy.expect("set when the slot is taken"));
+        }
+        self.metrics.gc_running.store(1, Relaxed);
+        Ok(GcTicket {
+            slot: self.gc.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// Runs one collection with `opts` on a blocking thread, unless another
+/// one is running; logs and counts the outcome. The in-memory index of the
+/// server's store is brought up to date afterwards, so that no download
+/// reads a pack the collector deleted.
+async fn run_gc(
+    shared: &Shared,
+    opts: GcOptions,
+    trigger: GcTrigger,
+    by: &str,
+) -> Result<GcReport, GcFailure> {
+    let ticket = shared.start_gc(trigger)?;
+    let store = shared.store.clone();
+    let started = Instant::now();
+    info!(
+        trigger = trigger.as_str(),
+        by,
+        policies = opts.policies.len(),
+        grace_secs = opts.grace.as_secs(),
+        repack_below = opts.repack_below,
+        dry_run = opts.dry_run,
+        "garbage collection started"
+    );
+    let outcome = tokio::task::spawn_blocking(move || {
+        let _ticket = ticket;
+        let report = store.gc(&opts);
+        if let Err(e) = store.refresh() {
+            warn!(error = %e, "cannot re-read the store's index after garbage collection");
+        }
+        report
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(StoreError::Output {
+            what: "the garbage collection task".into(),
+            error: std::io::Error::other(e.to_string()),
+        })
+    });
+    let metrics = &shared.metrics;
+    match outcome {
+        Ok(report) => {
+            metrics.gc_run(
+                trigger,
+                report.bytes_freed,
+                if report.dry_run {
+                    0
+                } else {
+                    report.names_removed.len() as u64
+                },
+            );
+            for r in &report.names_removed {
+                if report.dry_run {
+                    debug!(name = %r.name, reason = %r.reason, "retention would remove");
+                } else {
+                    info!(name = %r.name, reason = %r.reason, "removed by retention");
+                }
+            }
+            info!(
+                trigger = trigger.as_str(),
+                by,
+                dry_run = report.dry_run,
+                names_removed = report.names_removed.len(),
+                names_kept = report.names_kept,
+                live_chunks = report.live_chunks,
+                packs_condemned = report.packs_condemned,
+                packs_repacked = report.packs_repacked,
+                packs_deleted = report.packs_deleted,
+                packs_uncondemned = report.packs_uncondemned,
+                manifests_deleted = report.manifests_deleted,
+                bytes_freed = report.bytes_freed,
+                bytes_pending = report.bytes_pending,
+                blocked_by_leases = report.blocked_by_leases,
+                bytes_freeable_now = report.bytes_freeable_now,
+                leftovers_removed = report.leftovers_removed,
+                seconds = started.elapsed().as_secs_f64(),
+                "garbage collection finished"
+            );
+            Ok(report)
+        }
+        Err(e) => {
+            metrics.gc_error(trigger);
+            error!(trigger = trigger.as_str(), by, error = %e,
+                   "garbage collection failed; the store stays consistent, the next run carries on");
+            Err(GcFailure::Store(e))
+        }
+    }
+}
+
+/// Runs a collection every `interval` until the server stops. A tick
+/// while another collection runs is skipped.
+async fn gc_schedule(
+    shared: Arc<Shared>,
+    interval: Duration,
+    opts: GcOptions,
+    mut rx: watch::Receiver<Stop>,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = rx.wait_for(|s| *s != Stop::Running) => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(GcFailure::Busy {
+            trigger,
+            running_for,
+        }) = run_gc(&shared, opts.clone(), GcTrigger::Schedule, "schedule").await
+        {
+            info!(
+                running = trigger.as_str(),
+                running_secs = running_for.as_secs(),
+                "scheduled garbage collection skipped: another one is running"
+            );
+        }
+    }
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -115,6 +297,8 @@ pub struct Server {
     fingerprint: String,
     generated: bool,
     stop: Arc<watch::Sender<Stop>>,
+    /// `[gc]`: how often, and with what options.
+    gc_schedule: Option<(Duration, GcOptions)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -184,12 +368,14 @@ impl Server {
                 limits: cfg.limits.clone(),
                 metrics: Arc::new(Metrics::default()),
                 connections: AtomicU32::new(0),
+                gc: Arc::new(watch::channel(None).0),
             }),
             metrics_listener,
             metrics_addr,
             fingerprint: identity.fingerprint(),
             generated: identity.generated,
             stop: Arc::new(tx),
+            gc_schedule: cfg.gc.interval.map(|i| (i, cfg.gc.options())),
         })
     }
 
@@ -234,10 +420,23 @@ impl Server {
             shared,
             metrics_listener,
             stop,
+            gc_schedule: schedule,
             ..
         } = self;
         let metrics_task =
             metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.metrics.clone())));
+        let gc_task = schedule.map(|(interval, opts)| {
+            info!(
+                interval_secs = interval.as_secs(),
+                policies = opts.policies.len(),
+                grace_secs = opts.grace.as_secs(),
+                "garbage collection scheduled"
+            );
+            tokio::spawn(
+                gc_schedule(shared.clone(), interval, opts, stop.subscribe())
+                    .instrument(tracing::info_span!("gc")),
+            )
+        });
         let mut rx = stop.subscribe();
         let mut conns = JoinSet::new();
         info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving");
@@ -262,12 +461,36 @@ impl Server {
         endpoint.set_server_config(None);
         let graceful = *stop.borrow() != Stop::Now;
         info!(graceful, "shutting down");
+        let until = tokio::time::Instant::now()
+            + if graceful {
+                shared.limits.shutdown_grace() + Duration::from_secs(1)
+            } else {
+                Duration::ZERO
+            };
         if graceful {
-            let grace = shared.limits.shutdown_grace() + Duration::from_secs(1);
             let drain = async { while conns.join_next().await.is_some() {} };
-            if tokio::time::timeout(grace, drain).await.is_err() {
+            if tokio::time::timeout_at(until, drain).await.is_err() {
                 warn!("requests still running after the grace period; closing");
             }
+        }
+        // A collection cannot be interrupted; it is given the rest of the
+        // grace period. One cut short by the exit leaves a consistent store
+        // and the next run finishes the job.
+        let mut gc_rx = shared.gc.subscribe();
+        if gc_rx.borrow().is_some() {
+            info!("waiting for the running garbage collection to finish");
+            if tokio::time::timeout_at(until, gc_rx.wait_for(|s| s.is_none()))
+                .await
+                .is_err()
+            {
+                warn!(
+                    "garbage collection still running after the grace period; stopping anyway \
+                     (the store stays consistent and the next collection finishes the job)"
+                );
+            }
+        }
+        if let Some(t) = gc_task {
+            t.abort();
         }
         conns.abort_all();
         while conns.join_next().await.is_some() {}
@@ -497,15 +720,43 @@ async fn handle_stream(
                 fatal: true,
             }),
         };
-        let (reply, fatal) = match checked {
-            Ok(action) => (execute(&shared, &session, action).await, None),
+        Some(match checked {
+            // A collection takes as long as the store needs: it runs
+            // outside the request deadline (below).
+            Ok(Action::Gc { request }) => Step::Gc(request),
+            Ok(action) => Step::Reply(op, execute(&shared, &session, action).await, None),
             Err(rej) => {
                 shared.metrics.error(rej.kind);
                 debug!(kind = rej.kind.as_str(), message = %rej.message, "request refused");
                 let fatal = rej.fatal.then(|| rej.clone());
-                (rej.to_message(), fatal)
+                Step::Reply(op, rej.to_message(), fatal)
             }
-        };
+        })
+    };
+    let outcome = match tokio::time::timeout(deadline, work).await {
+        Ok(o) => o,
+        Err(_) => {
+            cut_off(
+                &conn,
+                &shared,
+                ErrorKind::Deadline,
+                &format!(
+                    "a request took longer than the deadline of {} s",
+                    deadline.as_secs()
+                ),
+            );
+            return;
+        }
+    };
+    let (op, reply, fatal) = match outcome {
+        None => return,
+        Some(Step::Reply(op, reply, fatal)) => (op, reply, fatal),
+        Some(Step::Gc(request)) => {
+            let by = token_label(&session);
+            ("gc", execute_gc(&shared, request, &by).await, None)
+        }
+    };
+    let fatal = {
         let fatal = match &reply {
             // Tampered or damaged uploads: the peer is cut off.
             Message::Error {
@@ -524,25 +775,7 @@ async fn handle_stream(
                 s.close();
             }
         }
-        Some((op, reply, fatal))
-    };
-    let outcome = match tokio::time::timeout(deadline, work).await {
-        Ok(o) => o,
-        Err(_) => {
-            cut_off(
-                &conn,
-                &shared,
-                ErrorKind::Deadline,
-                &format!(
-                    "a request took longer than the deadline of {} s",
-                    deadline.as_secs()
-                ),
-            );
-            return;
-        }
-    };
-    let Some((op, reply, fatal)) = outcome else {
-        return;
+        fatal
     };
     match tokio::time::timeout(deadline, wire::write_message(&mut send, &reply)).await {
         Ok(Ok(n)) => {
@@ -566,6 +799,72 @@ async fn handle_stream(
         let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
         close_with(&conn, rej.kind, &rej.message);
     }
+}
+
+/// The label of the session's token (for logs).
+fn token_label(session: &Mutex<ServerSession>) -> String {
+    session
+        .lock()
+        .ok()
+        .and_then(|s| s.grant().map(|g| g.label.clone()))
+        .unwrap_or_default()
+}
+
+/// What a checked request leads to.
+enum Step {
+    /// Send this reply (and cut the peer off if fatal).
+    Reply(&'static str, Message, Option<Reject>),
+    /// Run a collection, then reply.
+    Gc(GcRequest),
+}
+
+/// A remote collection (the session checked the admin scope and the
+/// request's bounds): runs it unless another one is running and answers
+/// with the report. Removed names that do not fit in one frame are counted,
+/// not listed.
+async fn execute_gc(shared: &Arc<Shared>, request: GcRequest, by: &str) -> Message {
+    let reply = match run_gc(shared, request.to_options(), GcTrigger::Remote, by).await {
+        Ok(mut report) => {
+            let budget = (shared.limits.max_frame_bytes as usize)
+                .saturating_sub(proto::GC_REPLY_FIXED + 4096);
+            let mut used = 0;
+            let fits = report
+                .names_removed
+                .iter()
+                .take_while(|r| {
+                    used += proto::removed_name_len(r);
+                    used <= budget
+                })
+                .count();
+            let names_not_listed = (report.names_removed.len() - fits) as u64;
+            report.names_removed.truncate(fits);
+            Message::GcReply {
+                report,
+                names_not_listed,
+            }
+        }
+        Err(GcFailure::Busy {
+            trigger,
+            running_for,
+        }) => Message::error(
+            ErrorKind::Busy,
+            format!(
+                "a garbage collection is already running on the server (started by {}, \
+                 {} s ago) and only one runs at a time; nothing was collected: try again \
+                 when it has finished",
+                match trigger {
+                    GcTrigger::Schedule => "the [gc] schedule",
+                    GcTrigger::Remote => "another `ferry gc --remote`",
+                },
+                running_for.as_secs()
+            ),
+        ),
+        Err(GcFailure::Store(e)) => internal("collect garbage", &e),
+    };
+    if let Message::Error { kind, .. } = &reply {
+        shared.metrics.error(*kind);
+    }
+    reply
 }
 
 /// Runs `f` on the blocking pool (store calls do disk I/O and hashing).
@@ -692,7 +991,18 @@ async fn execute(
                 let mut not_found = Vec::new();
                 let mut used = 0usize;
                 for id in &ids {
-                    match store.read_stored(id)? {
+                    let stored = match store.read_stored(id) {
+                        Ok(c) => c,
+                        // A collection outside this server (`ferry gc` on
+                        // its host) may have moved the chunk and deleted
+                        // the pack this server's index points at: look
+                        // again once with a fresh index.
+                        Err(_) => {
+                            store.refresh()?;
+                            store.read_stored(id)?
+                        }
+                    };
+                    match stored {
                         Some(c) => {
                             let cost = proto::CHUNK_OVERHEAD + c.bytes.len();
                             if used + cost > budget && !chunks.is_empty() {
@@ -738,6 +1048,10 @@ async fn execute(
                 }
                 Err(e) => internal("list", &e),
             }
+        }
+        Action::Gc { request } => {
+            let by = token_label(session);
+            return execute_gc(shared, request, &by).await;
         }
     };
     if let Message::Error { kind, .. } = &reply {
@@ -802,7 +1116,7 @@ pub fn serve_until_signal(
         .enable_all()
         .build()
         .map_err(ServerError::Runtime)?;
-    rt.block_on(async {
+    let served = rt.block_on(async {
         let server = Server::bind(cfg).await?;
         ready(&server);
         let handle = server.handle();
@@ -816,5 +1130,68 @@ pub fn serve_until_signal(
             handle.shutdown();
         });
         server.run().await
-    })
+    });
+    // A collection still running on a blocking thread (past the grace
+    // period) is not waited for: the store stays consistent without it.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(dir: &std::path::Path) -> Arc<Shared> {
+        Arc::new(Shared {
+            store: Arc::new(Store::open(dir).unwrap()),
+            tokens: TokenTable::default(),
+            limits: LimitsConfig::default(),
+            metrics: Arc::new(Metrics::default()),
+            connections: AtomicU32::new(0),
+            gc: Arc::new(watch::channel(None).0),
+        })
+    }
+
+    #[tokio::test]
+    async fn one_collection_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        let ticket = shared.start_gc(GcTrigger::Schedule).unwrap();
+        assert_eq!(shared.metrics.gc_running.load(Relaxed), 1);
+        assert!(matches!(
+            shared.start_gc(GcTrigger::Remote),
+            Err(GcFailure::Busy {
+                trigger: GcTrigger::Schedule,
+                ..
+            })
+        ));
+        // A remote request meanwhile is answered "busy", saying why, and
+        // runs nothing.
+        let request = GcRequest::from_options(&GcOptions::default());
+        match execute_gc(&shared, request.clone(), "ops").await {
+            Message::Error { kind, message } => {
+                assert_eq!(kind, ErrorKind::Busy);
+                assert!(
+                    message.contains("already running") && message.contains("[gc] schedule"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected busy, got {other:?}"),
+        }
+        assert_eq!(shared.metrics.gc_runs(GcTrigger::Remote), 0);
+        assert_eq!(shared.metrics.errors(ErrorKind::Busy), 1);
+        drop(ticket);
+        assert_eq!(shared.metrics.gc_running.load(Relaxed), 0);
+        match execute_gc(&shared, request, "ops").await {
+            Message::GcReply {
+                report,
+                names_not_listed,
+            } => {
+                assert_eq!((report.names_kept, names_not_listed), (0, 0));
+            }
+            other => panic!("expected a report, got {other:?}"),
+        }
+        assert_eq!(shared.metrics.gc_runs(GcTrigger::Remote), 1);
+        assert!(shared.gc.borrow().is_none(), "the slot is free again");
+    }
 }

@@ -17,8 +17,77 @@ fn chunk(data: &[u8]) -> StoredChunk {
     }
 }
 
+fn policy(prefix: Option<&str>, keep_last: Option<usize>, max_age: Option<u64>) -> Policy {
+    Policy {
+        prefix: prefix.map(str::to_string),
+        keep_last,
+        max_age: max_age.map(Duration::from_secs),
+    }
+}
+
+fn gc_request() -> GcRequest {
+    GcRequest {
+        policies: vec![
+            policy(Some("build/1"), None, None),
+            policy(Some("main"), Some(5), None),
+            policy(None, None, Some(7 * 86_400)),
+            policy(Some("pr"), Some(2), Some(3600)),
+        ],
+        grace: Duration::from_secs(3600),
+        repack_below_ppm: 500_000,
+        dry_run: true,
+    }
+}
+
+fn gc_report() -> GcReport {
+    GcReport {
+        dry_run: false,
+        names_removed: vec![
+            RemovedName {
+                name: "build/1/x".into(),
+                reason: "policy 1: drop scope build/1".into(),
+            },
+            RemovedName {
+                name: "build/1/y".into(),
+                reason: "policy 1: drop scope build/1".into(),
+            },
+        ],
+        names_kept: 3,
+        live_chunks: 4,
+        packs_condemned: 5,
+        packs_uncondemned: 6,
+        packs_repacked: 7,
+        packs_deleted: 8,
+        manifests_deleted: 9,
+        bytes_freed: 10,
+        bytes_pending: 11,
+        blocked_by_leases: 12,
+        bytes_freeable_now: 13,
+        leftovers_removed: u64::MAX,
+    }
+}
+
 fn samples() -> Vec<Message> {
     vec![
+        Message::Gc {
+            request: gc_request(),
+        },
+        Message::Gc {
+            request: GcRequest {
+                policies: vec![],
+                grace: Duration::ZERO,
+                repack_below_ppm: 0,
+                dry_run: false,
+            },
+        },
+        Message::GcReply {
+            report: gc_report(),
+            names_not_listed: 17,
+        },
+        Message::GcReply {
+            report: GcReport::default(),
+            names_not_listed: 0,
+        },
         Message::Hello {
             version: VERSION,
             token: "tok".into(),
@@ -189,6 +258,11 @@ fn table() -> TokenTable {
             "main".into(),
             Token::new("main").unwrap().hash(),
             Scopes::parse(&["*"], &["*"]).unwrap(),
+        ),
+        (
+            "ops".into(),
+            Token::new("admin").unwrap().hash(),
+            Scopes::parse(&[], &[]).unwrap().with_admin(true),
         ),
     ])
 }
@@ -453,7 +527,63 @@ fn arb_message() -> impl Strategy<Value = Message> {
             0..4
         )
         .prop_map(|entries| Message::Listing { entries }),
+        arb_gc_request().prop_map(|request| Message::Gc { request }),
+        (
+            any::<bool>(),
+            prop::collection::vec((s(), s()), 0..4),
+            any::<u64>(),
+            any::<[u64; 12]>()
+        )
+            .prop_map(|(dry_run, names, names_not_listed, c)| Message::GcReply {
+                report: GcReport {
+                    dry_run,
+                    names_removed: names
+                        .into_iter()
+                        .map(|(name, reason)| RemovedName { name, reason })
+                        .collect(),
+                    names_kept: c[0],
+                    live_chunks: c[1],
+                    packs_condemned: c[2],
+                    packs_uncondemned: c[3],
+                    packs_repacked: c[4],
+                    packs_deleted: c[5],
+                    manifests_deleted: c[6],
+                    bytes_freed: c[7],
+                    bytes_pending: c[8],
+                    blocked_by_leases: c[9],
+                    bytes_freeable_now: c[10],
+                    leftovers_removed: c[11],
+                },
+                names_not_listed,
+            }),
     ]
+}
+
+fn arb_gc_request() -> impl Strategy<Value = GcRequest> {
+    (
+        prop::collection::vec(
+            (
+                prop::option::of(".{0,20}"),
+                prop::option::of(0usize..1000),
+                prop::option::of(any::<u64>()),
+            )
+                .prop_map(|(prefix, keep_last, max_age)| Policy {
+                    prefix,
+                    keep_last,
+                    max_age: max_age.map(Duration::from_secs),
+                }),
+            0..5,
+        ),
+        any::<u64>(),
+        any::<u32>(),
+        any::<bool>(),
+    )
+        .prop_map(|(policies, grace, repack_below_ppm, dry_run)| GcRequest {
+            policies,
+            grace: Duration::from_secs(grace),
+            repack_below_ppm,
+            dry_run,
+        })
 }
 
 proptest! {
@@ -504,4 +634,168 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn gc_messages_round_trip_and_are_bounded() {
+    for msg in [
+        Message::Gc {
+            request: gc_request(),
+        },
+        Message::GcReply {
+            report: gc_report(),
+            names_not_listed: 3,
+        },
+    ] {
+        let frame = encode(&msg);
+        assert_eq!(frame.len(), encoded_len(&msg));
+        assert_eq!(decode(&frame[4..]).unwrap(), msg);
+    }
+    let many = |n: usize, prefix: String| Message::Gc {
+        request: GcRequest {
+            policies: vec![policy(Some(&prefix), None, None); n],
+            grace: Duration::ZERO,
+            repack_below_ppm: 0,
+            dry_run: false,
+        },
+    };
+    // Too many policies, or a prefix longer than any name: refused while
+    // decoding, before anything is allocated for them.
+    let f = encode(&many(MAX_GC_POLICIES, "a".into()));
+    assert!(decode(&f[4..]).is_ok());
+    let f = encode(&many(MAX_GC_POLICIES + 1, "a".into()));
+    let e = decode(&f[4..]).unwrap_err().to_string();
+    assert!(e.contains("at most 64"), "{e}");
+    let f = encode(&many(1, "a".repeat(MAX_GC_PREFIX_LEN + 1)));
+    assert!(decode(&f[4..]).is_err());
+    // A count far beyond the bytes present.
+    let mut p = vec![tag::GC];
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(decode(&p), Err(ProtoError::Malformed { .. })));
+    // Unknown policy flags, a dry-run flag that is not 0 or 1, keep_last
+    // out of range.
+    let good = encode(&Message::Gc {
+        request: GcRequest {
+            policies: vec![policy(None, Some(1), None)],
+            grace: Duration::ZERO,
+            repack_below_ppm: 0,
+            dry_run: false,
+        },
+    });
+    let flags_at = 4 + 1 + 4;
+    let mut bad = good.clone();
+    bad[flags_at] = 0x80;
+    assert!(decode(&bad[4..]).is_err());
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] = 2;
+    assert!(decode(&bad[4..]).is_err());
+    let mut bad = good.clone();
+    bad[flags_at + 1..flags_at + 9].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(decode(&bad[4..]).is_err());
+}
+
+#[test]
+fn gc_request_carries_the_options() {
+    let opts = GcOptions {
+        policies: gc_request().policies,
+        grace: Duration::from_millis(90_500),
+        repack_below: 0.25,
+        dry_run: true,
+        mark_slack: Duration::from_secs(1),
+    };
+    let r = GcRequest::from_options(&opts);
+    assert_eq!(r.grace, Duration::from_secs(90));
+    assert_eq!(r.repack_below_ppm, 250_000);
+    let back = r.to_options();
+    assert_eq!(back.policies, opts.policies);
+    assert_eq!(back.grace, Duration::from_secs(90));
+    assert_eq!(back.repack_below, 0.25);
+    assert!(back.dry_run);
+    // The slack is the server's, not the client's.
+    assert_eq!(back.mark_slack, GcOptions::default().mark_slack);
+}
+
+#[test]
+fn gc_needs_the_admin_scope() {
+    let t = table();
+    let gc = || Message::Gc {
+        request: gc_request(),
+    };
+    for token in ["pr1", "main"] {
+        let mut s = ServerSession::new(Limits::default());
+        s.on_hello(hello(token), &t).unwrap();
+        let r = s.on_request(gc()).unwrap_err();
+        assert_eq!((r.kind, r.fatal), (ErrorKind::Forbidden, false), "{token}");
+        assert!(
+            r.message.contains("admin") && r.message.contains("nothing was collected"),
+            "{}",
+            r.message
+        );
+        // The session goes on serving what the token may do.
+        assert!(s.on_request(Message::List { prefix: "".into() }).is_ok());
+    }
+    let mut s = ServerSession::new(Limits::default());
+    s.on_hello(hello("admin"), &t).unwrap();
+    assert_eq!(
+        s.on_request(gc()),
+        Ok(Action::Gc {
+            request: gc_request()
+        })
+    );
+    // An admin token is still bound by its read and write scopes elsewhere.
+    assert_eq!(
+        s.on_request(Message::Commit {
+            name: "main/x".into(),
+            manifest: vec![],
+        })
+        .unwrap_err()
+        .kind,
+        ErrorKind::Forbidden
+    );
+    // Out-of-bounds requests are refused, not run.
+    let refused = |request: GcRequest| {
+        let mut s = ServerSession::new(Limits::default());
+        s.on_hello(hello("admin"), &t).unwrap();
+        let r = s.on_request(Message::Gc { request }).unwrap_err();
+        assert!(!r.fatal);
+        assert!(r.message.contains("nothing was collected"), "{}", r.message);
+        r.kind
+    };
+    let base = gc_request();
+    assert_eq!(
+        refused(GcRequest {
+            policies: vec![policy(Some("../etc"), None, None)],
+            ..base.clone()
+        }),
+        ErrorKind::BadName
+    );
+    assert_eq!(
+        refused(GcRequest {
+            policies: vec![policy(None, None, None)],
+            ..base.clone()
+        }),
+        ErrorKind::Protocol
+    );
+    assert_eq!(
+        refused(GcRequest {
+            grace: MAX_GC_GRACE + Duration::from_secs(1),
+            ..base.clone()
+        }),
+        ErrorKind::Limit
+    );
+    assert_eq!(
+        refused(GcRequest {
+            repack_below_ppm: PPM + 1,
+            ..base.clone()
+        }),
+        ErrorKind::Limit
+    );
+    assert_eq!(
+        refused(GcRequest {
+            policies: vec![policy(Some("main"), None, None); MAX_GC_POLICIES + 1],
+            ..base
+        }),
+        ErrorKind::Limit
+    );
 }

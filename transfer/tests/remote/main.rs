@@ -3,6 +3,7 @@
 //! temporary directories. One test binary, one module per area.
 
 mod concurrency;
+mod gc;
 mod integrity;
 mod operations;
 mod resume;

@@ -25,6 +25,8 @@ pub const MAIN: &str = "main-branch-token";
 pub const PR: &str = "pull-request-1234-token";
 /// Reads `main` only.
 pub const READER: &str = "read-only-token";
+/// The admin scope (remote gc), reads everything, writes nothing.
+pub const ADMIN: &str = "operator-admin-token";
 
 pub fn name(s: &str) -> Name {
     Name::parse(s).unwrap()
@@ -37,11 +39,16 @@ pub fn tokens() -> Vec<TokenConfig> {
         sha256: Token::new(secret).unwrap().hash().to_hex(),
         read: read.iter().map(|s| s.to_string()).collect(),
         write: write.iter().map(|s| s.to_string()).collect(),
+        admin: false,
     };
     vec![
         t("main", MAIN, &["*"], &["*"]),
         t("pr-1234", PR, &["main", "pr/1234"], &["pr/1234"]),
         t("reader", READER, &["main"], &[]),
+        TokenConfig {
+            admin: true,
+            ..t("ops", ADMIN, &["*"], &[])
+        },
     ]
 }
 
