@@ -193,6 +193,17 @@ struct Mark {
     condemned_ms: u64,
 }
 
+/// A pack's entries: from its index, or from the pack's own footer when
+/// the index is missing or unreadable.
+fn pack_entries(
+    backend: &dyn Backend,
+    id: &PackId,
+) -> Result<Vec<pack::IndexEntry>, pack::PackError> {
+    pack::read_idx(backend, id)
+        .or_else(|_| pack::read_pack_footer(backend, id))
+        .map(|i| i.entries)
+}
+
 /// The live-set key of a chunk: the first 8 bytes of its id.
 fn key(id: &ChunkId) -> u64 {
     u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
@@ -381,13 +392,15 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
         let Ok(id) = name.parse::<PackId>() else {
             continue;
         };
-        let entries = if indexed.contains(&name) {
-            pack::read_idx(backend, &id).map(|i| i.entries)
-        } else {
-            pack::read_pack_footer(backend, &id).map(|i| i.entries)
+        // A pack whose entries cannot be read is left alone: it may be a
+        // passing I/O error, and damage is fsck's to report, not gc's to erase.
+        let Ok(entries) = pack_entries(backend, &id) else {
+            continue;
         };
-        // An unreadable pack counts as dead: nothing can be read from it.
-        let entries = entries.unwrap_or_default();
+        // Gone since the listing (another collector): nothing to decide.
+        let Ok(size) = backend.size(Kind::Pack, &name) else {
+            continue;
+        };
         let (mut live_n, mut live_bytes) = (0u64, 0u64);
         for e in &entries {
             if live.contains(&key(&e.id)) {
@@ -397,7 +410,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
         }
         stats.push(PackStat {
             id,
-            size: backend.size(Kind::Pack, &name)?,
+            size,
             live_bytes,
             live: live_n,
             condemned_ms: marks.get(&pack_mark(&id)).copied(),
@@ -428,10 +441,7 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
     let leaving = |s: &PackStat| s.condemned_ms.is_some() || to_repack.contains(&s.id);
     let mut wanted: HashSet<u64> = HashSet::new();
     for s in stats.iter().filter(|s| leaving(s) && s.live > 0) {
-        for e in pack::read_idx(backend, &s.id)
-            .map(|i| i.entries)
-            .unwrap_or_default()
-        {
+        for e in pack_entries(backend, &s.id).unwrap_or_default() {
             if live.contains(&key(&e.id)) {
                 wanted.insert(key(&e.id));
             }
@@ -439,11 +449,9 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
     }
     let mut healthy: HashSet<u64> = HashSet::new();
     if !wanted.is_empty() {
+        // Unreadable here: fewer healthy copies, so more is kept.
         for s in stats.iter().filter(|s| !leaving(s) && s.live > 0) {
-            for e in pack::read_idx(backend, &s.id)
-                .map(|i| i.entries)
-                .unwrap_or_default()
-            {
+            for e in pack_entries(backend, &s.id).unwrap_or_default() {
                 if wanted.contains(&key(&e.id)) {
                     healthy.insert(key(&e.id));
                 }
@@ -456,10 +464,9 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
     if !opts.dry_run && !to_repack.is_empty() {
         let mut writer: Option<PackWriter> = None;
         for s in stats.iter().filter(|s| to_repack.contains(&s.id)) {
-            for e in pack::read_idx(backend, &s.id)
-                .map(|i| i.entries)
-                .unwrap_or_default()
-            {
+            // Unreadable now: nothing is copied, and the "needed" check
+            // below keeps the pack.
+            for e in pack_entries(backend, &s.id).unwrap_or_default() {
                 if !live.contains(&key(&e.id)) || healthy.contains(&key(&e.id)) {
                     continue;
                 }
@@ -506,12 +513,13 @@ pub fn collect(store: &Store, opts: &GcOptions) -> Result<GcReport, StoreError> 
                 let needed = if s.live == 0 {
                     false
                 } else {
-                    // Still needed unless every live chunk has a healthy copy.
-                    pack::read_idx(backend, &s.id)
-                        .map(|i| i.entries)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|e| live.contains(&key(&e.id)) && !healthy.contains(&key(&e.id)))
+                    // Still needed unless every live chunk has a healthy
+                    // copy; if its entries cannot be read, assume needed.
+                    pack_entries(backend, &s.id).map_or(true, |entries| {
+                        entries
+                            .iter()
+                            .any(|e| live.contains(&key(&e.id)) && !healthy.contains(&key(&e.id)))
+                    })
                 };
                 if needed {
                     if !opts.dry_run {
@@ -885,6 +893,29 @@ mod tests {
         assert!(after.usage().unwrap().pack_bytes < before / 2);
         assert_eq!(read(&after, "keep"), keep);
         assert!(after.fsck(true, &NoProgress).unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn damaged_or_missing_indexes_never_make_live_data_look_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let a = data(1 << 20, 10);
+        stash(&s, "a", &a);
+        let pack = s.backend().list(Kind::Index).unwrap().remove(0);
+        // A damaged index: gc reads the pack's own footer instead.
+        s.backend().put(Kind::Index, &pack, b"garbage").unwrap();
+        s.gc(&quick()).unwrap();
+        s.gc(&quick()).unwrap();
+        assert_eq!(packs(&s), 1);
+        // No index at all: the same.
+        s.backend().delete(Kind::Index, &pack).unwrap();
+        s.gc(&quick()).unwrap();
+        s.gc(&quick()).unwrap();
+        assert_eq!(packs(&s), 1);
+        // fsck --repair rebuilds it and the name restores.
+        let fresh = Store::open(dir.path()).unwrap();
+        assert_eq!(fresh.repair_indexes().unwrap().len(), 1);
+        assert_eq!(read(&fresh, "a"), a);
     }
 
     #[test]
