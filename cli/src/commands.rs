@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use store::name::Name;
-use store::repo::{Entry, FsckReport, Inspection, Source, Store, Target, Usage};
+use store::repo::{Entry, FsckReport, Inspection, Source, Store, Target, UnstashReport, Usage};
 
 /// Where the store lives: `--store`, else `$FERRY_STORE`, else the user's
 /// cache directory.
@@ -201,26 +201,34 @@ pub struct UnstashArgs {
 
 pub fn unstash(store_args: &StoreArgs, args: UnstashArgs, out: &Output) -> anyhow::Result<()> {
     let name = parse_name(&args.name)?;
+    let to_stdout = args.path.as_os_str() == "-";
+    if to_stdout && std::io::stdout().is_terminal() && !args.force {
+        bail!("standard output is a terminal: pipe it (e.g. ferry unstash {name} - | docker load), or use --force");
+    }
+    let mut out = *out;
+    // Standard output carries the data.
+    out.to_stderr |= to_stdout;
+    let stdout = || {
+        // Small buffer: it gathers tar headers; whole chunks bypass it.
+        Box::new(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stdout(),
+        ))
+    };
     if let Some(remote) = args.remote.resolve()? {
-        crate::remote::pull(store_args, &name, &remote, &args.path, out)?;
+        let dest = if to_stdout {
+            transfer::unstash::Destination::Writer(stdout())
+        } else {
+            transfer::unstash::Destination::Path(args.path.clone())
+        };
+        return crate::remote::unstash(store_args, &name, &remote, dest, args.force, &out);
     }
     let store = store_args.open()?;
     let (_, manifest) = store.manifest(&name)?;
     let kind = manifest.header.kind;
-    let mut out = *out;
-    let target = if args.path.as_os_str() == "-" {
-        if std::io::stdout().is_terminal() && !args.force {
-            bail!("standard output is a terminal: pipe it (e.g. ferry unstash {name} - | docker load), or use --force");
-        }
-        out.to_stderr = true;
-        if kind == store::manifest::StashKind::Directory {
-            // A directory stash streams as its tar.
-        }
-        // Small buffer: it gathers tar headers; whole chunks bypass it.
-        Target::Writer(Box::new(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stdout(),
-        )))
+    let target = if to_stdout {
+        // A directory stash streams as its tar.
+        Target::Writer(stdout())
     } else if kind == store::manifest::StashKind::Directory {
         Target::Directory(args.path.clone())
     } else {
@@ -235,17 +243,20 @@ pub fn unstash(store_args: &StoreArgs, args: UnstashArgs, out: &Output) -> anyho
     progress.finish();
     let report = report?;
     store_args.enforce_cache(&store, &name, &out)?;
-    out.emit(&report, |r| {
-        format!(
-            "unstashed {} ({}, {}, {} chunks) in {:.1} s, {}\n",
-            r.name,
-            r.kind.as_str(),
-            bytes(r.size),
-            r.chunks,
-            r.seconds,
-            rate(r.bytes_per_second)
-        )
-    })
+    out.emit(&report, unstash_line)
+}
+
+/// The summary line of an unstash.
+pub fn unstash_line(r: &UnstashReport) -> String {
+    format!(
+        "unstashed {} ({}, {}, {} chunks) in {:.1} s, {}\n",
+        r.name,
+        r.kind.as_str(),
+        bytes(r.size),
+        r.chunks,
+        r.seconds,
+        rate(r.bytes_per_second)
+    )
 }
 
 #[derive(clap::Args, Debug)]
@@ -393,7 +404,14 @@ pub fn rm(store: &StoreArgs, args: RmArgs, out: &Output) -> anyhow::Result<()> {
     let store = store.open()?;
     // All or nothing: check every name first.
     for name in &names {
-        if !store.contains(name)? {
+        // A corrupt ref exists too: removing it is the remedy its error
+        // message gives, so it must not stop `rm`.
+        let exists = match store.contains(name) {
+            Ok(exists) => exists,
+            Err(store::repo::StoreError::Ref(store::refs::RefError::Corrupt { .. })) => true,
+            Err(e) => return Err(e.into()),
+        };
+        if !exists {
             bail!(
                 "no stash named {:?}; see ferry ls (nothing was removed)",
                 name.as_str()

@@ -88,4 +88,19 @@ impl store::repo::Progress for Reporter {
             }
         }
     }
+
+    fn total(&self, bytes: u64) {
+        if let Reporter::Bar(bar) = self {
+            if bar.length().is_none() {
+                bar.set_length(bytes);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+            }
+        }
+    }
 }

@@ -1,19 +1,21 @@
-//! `--remote`: stash = local stash, then push; unstash = pull into the local
-//! store (the node's cache), then the local unstash; ls = the server's list;
+//! `--remote`: stash = local stash, then push; unstash = a streaming restore
+//! that fetches what the local store (the node's cache) lacks while it
+//! writes, and keeps it there; ls = the server's list;
 //! gc = a collection on the server's store (admin tokens).
 
 use crate::commands::StoreArgs;
 use crate::output::{bytes, rate, Output};
 use crate::progress::Reporter;
 use anyhow::{anyhow, Context};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use store::name::Name;
 use store::repo::{Entry, Store};
 use transfer::client::{
-    self, blocking, Options, PullReport, PushReport, Remote, RemoteGcReport, TransferStats,
+    self, blocking, Options, PushReport, Remote, RemoteGcReport, TransferStats,
 };
 use transfer::tls::Trust;
+use transfer::unstash::{Destination, RemoteUnstashReport};
 
 /// Where the shared server is, and how to trust and authenticate to it.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -110,32 +112,44 @@ pub fn push(store: Store, name: &Name, remote: &Remote, out: &Output) -> anyhow:
     })
 }
 
-/// Before a local unstash: fetches what the local store lacks and points
-/// the local name at the server's manifest. Opens (and closes) the store
-/// itself, so that the unstash that follows sees the imported chunks.
-pub fn pull(
-    store: &StoreArgs,
+/// A streaming remote unstash: writes `dest` while the chunks this node
+/// lacks arrive, and keeps them in the local store (the node's cache).
+pub fn unstash(
+    store_args: &StoreArgs,
     name: &Name,
     remote: &Remote,
-    path: &Path,
+    dest: Destination,
+    force: bool,
     out: &Output,
-) -> anyhow::Result<PullReport> {
-    let store = Arc::new(store.open()?);
+) -> anyhow::Result<()> {
+    let store = Arc::new(store_args.open()?);
     let progress = Arc::new(Reporter::new(
         out.quiet || out.json,
-        &format!("fetch {name}"),
+        &format!("unstash {name}"),
         None,
     ));
-    let pulled = blocking::pull(store, name, remote, &Options::default(), progress.clone());
+    let done = blocking::unstash(
+        store.clone(),
+        name,
+        dest,
+        force,
+        remote,
+        &Options::default(),
+        progress.clone(),
+    );
     progress.finish();
-    let pulled = pulled.with_context(|| format!("cannot fetch {name}"))?;
-    let mut out = *out;
-    // Standard output carries the data.
-    out.to_stderr |= path.as_os_str() == "-";
-    out.emit(&pulled, |p: &PullReport| {
-        transfer_line("fetched from", &p.remote, &p.stats, false)
-    })?;
-    Ok(pulled)
+    let done = done.with_context(|| format!("cannot unstash {name} from {}", remote.display()))?;
+    if let Some(e) = &done.cache_error {
+        if !out.quiet {
+            eprintln!("ferry: warning: the output is complete, but the node's store could not keep the fetched chunks: {e}");
+        }
+    } else {
+        store_args.enforce_cache(&store, name, out)?;
+    }
+    out.emit(&done, |r: &RemoteUnstashReport| {
+        transfer_line("fetched from", &r.remote, &r.transfer, false)
+            + &crate::commands::unstash_line(&r.unstash)
+    })
 }
 
 /// The server's names under `prefix` (those the token may read).

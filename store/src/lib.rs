@@ -14,6 +14,7 @@ pub mod dirtar;
 pub mod gc;
 pub mod id;
 pub mod image;
+pub mod import;
 pub mod index;
 pub mod lease;
 pub mod manifest;

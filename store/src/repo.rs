@@ -170,6 +170,22 @@ fn output_err(what: &str) -> impl FnOnce(io::Error) -> StoreError + '_ {
 pub trait Progress: Send + Sync {
     /// `bytes` more were processed.
     fn advance(&self, bytes: u64);
+    /// The whole operation will process about `bytes` (when it is learnt
+    /// after the start, e.g. once a remote manifest has arrived).
+    fn total(&self, _bytes: u64) {}
+}
+
+/// Where a [`StashReader`] gets chunks it does not take from the store's
+/// packs: e.g. chunks arriving from a server while the restore runs.
+/// Called from several threads at once.
+pub trait ChunkSource: Send + Sync {
+    /// The reader will soon read these chunks, in about this order.
+    fn want(&self, _chunks: &[ChunkRef]) {}
+    /// Puts the raw bytes of `chunk`, already checked against its id, into
+    /// `out` and returns true; or returns false when the store holds the
+    /// chunk (the reader then reads and verifies it from its pack). May
+    /// block until the chunk arrives.
+    fn read(&self, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<bool, StoreError>;
 }
 
 /// Progress that is not reported.
@@ -344,7 +360,7 @@ pub struct Store {
     index: std::sync::OnceLock<Arc<RwLock<Index>>>,
     /// Packs the collector condemned: their chunks count as missing for
     /// writers (see `gc`). Re-read after a writer takes its lease.
-    condemned: RwLock<HashSet<PackId>>,
+    pub(crate) condemned: RwLock<HashSet<PackId>>,
     opts: StoreOptions,
     chunker: Chunker,
 }
@@ -384,7 +400,7 @@ impl Store {
     }
 
     /// The merged index, loaded on first use.
-    fn index(&self) -> Result<&Arc<RwLock<Index>>, StoreError> {
+    pub(crate) fn index(&self) -> Result<&Arc<RwLock<Index>>, StoreError> {
         if let Some(i) = self.index.get() {
             return Ok(i);
         }
@@ -580,7 +596,7 @@ impl Store {
     /// Takes a lease for `purpose` and re-reads the condemned packs, in that
     /// order: from now on the collector will not delete a pack this
     /// operation may decide to use.
-    fn lease(&self, purpose: &str) -> Result<Option<Lease>, StoreError> {
+    pub(crate) fn lease(&self, purpose: &str) -> Result<Option<Lease>, StoreError> {
         // A read-only store cannot be collected either: readers need no lease.
         let lease = match Lease::acquire(Arc::clone(&self.backend), purpose) {
             Ok(l) => Some(l),
@@ -598,7 +614,7 @@ impl Store {
 
     /// Whether a writer may reuse the stored copy of `id` (held, and not only
     /// in a condemned pack).
-    fn holds(&self, index: &Index, condemned: &HashSet<PackId>, id: &ChunkId) -> bool {
+    pub(crate) fn holds(&self, index: &Index, condemned: &HashSet<PackId>, id: &ChunkId) -> bool {
         index
             .get(id)
             .is_some_and(|loc| !condemned.contains(&loc.pack))
@@ -667,26 +683,11 @@ impl Store {
         chunks
             .par_iter()
             .try_for_each_init(Vec::new, |buf, c| verify_stored(c, buf))?;
-        let _lease = self.lease("import")?;
-        let mut packer = Packer::new(self)?;
-        let mut added = 0;
+        let mut importer = self.importer()?;
         for c in chunks {
-            let held = {
-                let index = self.index()?.read().expect("index lock");
-                self.holds(
-                    &index,
-                    &self.condemned.read().expect("condemned lock"),
-                    &c.id,
-                )
-            };
-            if held || packer.contains(&c.id) {
-                continue;
-            }
-            packer.append(c.id, c.codec, c.raw_len, &c.bytes)?;
-            added += 1;
+            importer.append(c)?;
         }
-        packer.flush()?;
-        Ok(added)
+        Ok(importer.finish()?.added)
     }
 
     /// The stored bytes of the manifest `name` points at, and its id.
@@ -753,6 +754,29 @@ impl Store {
             name.to_string(),
             manifest,
             lease,
+            None,
+        ))
+    }
+
+    /// A reader that replays `manifest` (e.g. one fetched from a server,
+    /// named `label` in messages), taking chunks from `source` first and
+    /// from this store's packs where `source` says the store holds them.
+    /// Holds a lease, so the collector keeps what the reader may read.
+    pub fn open_manifest(
+        &self,
+        label: &str,
+        manifest: Manifest,
+        source: Arc<dyn ChunkSource>,
+    ) -> Result<StashReader<'_>, StoreError> {
+        let lease = self.lease("unstash")?;
+        let index = Arc::clone(self.index()?);
+        Ok(StashReader::new(
+            self,
+            index,
+            label.to_string(),
+            manifest,
+            lease,
+            Some(source),
         ))
     }
 
@@ -766,11 +790,25 @@ impl Store {
         force: bool,
         progress: &dyn Progress,
     ) -> Result<UnstashReport, StoreError> {
-        let started = Instant::now();
-        let mut reader = self.open_stash(name)?;
+        let reader = self.open_stash(name)?;
         crate::cache::touch(self, name);
+        self.restore(reader, target, force, progress)
+    }
+
+    /// Writes what `reader` replays into `target`, as [`Store::unstash`]
+    /// does: files and new directories appear complete or not at all.
+    pub fn restore(
+        &self,
+        mut reader: StashReader<'_>,
+        target: Target,
+        force: bool,
+        progress: &dyn Progress,
+    ) -> Result<UnstashReport, StoreError> {
+        let started = Instant::now();
+        let name = &reader.name.clone();
         let kind = reader.manifest.header.kind;
         let size = reader.manifest.header.size;
+        progress.total(size);
         let chunks = reader.manifest.chunks().count() as u64;
         match target {
             Target::Writer(mut w) => {
@@ -880,7 +918,7 @@ impl Store {
 
     fn unstash_report(
         &self,
-        name: &Name,
+        name: &str,
         kind: StashKind,
         size: u64,
         chunks: u64,
@@ -1347,7 +1385,7 @@ type PackJob = Vec<(ChunkId, Vec<u8>)>;
 /// Compresses new chunks and appends them to packs; makes each full pack
 /// durable and visible in the index. Runs on its own thread during a stash
 /// (so compression overlaps reading and chunking), or inline for imports.
-struct Packer {
+pub(crate) struct Packer {
     backend: Arc<dyn Backend>,
     index: Arc<RwLock<Index>>,
     level: i32,
@@ -1359,7 +1397,7 @@ struct Packer {
 }
 
 impl Packer {
-    fn new(store: &Store) -> Result<Packer, StoreError> {
+    pub(crate) fn new(store: &Store) -> Result<Packer, StoreError> {
         Ok(Packer {
             backend: Arc::clone(&store.backend),
             index: Arc::clone(store.index()?),
@@ -1372,7 +1410,7 @@ impl Packer {
         })
     }
 
-    fn contains(&self, id: &ChunkId) -> bool {
+    pub(crate) fn contains(&self, id: &ChunkId) -> bool {
         self.pack.as_ref().is_some_and(|p| p.contains(id))
     }
 
@@ -1393,7 +1431,7 @@ impl Packer {
     }
 
     /// Appends one chunk's stored bytes to the current pack.
-    fn append(
+    pub(crate) fn append(
         &mut self,
         id: ChunkId,
         codec: Codec,
@@ -1417,8 +1455,13 @@ impl Packer {
         Ok(())
     }
 
+    /// Whether a pack is open (appended to and not yet flushed).
+    pub(crate) fn is_open(&self) -> bool {
+        self.pack.is_some()
+    }
+
     /// Makes the current pack durable and visible in the index.
-    fn flush(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn flush(&mut self) -> Result<(), StoreError> {
         if let Some(pack) = self.pack.take() {
             if pack.is_empty() {
                 return Ok(());
@@ -1557,6 +1600,8 @@ pub struct StashReader<'a> {
     streams: [Cursor; 2],
     run: usize,
     run_left: u64,
+    /// Chunks from elsewhere, consulted before the packs.
+    source: Option<Arc<dyn ChunkSource>>,
     /// Keeps the collector from deleting packs this reader may read.
     _lease: Option<Lease>,
 }
@@ -1582,6 +1627,7 @@ impl<'a> StashReader<'a> {
         name: String,
         manifest: Manifest,
         lease: Option<Lease>,
+        source: Option<Arc<dyn ChunkSource>>,
     ) -> Self {
         let run_left = manifest.layout.first().map_or(0, |r| r.1);
         StashReader {
@@ -1592,6 +1638,7 @@ impl<'a> StashReader<'a> {
             streams: [Cursor::default(), Cursor::default()],
             run: 0,
             run_left,
+            source,
             _lease: lease,
         }
     }
@@ -1618,22 +1665,30 @@ impl<'a> StashReader<'a> {
         if end == start {
             return;
         }
-        let jobs: Vec<(ChunkRef, Option<Location>)> = {
-            let index = self.index.read().expect("index lock");
-            list[start..end]
-                .iter()
-                .map(|c| (*c, index.get(&c.id)))
-                .collect()
-        };
+        let jobs: Vec<ChunkRef> = list[start..end].to_vec();
+        if let Some(source) = &self.source {
+            source.want(&jobs);
+        }
+        let index = Arc::clone(&self.index);
+        let source = self.source.clone();
         let backend = Arc::clone(&self.store.backend);
         let name = self.name.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rayon::spawn(move || {
             let decoded = jobs
                 .par_iter()
-                .map(|(c, loc)| {
+                .map(|c| {
                     let mut out = Vec::new();
-                    read_chunk(backend.as_ref(), &name, c, *loc, &mut out)?;
+                    if let Some(source) = &source {
+                        if source.read(c, &mut out)? {
+                            return Ok(out);
+                        }
+                    }
+                    // Looked up now, not when the batch was planned: a
+                    // source's chunks become visible in the index as they
+                    // are written to packs.
+                    let loc = index.read().expect("index lock").get(&c.id);
+                    read_chunk(backend.as_ref(), &name, c, loc, &mut out)?;
                     Ok(out)
                 })
                 .collect();

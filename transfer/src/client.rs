@@ -216,6 +216,9 @@ pub struct Options {
     /// A pull imports received chunks into the local store in groups of
     /// about this many bytes (each group is one durable pack).
     pub import_bytes: u64,
+    /// A streaming unstash fetches at most this many raw bytes ahead of
+    /// what it has written (memory stays bounded by it).
+    pub read_ahead: u64,
     /// Retries after transient failures.
     pub retries: u32,
     /// First backoff; doubled after each failure, up to `max_backoff`.
@@ -232,8 +235,11 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             streams: 8,
-            batch_bytes: 16 << 20,
+            // Small enough that every stream has work and memory stays
+            // bounded (a batch is held twice: as chunks and as a frame).
+            batch_bytes: 4 << 20,
             import_bytes: 64 << 20,
+            read_ahead: 64 << 20,
             retries: 4,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(15),
@@ -269,19 +275,19 @@ pub struct TransferStats {
 }
 
 #[derive(Default)]
-struct Counters {
-    chunks: AtomicU64,
-    present: AtomicU64,
-    sent: AtomicU64,
-    bytes_sent: AtomicU64,
-    received: AtomicU64,
-    bytes_received: AtomicU64,
-    wire_sent: AtomicU64,
-    wire_received: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) chunks: AtomicU64,
+    pub(crate) present: AtomicU64,
+    pub(crate) sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) wire_sent: AtomicU64,
+    pub(crate) wire_received: AtomicU64,
 }
 
 impl Counters {
-    fn stats(&self, attempts: u32, started: Instant) -> TransferStats {
+    pub(crate) fn stats(&self, attempts: u32, started: Instant) -> TransferStats {
         TransferStats {
             chunks: self.chunks.load(Relaxed),
             chunks_present: self.present.load(Relaxed),
@@ -455,7 +461,7 @@ impl Session {
         (s.udp_tx.bytes, s.udp_rx.bytes)
     }
 
-    fn refused(&self, kind: ErrorKind, message: String) -> ClientError {
+    pub(crate) fn refused(&self, kind: ErrorKind, message: String) -> ClientError {
         ClientError::Refused {
             remote: self.remote.clone(),
             kind,
@@ -463,7 +469,7 @@ impl Session {
         }
     }
 
-    fn protocol(&self, detail: impl Into<String>) -> ClientError {
+    pub(crate) fn protocol(&self, detail: impl Into<String>) -> ClientError {
         ClientError::Protocol {
             remote: self.remote.clone(),
             detail: detail.into(),
@@ -605,7 +611,7 @@ fn conn_error(remote: &str, verifier: &Verifier, e: quinn::ConnectionError) -> C
 
 /// Runs `attempt` until it succeeds, fails persistently, or the retries
 /// are used up; waits with exponential backoff between tries.
-async fn with_retries<T, F, Fut>(
+pub(crate) async fn with_retries<T, F, Fut>(
     opts: &Options,
     what: &str,
     mut attempt: F,
@@ -631,7 +637,7 @@ where
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ClientError> {
     tokio::task::spawn_blocking(f)
@@ -641,12 +647,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Distinct chunks of a manifest, in recipe order.
-fn distinct(m: &Manifest) -> Vec<ChunkRef> {
+pub(crate) fn distinct(m: &Manifest) -> Vec<ChunkRef> {
     let mut seen = HashSet::new();
     m.chunks().filter(|c| seen.insert(c.id)).copied().collect()
 }
 
-fn frame_budget(limits: &Limits, batch_bytes: u64) -> u64 {
+pub(crate) fn frame_budget(limits: &Limits, batch_bytes: u64) -> u64 {
     (limits.max_frame as u64 - 4096).min(batch_bytes.max(1))
 }
 
@@ -785,7 +791,8 @@ async fn push_once(
         // batches; `streams` workers send them in parallel.
         if !missing.is_empty() {
             let budget = frame_budget(&limits, opts.batch_bytes);
-            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<StoredChunk>>(streams);
+            // Two batches wait: reading packs is faster than the network.
+            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<StoredChunk>>(2);
             let reader_store = store.clone();
             let reader = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
                 let mut batch = Vec::new();
@@ -896,7 +903,7 @@ async fn push_once(
 /// Manifests this store holds that are likely similar to `name`'s on the
 /// server (the same name first, then names sharing their last or first
 /// part): the server may send a delta against one of them.
-fn delta_bases(store: &Store, name: &Name) -> Vec<ManifestId> {
+pub(crate) fn delta_bases(store: &Store, name: &Name) -> Vec<ManifestId> {
     let backend = store.backend();
     let Ok(refs) = store::refs::list(backend, None) else {
         return Vec::new();
@@ -930,7 +937,7 @@ fn delta_bases(store: &Store, name: &Name) -> Vec<ManifestId> {
 /// Fetches `name`'s manifest (stored bytes), as a delta when the server
 /// offers one; falls back to the whole manifest if the delta does not
 /// rebuild it.
-async fn fetch_manifest(
+pub(crate) async fn fetch_manifest(
     session: &Session,
     store: &Arc<Store>,
     name: &Name,
@@ -1314,6 +1321,21 @@ pub mod blocking {
         progress: Arc<dyn Progress>,
     ) -> Result<PullReport, ClientError> {
         runtime()?.block_on(super::pull(store, name, remote, opts, progress))
+    }
+
+    /// [`crate::unstash::unstash`], blocking.
+    pub fn unstash(
+        store: Arc<Store>,
+        name: &Name,
+        dest: crate::unstash::Destination,
+        force: bool,
+        remote: &Remote,
+        opts: &Options,
+        progress: Arc<dyn Progress>,
+    ) -> Result<crate::unstash::RemoteUnstashReport, ClientError> {
+        runtime()?.block_on(crate::unstash::unstash(
+            store, name, dest, force, remote, opts, progress,
+        ))
     }
 
     /// [`super::list`], blocking.

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod tls;
+pub mod unstash;
 mod wire;
 
 pub use client::{pull, push, Options, PullReport, PushReport, Remote, TransferStats};

@@ -8,5 +8,6 @@ mod integrity;
 mod operations;
 mod resume;
 mod roundtrip;
+mod streaming;
 mod trust;
 mod util;

@@ -163,6 +163,7 @@ pub fn opts() -> Options {
         streams: 4,
         batch_bytes: 256 << 10,
         import_bytes: 1 << 20,
+        read_ahead: 2 << 20,
         retries: 0,
         backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(500),

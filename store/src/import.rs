@@ -1,0 +1,113 @@
+//! Adding chunks that come from another store (a client's upload, a
+//! server's download into a node cache) to this one.
+//!
+//! A received chunk counts only once it is verified: [`StoredChunk::verify`]
+//! decodes it and checks its BLAKE3 against its id, and only then gives a
+//! [`VerifiedChunk`], the one thing an [`Importer`] accepts. So a chunk is
+//! decoded once, by whoever verifies it (the restore that streams it, the
+//! server that receives it), and never again on the way into a pack.
+
+use crate::lease::Lease;
+use crate::repo::{verify_stored, Packer, Store, StoreError, StoredChunk};
+use crate::ChunkId;
+
+/// A received chunk whose bytes were checked against its id.
+#[derive(Debug, Clone)]
+pub struct VerifiedChunk(StoredChunk);
+
+impl StoredChunk {
+    /// Decodes the chunk into `raw` and checks that its BLAKE3 is its id.
+    pub fn verify(self, raw: &mut Vec<u8>) -> Result<VerifiedChunk, StoreError> {
+        verify_stored(&self, raw)?;
+        Ok(VerifiedChunk(self))
+    }
+}
+
+impl VerifiedChunk {
+    /// Its id.
+    pub fn id(&self) -> ChunkId {
+        self.0.id
+    }
+
+    /// The chunk as stored.
+    pub fn stored(&self) -> &StoredChunk {
+        &self.0
+    }
+}
+
+/// Appends verified chunks to packs of this store, skipping chunks it
+/// holds. One importer writes full packs however many chunks arrive, and
+/// holds one lease for its whole life, so the collector leaves its packs
+/// alone until a manifest references them.
+pub struct Importer<'a> {
+    store: &'a Store,
+    packer: Packer,
+    /// Appended to the open pack, not yet durable.
+    open: Vec<ChunkId>,
+    added: u64,
+    _lease: Option<Lease>,
+}
+
+/// What an importer did, when it finished.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Chunks that were new to the store.
+    pub added: u64,
+    /// Chunks made durable by the final flush.
+    pub durable: Vec<ChunkId>,
+}
+
+impl Store {
+    /// An importer into this store.
+    pub fn importer(&self) -> Result<Importer<'_>, StoreError> {
+        let lease = self.lease("import")?;
+        Ok(Importer {
+            store: self,
+            packer: Packer::new(self)?,
+            open: Vec::new(),
+            added: 0,
+            _lease: lease,
+        })
+    }
+}
+
+impl Importer<'_> {
+    /// Adds `chunk` unless the store holds it. Returns the chunks that this
+    /// call made durable and visible to readers (the open pack filled up and
+    /// was written), `chunk` itself when it was held already.
+    pub fn add(&mut self, chunk: &VerifiedChunk) -> Result<Vec<ChunkId>, StoreError> {
+        self.append(&chunk.0)
+    }
+
+    /// As `add`, for a chunk the caller has verified.
+    pub(crate) fn append(&mut self, c: &StoredChunk) -> Result<Vec<ChunkId>, StoreError> {
+        let held = {
+            let index = self.store.index()?.read().expect("index lock");
+            let condemned = self.store.condemned.read().expect("condemned lock");
+            self.store.holds(&index, &condemned, &c.id)
+        };
+        if held {
+            return Ok(vec![c.id]);
+        }
+        if self.packer.contains(&c.id) {
+            return Ok(Vec::new());
+        }
+        self.packer.append(c.id, c.codec, c.raw_len, &c.bytes)?;
+        self.added += 1;
+        self.open.push(c.id);
+        if self.packer.is_open() {
+            Ok(Vec::new())
+        } else {
+            Ok(std::mem::take(&mut self.open))
+        }
+    }
+
+    /// Makes everything added durable.
+    pub fn finish(mut self) -> Result<ImportReport, StoreError> {
+        self.packer.flush()?;
+        Ok(ImportReport {
+            added: self.added,
+            durable: std::mem::take(&mut self.open),
+        })
+    }
+}

@@ -1,0 +1,884 @@
+//! Remote unstash that streams: the restore writes its output in order
+//! while the chunks this node lacks arrive, out of order, over parallel
+//! streams.
+//!
+//! Three parties share an [`Arrivals`] board:
+//! - the **restore** (the store's own [`StashReader`](store::repo::StashReader)
+//!   on a blocking thread) says which chunks it wants next and waits for
+//!   each one it reads; chunks the node already holds it reads from its packs;
+//! - **downloaders** (one task per stream) take work from the board: first
+//!   what the restore is waiting for, then read-ahead of the content stream,
+//!   as long as no more than a window of bytes is fetched but not yet
+//!   consumed; each reply is verified once (decoded, BLAKE3 against the id)
+//!   and its raw bytes go on the board;
+//! - the **importer** (a thread) appends the verified chunks, as received,
+//!   to packs of the node's store, so the next unstash fetches nothing;
+//!   once a pack is durable, its chunks leave the board (later uses read
+//!   them from the pack).
+//!
+//! Memory stays bounded by the window, one pack and the restore's batches,
+//! whatever the size of the stash. A lost connection is re-established (with
+//! backoff, within the retry budget) and the outstanding requests are asked
+//! again, so standard output never sees a byte twice. The local name is
+//! committed last, once every chunk is durable in the node's store.
+
+use crate::client::{
+    blocking, delta_bases, fetch_manifest, frame_budget, with_retries, ClientError, Counters,
+    Options, Remote, Session, TransferStats,
+};
+use crate::proto::{self, ErrorKind, Message};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use store::import::VerifiedChunk;
+use store::manifest::{ChunkRef, Manifest, StashKind};
+use store::name::Name;
+use store::repo::{ChunkSource, Progress, Store, StoreError, StoredChunk, Target, UnstashReport};
+use store::{ChunkId, ManifestId};
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+/// Where a remote unstash writes.
+pub enum Destination {
+    /// A byte stream, e.g. standard output.
+    Writer(Box<dyn Write + Send>),
+    /// A path: a file (written under a temporary name, renamed when
+    /// complete), or a directory for directory stashes.
+    Path(PathBuf),
+}
+
+/// A finished remote unstash.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteUnstashReport {
+    /// What was written.
+    #[serde(flatten)]
+    pub unstash: UnstashReport,
+    /// The manifest restored.
+    pub manifest: ManifestId,
+    /// The server.
+    pub remote: String,
+    /// What moved.
+    pub transfer: TransferStats,
+    /// Why the node's cache could not keep the fetched chunks (the output is
+    /// complete and verified all the same; the next unstash fetches again).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_error: Option<String>,
+}
+
+/// Unstashes `name` from the server into `dest`, streaming: output is
+/// written while chunks arrive, and the node's store (`store`) keeps the
+/// chunks it lacked, so that a later unstash of the same or a related
+/// stash fetches only what is new. Existing targets are refused unless
+/// `force`.
+pub async fn unstash(
+    store: Arc<Store>,
+    name: &Name,
+    dest: Destination,
+    force: bool,
+    remote: &Remote,
+    opts: &Options,
+    progress: Arc<dyn Progress>,
+) -> Result<RemoteUnstashReport, ClientError> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let ((session, id, bytes), _) = with_retries(opts, "unstash", |_| {
+        let store = store.clone();
+        async move {
+            let session = Session::connect(remote, opts).await?;
+            check_read(&session, name)?;
+            let have = {
+                let (s, n) = (store.clone(), name.clone());
+                blocking(move || Ok(delta_bases(&s, &n))).await?
+            };
+            let (id, bytes) = fetch_manifest(&session, &store, name, have).await?;
+            if ManifestId::of(&bytes) != id {
+                return Err(session.protocol(format!("manifest {id} does not match its bytes")));
+            }
+            Ok((session, id, bytes))
+        }
+    })
+    .await?;
+    let manifest = Manifest::decode(&bytes)
+        .map_err(|e| session.protocol(format!("manifest {id} does not decode: {e}")))?;
+    let target = match dest {
+        Destination::Writer(w) => Target::Writer(w),
+        Destination::Path(p) if manifest.header.kind == StashKind::Directory => {
+            Target::Directory(p)
+        }
+        Destination::Path(p) => Target::File(p),
+    };
+
+    let board = Arc::new(Arrivals::new(opts.read_ahead.max(1)));
+    let (planned_tx, planned_rx) = tokio::sync::oneshot::channel::<()>();
+    let restore = {
+        let (store, board, counters, progress) = (
+            store.clone(),
+            board.clone(),
+            counters.clone(),
+            progress.clone(),
+        );
+        let label = name.to_string();
+        let plan_from = manifest.clone();
+        tokio::task::spawn_blocking(move || {
+            // The reader's lease comes first: what the plan counts as held
+            // stays held until the restore ends.
+            let reader = store.open_manifest(&label, manifest, board.clone())?;
+            let refs = crate::client::distinct(&plan_from);
+            let ids: Vec<ChunkId> = refs.iter().map(|c| c.id).collect();
+            let missing = store.missing(&ids)?;
+            counters.chunks.store(refs.len() as u64, Relaxed);
+            counters
+                .present
+                .store((refs.len() - missing.len()) as u64, Relaxed);
+            board.plan(&plan_from, &missing);
+            let _ = planned_tx.send(());
+            store.restore(reader, target, force, progress.as_ref())
+        })
+    };
+
+    let link = Arc::new(Link {
+        current: tokio::sync::Mutex::new((0, session)),
+        remote: remote.clone(),
+        opts: opts.clone(),
+        name: name.clone(),
+        manifest: id,
+        reconnects: AtomicU32::new(0),
+    });
+    let mut workers = JoinSet::new();
+    let mut importer = None;
+    if planned_rx.await.is_ok() {
+        debug!(chunks = board.lock().missing.len(), "chunks to download");
+        let (tx, rx) = std::sync::mpsc::sync_channel::<VerifiedChunk>(64);
+        importer = Some(spawn_importer(store.clone(), board.clone(), rx));
+        let limits = link.limits().await;
+        let streams = opts.streams.clamp(1, limits.max_streams as usize);
+        // Requests small enough that every stream has one in the window.
+        let request_bytes = frame_budget(&limits, opts.batch_bytes)
+            .min(opts.read_ahead / (2 * streams as u64))
+            .max(1 << 20);
+        let max_ids = limits.max_batch_ids as usize;
+        for _ in 0..streams {
+            let (board, link, counters, tx) =
+                (board.clone(), link.clone(), counters.clone(), tx.clone());
+            workers.spawn(async move {
+                let r = download(&board, &link, &counters, tx, request_bytes, max_ids).await;
+                if let Err(e) = &r {
+                    board.fail(e);
+                }
+                r
+            });
+        }
+    }
+
+    let restored = restore
+        .await
+        .map_err(|e| ClientError::Config(format!("the restore task failed: {e}")))?;
+    if restored.is_err() {
+        board.stop();
+    }
+    // On success the downloaders finish what the restore did not read (a
+    // tar's trailing padding, say): the node's copy must be whole.
+    let mut download_err = None;
+    while let Some(r) = workers.join_next().await {
+        let r = r.unwrap_or_else(|e| Err(ClientError::Config(format!("a download failed: {e}"))));
+        if let Err(e) = r {
+            download_err.get_or_insert(e);
+            board.stop();
+        }
+    }
+    let imported = match importer {
+        Some(handle) => Some(
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_else(|| {
+                    Err(StoreError::Output {
+                        what: "the node's store".into(),
+                        error: io::Error::other("the importer thread panicked"),
+                    })
+                }),
+        ),
+        None => None,
+    };
+    let attempts = link.attempts();
+    link.close(&counters).await;
+
+    let unstashed = match restored {
+        Ok(report) => report,
+        // A download failure is the cause; the restore only saw its echo.
+        Err(e) => return Err(download_err.unwrap_or(ClientError::Store(e))),
+    };
+    if let Some(e) = download_err {
+        return Err(e);
+    }
+    let cache_error = match imported {
+        Some(Err(e)) => Some(e.to_string()),
+        _ => {
+            let (s, n) = (store.clone(), name.clone());
+            blocking(move || {
+                s.commit_manifest(&n, &bytes)?;
+                store::cache::touch(&s, &n);
+                Ok(())
+            })
+            .await
+            .err()
+            .map(|e| e.to_string())
+        }
+    };
+    if let Some(e) = &cache_error {
+        warn!(error = %e, "the node's store could not keep the fetched chunks");
+    }
+    Ok(RemoteUnstashReport {
+        unstash: unstashed,
+        manifest: id,
+        remote: remote.display(),
+        transfer: counters.stats(attempts, started),
+        cache_error,
+    })
+}
+
+fn check_read(session: &Session, name: &Name) -> Result<(), ClientError> {
+    if session.scopes().can_read(name) {
+        return Ok(());
+    }
+    Err(session.refused(
+        ErrorKind::Forbidden,
+        format!(
+            "this token may not read {:?} (it reads {})",
+            name.as_str(),
+            session.scopes().describe_read()
+        ),
+    ))
+}
+
+/// One downloader: takes work from the board until nothing is missing.
+async fn download(
+    board: &Arc<Arrivals>,
+    link: &Link,
+    counters: &Counters,
+    importer: std::sync::mpsc::SyncSender<VerifiedChunk>,
+    request_bytes: u64,
+    max_ids: usize,
+) -> Result<(), ClientError> {
+    loop {
+        // Registered before looking, so a wake-up in between is not lost.
+        let notified = board.work.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let ids = match board.next_work(request_bytes, max_ids) {
+            Work::Done => return Ok(()),
+            Work::Wait => {
+                let _ = tokio::time::timeout(Duration::from_millis(250), notified).await;
+                continue;
+            }
+            Work::Fetch(ids) => ids,
+        };
+        let (generation, session) = link.current().await;
+        let chunks = match fetch(&session, &ids, board).await {
+            Ok(chunks) => chunks,
+            Err(e) if e.is_transient() => {
+                board.requeue(&ids);
+                link.reconnect(generation, e, counters).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let asked: HashSet<ChunkId> = ids.iter().copied().collect();
+        let got: HashSet<ChunkId> = chunks.iter().map(|c| c.id).collect();
+        let rest: Vec<ChunkId> = asked.difference(&got).copied().collect();
+        if !rest.is_empty() {
+            // Did not fit in one frame: asked again later.
+            board.requeue(&rest);
+        }
+        let stored: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
+        counters.received.fetch_add(chunks.len() as u64, Relaxed);
+        counters.bytes_received.fetch_add(stored, Relaxed);
+        let (b, tx) = (board.clone(), importer.clone());
+        let verified = tokio::task::spawn_blocking(move || {
+            for c in chunks {
+                let id = c.id;
+                let mut raw = Vec::with_capacity(c.raw_len as usize);
+                let v = c.verify(&mut raw).map_err(|e| (id, e.to_string()))?;
+                b.arrive(id, raw);
+                // A stopped importer (the node's store failed) is reported
+                // when it is joined; the restore goes on without it.
+                let _ = tx.send(v);
+            }
+            Ok::<(), (ChunkId, String)>(())
+        })
+        .await
+        .map_err(|e| ClientError::Config(format!("a verification task failed: {e}")))?;
+        if let Err((chunk, e)) = verified {
+            return Err(session.refused(
+                ErrorKind::Corrupt,
+                format!("the server sent chunk {chunk}, which does not match its id ({e})"),
+            ));
+        }
+    }
+}
+
+/// One chunk request; checks that the reply holds only what was asked.
+async fn fetch(
+    session: &Session,
+    ids: &[ChunkId],
+    board: &Arrivals,
+) -> Result<Vec<StoredChunk>, ClientError> {
+    let reply = session
+        .request(&Message::GetChunks { ids: ids.to_vec() })
+        .await?;
+    let Message::Chunks { chunks, not_found } = reply else {
+        return Err(session.protocol(format!(
+            "unexpected answer to a chunk request: {}",
+            reply.kind_name()
+        )));
+    };
+    if let Some(first) = not_found.first() {
+        return Err(session.refused(
+            ErrorKind::NotFound,
+            format!(
+                "the server's store lacks chunk {first} (and {} more); \
+                 its store needs `ferry fsck`",
+                not_found.len() - 1
+            ),
+        ));
+    }
+    if chunks.is_empty() {
+        return Err(session.protocol("answered a chunk request with no chunk"));
+    }
+    let mut left: HashSet<ChunkId> = ids.iter().copied().collect();
+    for c in &chunks {
+        if !left.remove(&c.id) || board.len_of(&c.id) != Some(c.raw_len) {
+            return Err(session.protocol(format!(
+                "sent chunk {} that was not asked for (or of the wrong length)",
+                c.id
+            )));
+        }
+    }
+    Ok(chunks)
+}
+
+type ImporterThread = std::thread::JoinHandle<Result<u64, StoreError>>;
+
+/// Appends verified chunks to the node's store as they come; tells the
+/// board when they are durable.
+fn spawn_importer(
+    store: Arc<Store>,
+    board: Arc<Arrivals>,
+    rx: std::sync::mpsc::Receiver<VerifiedChunk>,
+) -> ImporterThread {
+    std::thread::spawn(move || {
+        let mut importer = store.importer()?;
+        for chunk in rx {
+            let durable = importer.add(&chunk)?;
+            board.durable(&durable);
+        }
+        let report = importer.finish()?;
+        board.durable(&report.durable);
+        Ok(report.added)
+    })
+}
+
+/// The connection shared by the downloaders, replaced when it breaks.
+struct Link {
+    current: tokio::sync::Mutex<(u64, Session)>,
+    remote: Remote,
+    opts: Options,
+    /// The stash and manifest being fetched: a new connection asks for the
+    /// manifest again, since a server sends only chunks of manifests its
+    /// client fetched on that connection.
+    name: Name,
+    manifest: ManifestId,
+    reconnects: AtomicU32,
+}
+
+impl Link {
+    async fn connect(&self) -> Result<Session, ClientError> {
+        let session = Session::connect(&self.remote, &self.opts).await?;
+        let reply = session
+            .request(&Message::GetManifest {
+                name: self.name.to_string(),
+                have: vec![self.manifest],
+            })
+            .await?;
+        let id = match reply {
+            Message::Manifest { id, .. } | Message::ManifestDelta { id, .. } => id,
+            other => {
+                return Err(session.protocol(format!(
+                    "unexpected answer to a manifest request: {}",
+                    other.kind_name()
+                )))
+            }
+        };
+        if id != self.manifest {
+            return Err(ClientError::Config(format!(
+                "{} was stashed again on {} while it was being unstashed; run the unstash again",
+                self.name,
+                self.remote.display()
+            )));
+        }
+        Ok(session)
+    }
+
+    async fn current(&self) -> (u64, Session) {
+        let g = self.current.lock().await;
+        (g.0, g.1.clone())
+    }
+
+    async fn limits(&self) -> proto::Limits {
+        self.current.lock().await.1.limits()
+    }
+
+    fn attempts(&self) -> u32 {
+        1 + self.reconnects.load(Relaxed)
+    }
+
+    /// Replaces the connection of `generation` after `cause` broke it
+    /// (once, however many downloaders saw it break), waiting with backoff;
+    /// gives up with `cause` when the retries are used up.
+    async fn reconnect(
+        &self,
+        generation: u64,
+        cause: ClientError,
+        counters: &Counters,
+    ) -> Result<(), ClientError> {
+        let mut g = self.current.lock().await;
+        if g.0 != generation {
+            return Ok(());
+        }
+        let mut cause = cause;
+        loop {
+            let n = self.reconnects.fetch_add(1, Relaxed) + 1;
+            if n > self.opts.retries {
+                return Err(cause);
+            }
+            let wait = self
+                .opts
+                .backoff
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(self.opts.max_backoff);
+            warn!(error = %cause, attempt = n, wait_ms = wait.as_millis() as u64,
+                  "download failed; reconnecting");
+            tokio::time::sleep(wait).await;
+            match self.connect().await {
+                Ok(s) => {
+                    let old = std::mem::replace(&mut g.1, s);
+                    g.0 += 1;
+                    record_wire(&old, counters);
+                    tokio::spawn(old.close());
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => cause = e,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn close(&self, counters: &Counters) {
+        let session = self.current.lock().await.1.clone();
+        record_wire(&session, counters);
+        session.close().await;
+    }
+}
+
+fn record_wire(session: &Session, counters: &Counters) {
+    let (tx, rx) = session.wire_bytes();
+    counters.wire_sent.fetch_add(tx, Relaxed);
+    counters.wire_received.fetch_add(rx, Relaxed);
+}
+
+/// What a downloader should do next.
+#[derive(Debug, PartialEq, Eq)]
+enum Work {
+    Fetch(Vec<ChunkId>),
+    Wait,
+    Done,
+}
+
+/// The board the restore, the downloaders and the importer share.
+struct Arrivals {
+    state: Mutex<Board>,
+    /// Readers wait here for chunks.
+    arrived: Condvar,
+    /// Downloaders wait here for work.
+    work: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Board {
+    /// Raw length of every chunk to download.
+    lens: HashMap<ChunkId, u32>,
+    /// How often each chunk to download occurs in the stash.
+    uses: HashMap<ChunkId, u32>,
+    /// To download: not arrived yet.
+    missing: HashSet<ChunkId>,
+    /// Asked for, no answer yet.
+    in_flight: HashSet<ChunkId>,
+    /// Wanted by the restore, in the order it wants them.
+    demand: VecDeque<ChunkId>,
+    demanded: HashSet<ChunkId>,
+    /// The content stream's chunks to download, in order, for read-ahead.
+    ahead: Vec<ChunkId>,
+    ahead_next: usize,
+    /// Arrived, with uses left.
+    ready: HashMap<ChunkId, Ready>,
+    /// Raw bytes asked for or arrived but not read yet: bounded by `window`
+    /// (read-ahead stops there; what the restore waits for is always asked).
+    buffered: u64,
+    window: u64,
+    failed: Option<String>,
+    stopped: bool,
+}
+
+struct Ready {
+    raw: Vec<u8>,
+    uses: u32,
+    read: bool,
+    durable: bool,
+}
+
+impl Arrivals {
+    fn new(window: u64) -> Arrivals {
+        Arrivals {
+            state: Mutex::new(Board {
+                window,
+                ..Board::default()
+            }),
+            arrived: Condvar::new(),
+            work: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Board> {
+        // A panicking holder cannot leave the board inconsistent in a way
+        // that matters more than the panic itself.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what must be downloaded: `missing` among `manifest`'s chunks.
+    fn plan(&self, manifest: &Manifest, missing: &[ChunkId]) {
+        let mut b = self.lock();
+        b.missing = missing.iter().copied().collect();
+        for c in manifest.chunks() {
+            if b.missing.contains(&c.id) {
+                b.lens.insert(c.id, c.len);
+                *b.uses.entry(c.id).or_default() += 1;
+            }
+        }
+        let mut seen = HashSet::new();
+        b.ahead = manifest
+            .content
+            .iter()
+            .filter(|c| b.missing.contains(&c.id) && seen.insert(c.id))
+            .map(|c| c.id)
+            .collect();
+        drop(b);
+        self.work.notify_waiters();
+    }
+
+    fn len_of(&self, id: &ChunkId) -> Option<u32> {
+        self.lock().lens.get(id).copied()
+    }
+
+    /// The next request for a downloader: what the restore waits for first,
+    /// then read-ahead within the window.
+    fn next_work(&self, max_bytes: u64, max_ids: usize) -> Work {
+        let mut b = self.lock();
+        if b.failed.is_some() || b.stopped || b.missing.is_empty() {
+            return Work::Done;
+        }
+        let b = &mut *b;
+        let mut ids = Vec::new();
+        let mut bytes = 0u64;
+        let take = |b: &mut Board, id: ChunkId, ids: &mut Vec<ChunkId>, bytes: &mut u64| {
+            let len = b.lens.get(&id).copied().unwrap_or(0) as u64;
+            b.in_flight.insert(id);
+            b.buffered += len;
+            *bytes += len;
+            ids.push(id);
+        };
+        while let Some(id) = b.demand.pop_front() {
+            b.demanded.remove(&id);
+            if b.missing.contains(&id) && !b.in_flight.contains(&id) {
+                take(b, id, &mut ids, &mut bytes);
+                if bytes >= max_bytes || ids.len() >= max_ids {
+                    break;
+                }
+            }
+        }
+        if ids.is_empty() {
+            while b.ahead_next < b.ahead.len()
+                && b.buffered < b.window
+                && bytes < max_bytes
+                && ids.len() < max_ids
+            {
+                let id = b.ahead[b.ahead_next];
+                b.ahead_next += 1;
+                if b.missing.contains(&id) && !b.in_flight.contains(&id) {
+                    take(b, id, &mut ids, &mut bytes);
+                }
+            }
+        }
+        if ids.is_empty() {
+            Work::Wait
+        } else {
+            Work::Fetch(ids)
+        }
+    }
+
+    /// Puts requests that got no answer back at the front of the queue.
+    fn requeue(&self, ids: &[ChunkId]) {
+        let mut b = self.lock();
+        for id in ids.iter().rev() {
+            if b.in_flight.remove(id) {
+                let len = b.lens.get(id).copied().unwrap_or(0) as u64;
+                b.buffered = b.buffered.saturating_sub(len);
+            }
+            if b.missing.contains(id) && b.demanded.insert(*id) {
+                b.demand.push_front(*id);
+            }
+        }
+        drop(b);
+        self.work.notify_waiters();
+    }
+
+    /// A verified chunk arrived.
+    fn arrive(&self, id: ChunkId, raw: Vec<u8>) {
+        let mut b = self.lock();
+        b.in_flight.remove(&id);
+        if !b.missing.remove(&id) || b.stopped {
+            return;
+        }
+        let uses = b.uses.get(&id).copied().unwrap_or(1).max(1);
+        b.ready.insert(
+            id,
+            Ready {
+                raw,
+                uses,
+                read: false,
+                durable: false,
+            },
+        );
+        drop(b);
+        self.arrived.notify_all();
+        // The last arrival ends the downloaders' waiting.
+        self.work.notify_waiters();
+    }
+
+    /// These chunks are in durable packs of the node's store: once read,
+    /// their further uses read them from there.
+    fn durable(&self, ids: &[ChunkId]) {
+        let mut b = self.lock();
+        for id in ids {
+            if let Some(r) = b.ready.get_mut(id) {
+                r.durable = true;
+                if r.read {
+                    b.ready.remove(id);
+                }
+            }
+        }
+    }
+
+    /// A downloader failed for good: readers stop waiting.
+    fn fail(&self, e: &ClientError) {
+        let mut b = self.lock();
+        b.failed.get_or_insert_with(|| e.to_string());
+        drop(b);
+        self.arrived.notify_all();
+        self.work.notify_waiters();
+    }
+
+    /// The restore ended early: downloaders stop, memory is freed.
+    fn stop(&self) {
+        let mut b = self.lock();
+        b.stopped = true;
+        b.ready.clear();
+        drop(b);
+        self.arrived.notify_all();
+        self.work.notify_waiters();
+    }
+}
+
+impl ChunkSource for Arrivals {
+    fn want(&self, chunks: &[ChunkRef]) {
+        let mut b = self.lock();
+        let mut added = false;
+        for c in chunks {
+            if b.missing.contains(&c.id) && !b.in_flight.contains(&c.id) && b.demanded.insert(c.id)
+            {
+                b.demand.push_back(c.id);
+                added = true;
+            }
+        }
+        drop(b);
+        if added {
+            self.work.notify_waiters();
+        }
+    }
+
+    fn read(&self, chunk: &ChunkRef, out: &mut Vec<u8>) -> Result<bool, StoreError> {
+        let mut b = self.lock();
+        loop {
+            let board = &mut *b;
+            if let Some(r) = board.ready.get_mut(&chunk.id) {
+                let first_read = !r.read;
+                r.read = true;
+                r.uses = r.uses.saturating_sub(1);
+                if r.uses == 0 || r.durable {
+                    *out = board
+                        .ready
+                        .remove(&chunk.id)
+                        .map(|r| r.raw)
+                        .unwrap_or_default();
+                } else {
+                    out.clone_from(&r.raw);
+                }
+                if first_read {
+                    let len = board.lens.get(&chunk.id).copied().unwrap_or(0) as u64;
+                    board.buffered = board.buffered.saturating_sub(len);
+                    drop(b);
+                    self.work.notify_waiters();
+                }
+                return Ok(true);
+            }
+            if !board.missing.contains(&chunk.id) {
+                return Ok(false);
+            }
+            if let Some(why) = &board.failed {
+                return Err(StoreError::Input {
+                    what: format!("chunk {} from the server", chunk.id),
+                    error: io::Error::other(why.clone()),
+                });
+            }
+            if board.stopped {
+                return Err(StoreError::Input {
+                    what: format!("chunk {} from the server", chunk.id),
+                    error: io::Error::other("the download was stopped"),
+                });
+            }
+            if !board.in_flight.contains(&chunk.id) && board.demanded.insert(chunk.id) {
+                board.demand.push_back(chunk.id);
+                self.work.notify_waiters();
+            }
+            b = self
+                .arrived
+                .wait_timeout(b, Duration::from_millis(500))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use store::manifest::Header;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    fn manifest(content: &[(u8, u32)]) -> Manifest {
+        let content: Vec<ChunkRef> = content
+            .iter()
+            .map(|&(n, len)| ChunkRef { id: id(n), len })
+            .collect();
+        let size = content.iter().map(|c| c.len as u64).sum();
+        Manifest {
+            header: Header {
+                kind: StashKind::File,
+                size,
+                sha256: String::new(),
+                source: None,
+                image: None,
+            },
+            meta: Vec::new(),
+            content,
+            layout: vec![(store::tarsplit::Part::Content, size)],
+        }
+    }
+
+    #[test]
+    fn demand_goes_first_and_read_ahead_stops_at_the_window() {
+        let board = Arrivals::new(250);
+        let m = manifest(&[(1, 100), (2, 100), (3, 100), (4, 100)]);
+        board.plan(&m, &[id(1), id(2), id(3), id(4)]);
+        board.want(&[ChunkRef {
+            id: id(4),
+            len: 100,
+        }]);
+        assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(4)]));
+        // 100 buffered: read-ahead takes 1 and 2, then the window is full.
+        assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(1), id(2)]));
+        assert_eq!(board.next_work(1000, 100), Work::Wait);
+        board.arrive(id(1), vec![0; 100]);
+        let mut out = Vec::new();
+        assert!(board
+            .read(
+                &ChunkRef {
+                    id: id(1),
+                    len: 100
+                },
+                &mut out
+            )
+            .unwrap());
+        assert_eq!(out.len(), 100);
+        assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(3)]));
+    }
+
+    #[test]
+    fn unanswered_requests_are_asked_again_first() {
+        let board = Arrivals::new(1 << 20);
+        let m = manifest(&[(1, 10), (2, 10), (3, 10)]);
+        board.plan(&m, &[id(1), id(2), id(3)]);
+        assert_eq!(
+            board.next_work(1000, 100),
+            Work::Fetch(vec![id(1), id(2), id(3)])
+        );
+        board.requeue(&[id(2), id(3)]);
+        assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(2), id(3)]));
+        for n in 1..=3 {
+            board.arrive(id(n), vec![n; 10]);
+        }
+        assert_eq!(board.next_work(1000, 100), Work::Done);
+    }
+
+    #[test]
+    fn repeated_chunks_stay_until_durable_then_read_from_the_store() {
+        let board = Arrivals::new(1 << 20);
+        let m = manifest(&[(1, 10), (2, 10), (1, 10)]);
+        board.plan(&m, &[id(1)]);
+        board.arrive(id(1), vec![7; 10]);
+        let c = ChunkRef { id: id(1), len: 10 };
+        let mut out = Vec::new();
+        assert!(board.read(&c, &mut out).unwrap());
+        assert_eq!(out, vec![7; 10]);
+        // Held for its second use until the importer made it durable.
+        assert!(board.lock().ready.contains_key(&id(1)));
+        board.durable(&[id(1)]);
+        assert!(!board.read(&c, &mut out).unwrap(), "read from the pack");
+        // Chunk 2 was never missing: the store has it.
+        let c2 = ChunkRef { id: id(2), len: 10 };
+        assert!(!board.read(&c2, &mut out).unwrap());
+    }
+
+    #[test]
+    fn a_failure_ends_the_readers_wait_with_its_reason() {
+        let board = Arc::new(Arrivals::new(1 << 20));
+        board.plan(&manifest(&[(1, 10)]), &[id(1)]);
+        let b = board.clone();
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            b.read(&ChunkRef { id: id(1), len: 10 }, &mut out)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        board.fail(&ClientError::Config("the server went away".into()));
+        let err = reader.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("the server went away"), "{err}");
+        assert_eq!(board.next_work(1000, 100), Work::Done);
+    }
+}

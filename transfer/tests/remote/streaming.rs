@@ -1,0 +1,384 @@
+//! The streaming remote unstash: output written while chunks arrive over
+//! parallel streams, the node's store keeping what arrived, reconnects that
+//! never repeat a byte of standard output, and failures that leave nothing
+//! half-written.
+
+use crate::util::*;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use store::manifest::StashKind;
+use store::repo::{NoProgress, Source, Store, StoreOptions};
+use transfer::client::push;
+use transfer::unstash::{unstash, Destination, RemoteUnstashReport};
+
+/// An in-memory standard output.
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sink {
+    fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+async fn to_sink(
+    node: &Arc<Store>,
+    n: &str,
+    remote: &transfer::Remote,
+    o: &transfer::Options,
+) -> (Vec<u8>, RemoteUnstashReport) {
+    let sink = Sink::default();
+    let r = unstash(
+        node.clone(),
+        &name(n),
+        Destination::Writer(Box::new(sink.clone())),
+        false,
+        remote,
+        o,
+        none(),
+    )
+    .await
+    .unwrap();
+    (sink.bytes(), r)
+}
+
+/// A node store with small packs, so chunks become durable (and leave
+/// memory) while an unstash runs.
+fn small_pack_store(dir: &std::path::Path, label: &str) -> Arc<Store> {
+    let opts = StoreOptions {
+        pack_size: 256 << 10,
+        ..StoreOptions::default()
+    };
+    Arc::new(Store::open_with(dir.join(label), opts).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_streams_into_each_target_and_stays_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let layers = vec![layer(1, 6, 120_000), layer(2, 4, 80_000)];
+    let cases: Vec<(&str, StashKind, Vec<u8>)> = vec![
+        ("main/stream", StashKind::Stream, mixed_bytes(7, 3_000_000)),
+        (
+            "main/docker",
+            StashKind::DockerArchive,
+            image(Layout::DockerLegacy, &layers, 1_700_000_000),
+        ),
+        (
+            "main/oci",
+            StashKind::OciLayout,
+            image(Layout::OciTar, &layers, 1_700_000_000),
+        ),
+        ("main/empty", StashKind::Stream, Vec::new()),
+    ];
+    let node = small_pack_store(dir.path(), "node");
+    for (n, kind, data) in &cases {
+        let r = stash_bytes(&a, n, data).await;
+        assert_eq!(r.kind, *kind, "{n}");
+        push(a.clone(), &name(n), &remote, &opts(), none())
+            .await
+            .unwrap();
+        let (out, report) = to_sink(&node, n, &remote, &opts()).await;
+        assert!(out == *data, "{n}: the streamed bytes differ");
+        assert_eq!(report.manifest, r.manifest, "{n}");
+        assert_eq!(report.unstash.size, data.len() as u64, "{n}");
+        assert_eq!(report.cache_error, None);
+        // The node's store now holds the stash: a local unstash works, and
+        // a second remote unstash transfers no chunk.
+        assert!(unstash_bytes(&node, n).await == *data, "{n}: cached copy");
+        let (again, second) = to_sink(&node, n, &remote, &opts()).await;
+        assert!(again == *data, "{n}: second unstash");
+        assert_eq!(second.transfer.chunks_received, 0, "{n}");
+        assert_eq!(second.transfer.chunks_present, second.transfer.chunks);
+    }
+
+    // A file target: written under a temporary name, complete when it
+    // appears; an existing file is refused without --force.
+    let file = dir.path().join("plain.bin");
+    std::fs::write(&file, random_bytes(9, 2_500_000)).unwrap();
+    stash_source(&a, "main/file", Source::File(file.clone())).await;
+    push(a.clone(), &name("main/file"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let fresh = client_store(dir.path(), "fresh");
+    let out = dir.path().join("restored.bin");
+    let (file_name, o) = (name("main/file"), opts());
+    let to_file = |node: &Arc<Store>, force: bool| {
+        unstash(
+            node.clone(),
+            &file_name,
+            Destination::Path(out.clone()),
+            force,
+            &remote,
+            &o,
+            none(),
+        )
+    };
+    let r = to_file(&fresh, false).await.unwrap();
+    assert!(r.transfer.chunks_received > 0);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&file).unwrap());
+    let e = to_file(&fresh, false).await.unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    to_file(&fresh, true).await.unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&file).unwrap());
+
+    // A directory stash restores as a tree.
+    let src = dir.path().join("tree");
+    make_tree(&src, 11);
+    stash_source(&a, "main/dir", Source::Directory(src.clone())).await;
+    push(a.clone(), &name("main/dir"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let restored = dir.path().join("restored-tree");
+    unstash(
+        fresh.clone(),
+        &name("main/dir"),
+        Destination::Path(restored.clone()),
+        false,
+        &remote,
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tree(&restored), tree(&src));
+    server.stop().await;
+}
+
+/// Many streams, a tiny read-ahead window and small packs: chunks arrive
+/// out of order, repeated chunks are read again after their pack became
+/// durable, and the output is still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_arrivals_and_repeated_chunks_give_exact_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    // Three copies of the same 3 MB, with different data between them: the
+    // copies' chunks occur three times each.
+    let block = random_bytes(21, 3_000_000);
+    let mut data = Vec::new();
+    for i in 0..3u64 {
+        data.extend_from_slice(&block);
+        data.extend_from_slice(&random_bytes(30 + i, 1_500_000));
+    }
+    stash_bytes(&a, "main/repeats", &data).await;
+    push(a.clone(), &name("main/repeats"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let node = small_pack_store(dir.path(), "node");
+    let mut o = opts();
+    o.streams = 8;
+    o.read_ahead = 1 << 20;
+    let (out, r) = to_sink(&node, "main/repeats", &remote, &o).await;
+    assert!(out == data, "the streamed bytes differ");
+    let distinct = chunk_ids(&a, "main/repeats").len() as u64;
+    assert_eq!(r.transfer.chunks_received, distinct, "each chunk once");
+    assert!(unstash_bytes(&node, "main/repeats").await == data);
+    server.stop().await;
+}
+
+/// A node that holds v1 fetches only v2's new chunks, and reads the rest
+/// from its own packs while it writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_related_stash_fetches_only_what_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let base = vec![layer(1, 8, 200_000), layer(2, 6, 150_000)];
+    let mut changed = base.clone();
+    changed.push(layer(3, 3, 100_000));
+    let v1 = image(Layout::DockerOci, &base, 1_700_000_000);
+    let v2 = image(Layout::DockerOci, &changed, 1_700_000_100);
+    stash_bytes(&a, "main/v1", &v1).await;
+    stash_bytes(&a, "main/v2", &v2).await;
+    for n in ["main/v1", "main/v2"] {
+        push(a.clone(), &name(n), &remote, &opts(), none())
+            .await
+            .unwrap();
+    }
+    let node = client_store(dir.path(), "node");
+    let (out, _) = to_sink(&node, "main/v1", &remote, &opts()).await;
+    assert!(out == v1);
+    let expected = node.missing(&chunk_ids(&a, "main/v2")).unwrap().len() as u64;
+    assert!(expected > 0);
+    let (out, r) = to_sink(&node, "main/v2", &remote, &opts()).await;
+    assert!(out == v2, "v2 differs");
+    assert_eq!(r.transfer.chunks_received, expected, "{:?}", r.transfer);
+    assert_eq!(
+        r.transfer.chunks_present,
+        r.transfer.chunks - expected,
+        "{:?}",
+        r.transfer
+    );
+    server.stop().await;
+}
+
+/// The server restarts in the middle: the unstash reconnects and asks for
+/// what had not arrived; standard output gets every byte exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_mid_stream_is_ridden_out_without_repeating_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(dir.path()).await;
+    let addr = first.addr;
+    let remote = first.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = random_bytes(2, 40 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+
+    let node = client_store(dir.path(), "node");
+    let mut o = opts();
+    o.streams = 2;
+    o.retries = 10;
+    o.backoff = std::time::Duration::from_millis(200);
+    // Stops the server once 3 MiB were written to the output: the restore
+    // has asked for its first two 16 MiB batches by then, not the third.
+    let handle = first.handle();
+    let trip = Trip::new(3 << 20, move || handle.stop_now());
+    let sink = Sink::default();
+    let task = {
+        let (node, remote, sink, trip) = (node.clone(), remote.clone(), sink.clone(), trip.clone());
+        tokio::spawn(async move {
+            unstash(
+                node,
+                &name("main/big"),
+                Destination::Writer(Box::new(sink)),
+                false,
+                &remote,
+                &o,
+                trip,
+            )
+            .await
+        })
+    };
+    {
+        let trip = trip.clone();
+        wait_for(60, "the server to be stopped", move || trip.fired()).await;
+    }
+    first.join().await;
+    let second = TestServer::start_with(config(dir.path(), addr)).await;
+    let r = task.await.unwrap().unwrap();
+    assert!(r.transfer.attempts >= 2, "{:?}", r.transfer);
+    assert!(sink.bytes() == data, "output differs after the reconnect");
+    assert!(unstash_bytes(&node, "main/big").await == data);
+    second.stop().await;
+}
+
+/// The server goes away for good: a clear error, no file at the target,
+/// no local name; what arrived is kept, and the same command later fetches
+/// only the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_server_leaves_no_output_and_the_rerun_fetches_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(dir.path()).await;
+    let addr = first.addr;
+    let remote = first.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = random_bytes(3, 40 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let ids = chunk_ids(&a, "main/big");
+
+    let node = small_pack_store(dir.path(), "node");
+    let out = dir.path().join("big.bin");
+    let mut o = opts();
+    o.streams = 1;
+    let handle = first.handle();
+    let trip = Trip::new(3 << 20, move || handle.stop_now());
+    let e = unstash(
+        node.clone(),
+        &name("main/big"),
+        Destination::Path(out.clone()),
+        false,
+        &remote,
+        &o,
+        trip,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert!(!out.exists(), "a partial output file was left");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".big.bin") || n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    assert!(node.manifest(&name("main/big")).is_err(), "name committed");
+    first.join().await;
+    let missing = node.missing(&ids).unwrap().len();
+    assert!(missing < ids.len(), "nothing kept of what arrived");
+
+    let second = TestServer::start_with(config(dir.path(), addr)).await;
+    let r = unstash(
+        node.clone(),
+        &name("main/big"),
+        Destination::Path(out.clone()),
+        false,
+        &remote,
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.transfer.chunks_received as usize, missing,
+        "{:?}",
+        r.transfer
+    );
+    assert!(std::fs::read(&out).unwrap() == data);
+    second.stop().await;
+}
+
+/// A token that may not read the name: refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_name_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let a = client_store(dir.path(), "a");
+    stash_bytes(&a, "pr/999/img", &random_bytes(4, 100_000)).await;
+    push(
+        a.clone(),
+        &name("pr/999/img"),
+        &server.remote(MAIN),
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap();
+    let node = client_store(dir.path(), "node");
+    let out = dir.path().join("img.tar");
+    let e = unstash(
+        node,
+        &name("pr/999/img"),
+        Destination::Path(out.clone()),
+        false,
+        &server.remote(PR),
+        &opts(),
+        Arc::new(NoProgress),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("may not read"), "{e}");
+    assert!(!out.exists());
+    server.stop().await;
+}
