@@ -207,6 +207,12 @@ pub trait Backend: Send + Sync {
     fn delete(&self, kind: Kind, name: &str) -> Result<(), BackendError>;
     /// The object's size in bytes.
     fn size(&self, kind: Kind, name: &str) -> Result<u64, BackendError>;
+    /// When the object was last written, ms since the epoch, if the backend
+    /// knows (`None`: unknown, or no such object). Used to age objects
+    /// whose contents cannot be read, such as a damaged lease.
+    fn modified_ms(&self, _kind: Kind, _name: &str) -> Result<Option<u64>, BackendError> {
+        Ok(None)
+    }
     /// Human-readable location of an object, for messages.
     fn location(&self, kind: Kind, name: &str) -> String;
 
@@ -756,6 +762,19 @@ impl Backend for LocalDir {
         fs::metadata(&path)
             .map(|m| m.len())
             .map_err(self.object_err("read metadata of", kind, name, &path))
+    }
+
+    fn modified_ms(&self, kind: Kind, name: &str) -> Result<Option<u64>, BackendError> {
+        let path = self.object_path(kind, name)?;
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read the metadata of", &path)(e)),
+        }
     }
 
     fn location(&self, kind: Kind, name: &str) -> String {

@@ -237,12 +237,17 @@ impl Index {
         Ok(())
     }
 
-    /// Adds a pack's entries. A chunk already indexed keeps its location.
-    /// Adding the same pack again changes nothing. Returns how many chunks
-    /// were new.
+    /// Adds a pack's entries. A chunk already indexed in another pack moves
+    /// to this one: a chunk is written again only when its old copy is going
+    /// away (its pack was condemned, or gc repacked it), so the newer copy
+    /// is the one to use; were the old location kept, the store would go on
+    /// calling the chunk condemned (missing) although a healthy copy exists,
+    /// and a server would refuse every commit that needs it until gc
+    /// deleted the old pack. Adding the same pack again changes nothing.
+    /// Returns how many chunks were new.
     pub fn insert_pack(&mut self, pack: PackId, entries: &[IndexEntry]) -> usize {
         let number = match self.pack_numbers.get(&pack) {
-            Some(&n) => n,
+            Some(_) => return 0,
             None => {
                 // 2^32 packs of even 1 MiB would be 4 PiB in one store.
                 let n = u32::try_from(self.packs.len()).expect("more than 2^32 packs");
@@ -254,16 +259,16 @@ impl Index {
         self.chunks.reserve(entries.len());
         let mut added = 0;
         for e in entries {
-            self.chunks.entry(e.id).or_insert_with(|| {
+            let slot = Slot {
+                offset: e.offset,
+                pack: number,
+                stored_len: e.stored_len,
+                raw_len: e.raw_len,
+                codec: e.codec,
+            };
+            if self.chunks.insert(e.id, slot).is_none() {
                 added += 1;
-                Slot {
-                    offset: e.offset,
-                    pack: number,
-                    stored_len: e.stored_len,
-                    raw_len: e.raw_len,
-                    codec: e.codec,
-                }
-            });
+            }
         }
         added
     }
@@ -405,7 +410,7 @@ mod tests {
     }
 
     #[test]
-    fn insert_pack_is_idempotent_and_first_wins() {
+    fn insert_pack_is_idempotent_and_the_later_pack_wins() {
         let (_dir, store) = store();
         let a = write_pack(&store, 0..10);
         let b = write_pack(&store, 5..15);
@@ -417,7 +422,12 @@ mod tests {
         assert_eq!(index.insert_pack(b, &entries(&b)), 5);
         assert_eq!(index.len(), 15);
         assert_eq!(index.packs().copied().collect::<Vec<_>>(), [a, b]);
-        assert_eq!(index.get(&ChunkId::of(&raw(7))).unwrap().pack, a);
+        // The chunks both packs hold moved to the later one.
+        assert_eq!(index.get(&ChunkId::of(&raw(7))).unwrap().pack, b);
+        assert_eq!(index.get(&ChunkId::of(&raw(3))).unwrap().pack, a);
+        // Adding a known pack again moves nothing back.
+        assert_eq!(index.insert_pack(a, &entries(&a)), 0);
+        assert_eq!(index.get(&ChunkId::of(&raw(7))).unwrap().pack, b);
     }
 
     #[test]

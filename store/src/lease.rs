@@ -137,8 +137,16 @@ fn write(backend: &dyn Backend, info: &LeaseInfo) -> Result<(), BackendError> {
     backend.put(Kind::Lease, &info.id, &bytes)
 }
 
-/// Every lease in the store, split into live and stale (unreadable lease
-/// objects count as live from `now`: the careful reading).
+/// Every lease in the store, split into live and stale.
+///
+/// An unreadable lease object (leases are written whole and renamed into
+/// place, so only a damaged disk or an operator makes one) is read
+/// carefully: it started before anything (`started_ms` 0) and was last
+/// refreshed when the object was last written. A live holder rewrites it
+/// every [`REFRESH`], so one untouched for [`STALE_AFTER`] is stale like any
+/// other and the collector removes it; were it live from `now` forever, it
+/// would block every deletion for good. Without a modification time (a
+/// backend that does not know) it counts as live from `now`.
 pub fn list(
     backend: &dyn Backend,
     now_ms: u64,
@@ -156,12 +164,16 @@ pub fn list(
                 id: id.clone(),
                 ..i
             })
-            .unwrap_or(LeaseInfo {
+            .unwrap_or_else(|| LeaseInfo {
+                refreshed_ms: backend
+                    .modified_ms(Kind::Lease, &id)
+                    .ok()
+                    .flatten()
+                    .map_or(now_ms, |m| m.min(now_ms)),
                 id,
                 purpose: "unreadable".into(),
                 pid: 0,
                 started_ms: 0,
-                refreshed_ms: now_ms,
             });
         if now_ms.saturating_sub(info.refreshed_ms) > STALE_AFTER.as_millis() as u64 {
             stale.push(info);
@@ -193,5 +205,22 @@ mod tests {
         assert_eq!(stale.len(), 1);
         drop(lease);
         assert_eq!(list(backend.as_ref(), now_ms()).unwrap(), (vec![], vec![]));
+    }
+
+    #[test]
+    fn an_unreadable_lease_ages_by_its_modification_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(LocalDir::open(dir.path()).unwrap());
+        backend.put(Kind::Lease, "damaged", b"").unwrap();
+        // Just written: live, and started before anything.
+        let (live, stale) = list(backend.as_ref(), now_ms()).unwrap();
+        assert_eq!((live.len(), stale.len()), (1, 0));
+        assert_eq!(live[0].purpose, "unreadable");
+        assert_eq!(live[0].started_ms, 0);
+        // Not rewritten for longer than a live holder would wait: stale.
+        let later = now_ms() + STALE_AFTER.as_millis() as u64 + 60_000;
+        let (live, stale) = list(backend.as_ref(), later).unwrap();
+        assert_eq!((live.len(), stale.len()), (0, 1));
+        assert_eq!(stale[0].id, "damaged");
     }
 }

@@ -4,8 +4,10 @@
 //! `util::Env`). Areas: byte-exact round trips (`roundtrip`), deduplication
 //! (`dedup`), SIGKILL at random points (`crash`), several processes on one
 //! store (`concurrency`), damaged stores (`corruption`), error handling
-//! (`errors`), a full disk (`diskfull`), garbage collection and the cache
-//! limit (`gc`), and the guided demo (`demo`).
+//! (`errors`), a full disk (`diskfull`), hostile stashes, full disks
+//! during stash and unstash and damaged store files (`faults`), garbage collection and the cache
+//! limit (`gc`), the guided demo (`demo`), and docs/Jenkinsfile run against a
+//! real server (`jenkins`).
 
 mod concurrency;
 mod corruption;
@@ -14,6 +16,8 @@ mod dedup;
 mod demo;
 mod diskfull;
 mod errors;
+mod faults;
 mod gc;
+mod jenkins;
 mod roundtrip;
 mod util;
