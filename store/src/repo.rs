@@ -601,6 +601,17 @@ impl Store {
         let lease = match Lease::acquire(Arc::clone(&self.backend), purpose) {
             Ok(l) => Some(l),
             Err(_) if self.backend.read_only() && matches!(purpose, "unstash" | "fsck") => None,
+            // A full disk must not stop reads: restoring or checking is
+            // what one does before freeing space. (Nothing can collect on
+            // a full disk either: gc needs to write its marks first.)
+            Err(BackendError::Io { ref error, .. })
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                ) && matches!(purpose, "unstash" | "fsck") =>
+            {
+                None
+            }
             Err(e) => return Err(e.into()),
         };
         *self.condemned.write().expect("condemned lock") =
@@ -973,8 +984,9 @@ impl Store {
     }
 
     /// Whether `name` exists.
+    /// Whether `name` exists (a name whose ref is damaged exists too).
     pub fn contains(&self, name: &Name) -> Result<bool, StoreError> {
-        Ok(refs::get(self.backend.as_ref(), name)?.is_some())
+        Ok(self.backend.read_ref(name)?.is_some())
     }
 
     /// Rebuilds missing or unreadable pack indexes from the packs' own

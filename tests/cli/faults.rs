@@ -1184,3 +1184,57 @@ fn now_secs() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// A store whose disk is full to the last byte: reading and checking are
+/// what one does before freeing space, so `unstash` and `fsck` still work
+/// (they cannot write a lease there); a stash fails saying the disk is full.
+#[test]
+fn a_store_on_a_completely_full_disk_still_unstashes_and_checks() {
+    let mut env = Env::new();
+    let Some(mount) = Mount::tmpfs(&env.path("small"), "size=16m") else {
+        eprintln!("skipping a_store_on_a_completely_full_disk_still_unstashes_and_checks: cannot mount a tmpfs");
+        return;
+    };
+    env.store = mount.dir.join("store");
+    let data = mixed_bytes(220, 4 << 20);
+    env.stash_stdin("main/app", &data);
+    // Fill what is left, to the last block.
+    let filler = mount.dir.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let block = vec![0x5a; 64 << 10];
+    loop {
+        match std::io::Write::write(&mut f, &block) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    loop {
+        match std::io::Write::write(&mut f, &block[..512]) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    drop(f);
+    // Nothing more fits: even a one-byte file fails.
+    assert!(
+        fs::write(mount.dir.join("probe"), b"x").is_err() || {
+            let _ = fs::remove_file(mount.dir.join("probe"));
+            false
+        }
+    );
+
+    assert!(
+        env.unstash_stdout("main/app") == data,
+        "unstash on a full disk"
+    );
+    let out_file = env.path("app.bin");
+    env.ferry(&["unstash", "main/app", out_file.to_str().unwrap()])
+        .ok();
+    assert!(fs::read(&out_file).unwrap() == data);
+    env.fsck_clean(true);
+    says_disk_full(&env.ferry_in(&["stash", "main/other", "-"], &mixed_bytes(221, 1 << 20)));
+
+    fs::remove_file(&filler).unwrap();
+    env.stash_stdin("main/other", &mixed_bytes(221, 1 << 20));
+    env.fsck_clean(true);
+}
