@@ -663,10 +663,13 @@ impl Arrivals {
                 durable: false,
             },
         );
+        let last = b.missing.is_empty();
         drop(b);
         self.arrived.notify_all();
-        // The last arrival ends the downloaders' waiting.
-        self.work.notify_waiters();
+        if last {
+            // Ends the downloaders' waiting: nothing is left to fetch.
+            self.work.notify_waiters();
+        }
     }
 
     /// These chunks are in durable packs of the node's store: once read,
@@ -739,9 +742,13 @@ impl ChunkSource for Arrivals {
                 }
                 if first_read {
                     let len = board.lens.get(&chunk.id).copied().unwrap_or(0) as u64;
+                    let was_full = board.buffered >= board.window;
                     board.buffered = board.buffered.saturating_sub(len);
-                    drop(b);
-                    self.work.notify_waiters();
+                    if was_full && board.buffered < board.window {
+                        // Read-ahead may go on.
+                        drop(b);
+                        self.work.notify_waiters();
+                    }
                 }
                 return Ok(true);
             }
