@@ -33,6 +33,11 @@ complete example). Relative paths in it are relative to the file. Keys:
   idle_timeout_secs = 60           silent connections are closed
   request_deadline_secs = 300      one request, start to answer
   shutdown_grace_secs = 60         on SIGTERM, in-flight requests may finish
+  max_auth_failures = 10           failed authentications from one address
+                                   (IPv4, or IPv6 /64) within the window
+                                   before it is refused whatever token it
+                                   brings, until the oldest ages out; 0: off
+  auth_failure_window_secs = 60    the window those failures are counted in
 
   [[token]]                        one per CI trust level
   name = \"pr-builds\"               label for logs (never the secret)

@@ -26,8 +26,12 @@
 
 use rand::Rng;
 use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use store::name::Name;
 
 /// Environment variable naming the client's token file.
@@ -364,6 +368,141 @@ impl TokenTable {
     }
 }
 
+/// Most source addresses [`AuthThrottle`] remembers. When full, addresses
+/// whose failures have aged out go first, then the one whose last failure
+/// is oldest: memory stays bounded whatever the number of attackers.
+pub const MAX_THROTTLED_ADDRESSES: usize = 65_536;
+
+/// Failed authentications by source address, to slow down token guessing.
+///
+/// An address that failed `max_failures` times within `window` is refused
+/// (whatever token it brings) until the oldest of those failures is
+/// `window` old: at most `max_failures` guesses per window and address, and
+/// as many log lines. IPv4 addresses count one by one; IPv6 addresses by
+/// their /64, which one host usually holds whole. Refused attempts do not
+/// count as failures (they test no token). Sans-IO: the caller passes the
+/// time.
+#[derive(Debug)]
+pub struct AuthThrottle {
+    max_failures: u32,
+    window: Duration,
+    /// The newest (at most `max_failures`) failure times per address.
+    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+}
+
+impl AuthThrottle {
+    /// Refuses an address after `max_failures` failures within `window`;
+    /// `max_failures == 0` never refuses.
+    pub fn new(max_failures: u32, window: Duration) -> AuthThrottle {
+        AuthThrottle {
+            max_failures,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The failures that make an address refused (0: no limit).
+    pub fn max_failures(&self) -> u32 {
+        self.max_failures
+    }
+
+    /// The window failures are counted in.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The key `addr` is counted under: the IPv4 address, or the /64 of an
+    /// IPv6 one (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn key(addr: IpAddr) -> IpAddr {
+        match addr {
+            IpAddr::V4(_) => addr,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+        }
+    }
+
+    /// How much longer `addr` is refused, or `None` if it may authenticate.
+    pub fn refused_for(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
+        if self.max_failures == 0 {
+            return None;
+        }
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let key = Self::key(addr);
+        let times = map.get_mut(&key)?;
+        self.expire(times, now);
+        if times.is_empty() {
+            map.remove(&key);
+            return None;
+        }
+        self.refusal(times, now)
+    }
+
+    /// Records a failed authentication from `addr`. Returns how long the
+    /// address is now refused if this failure reached the limit.
+    pub fn failed(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
+        if self.max_failures == 0 {
+            return None;
+        }
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let key = Self::key(addr);
+        if !map.contains_key(&key) && map.len() >= MAX_THROTTLED_ADDRESSES {
+            self.make_room(&mut map, now);
+        }
+        let times = map.entry(key).or_default();
+        self.expire(times, now);
+        times.push_back(now);
+        // Only the newest `max_failures` decide when the address is free.
+        while times.len() > self.max_failures as usize {
+            times.pop_front();
+        }
+        self.refusal(times, now)
+    }
+
+    /// Addresses tracked now (for tests).
+    pub fn tracked(&self) -> usize {
+        self.failures.lock().map_or(0, |m| m.len())
+    }
+
+    fn expire(&self, times: &mut VecDeque<Instant>, now: Instant) {
+        while times
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= self.window)
+        {
+            times.pop_front();
+        }
+    }
+
+    fn refusal(&self, times: &VecDeque<Instant>, now: Instant) -> Option<Duration> {
+        if times.len() < self.max_failures as usize {
+            return None;
+        }
+        let oldest = *times.front()?;
+        Some(
+            self.window
+                .saturating_sub(now.saturating_duration_since(oldest)),
+        )
+    }
+
+    fn make_room(&self, map: &mut HashMap<IpAddr, VecDeque<Instant>>, now: Instant) {
+        map.retain(|_, times| {
+            times
+                .back()
+                .is_some_and(|t| now.saturating_duration_since(*t) < self.window)
+        });
+        if map.len() >= MAX_THROTTLED_ADDRESSES {
+            let stalest = map
+                .iter()
+                .min_by_key(|(_, times)| times.back().copied())
+                .map(|(k, _)| *k);
+            if let Some(k) = stalest {
+                map.remove(&k);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,5 +596,61 @@ mod tests {
         assert!(client_token(Some(&dir.path().join("nope"))).is_err());
         std::fs::write(&p, "abc123\n").unwrap();
         assert_eq!(client_token(Some(&p)).unwrap().unwrap().secret(), "abc123");
+    }
+    #[test]
+    fn throttle_refuses_after_repeated_failures_within_the_window() {
+        let t = AuthThrottle::new(3, Duration::from_secs(60));
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        let b: IpAddr = "192.0.2.8".parse().unwrap();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(t.refused_for(a, at(0)), None);
+        assert_eq!(t.failed(a, at(0)), None);
+        assert_eq!(t.failed(a, at(10)), None);
+        assert_eq!(t.refused_for(a, at(11)), None);
+        // The third failure within 60 s: refused until the first is 60 s old.
+        assert_eq!(t.failed(a, at(20)), Some(Duration::from_secs(40)));
+        assert_eq!(t.refused_for(a, at(30)), Some(Duration::from_secs(30)));
+        assert_eq!(
+            t.refused_for(b, at(30)),
+            None,
+            "other addresses are not affected"
+        );
+        // Once the first failure ages out, one more try.
+        assert_eq!(t.refused_for(a, at(60)), None);
+        assert_eq!(t.failed(a, at(61)), Some(Duration::from_secs(9)));
+        assert_eq!(t.refused_for(a, at(69)), Some(Duration::from_secs(1)));
+        assert_eq!(t.refused_for(a, at(200)), None);
+        assert_eq!(t.tracked(), 0, "aged-out addresses are forgotten");
+        // 0: no limit.
+        let off = AuthThrottle::new(0, Duration::from_secs(60));
+        for s in 0..100 {
+            assert_eq!(off.failed(a, at(s)), None);
+        }
+        assert_eq!(off.refused_for(a, at(100)), None);
+    }
+
+    #[test]
+    fn throttle_counts_ipv6_by_64_and_stays_bounded() {
+        let t = AuthThrottle::new(2, Duration::from_secs(60));
+        let now = Instant::now();
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(t.failed(one, now), None);
+        assert!(t.failed(same64, now).is_some());
+        assert!(t.refused_for(one, now).is_some());
+        assert_eq!(t.refused_for(other64, now), None);
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(
+            AuthThrottle::key(mapped),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        // Many addresses: the table never grows past its bound.
+        let t = AuthThrottle::new(5, Duration::from_secs(60));
+        for i in 0..(MAX_THROTTLED_ADDRESSES as u32 + 100) {
+            t.failed(IpAddr::V4(i.into()), now);
+        }
+        assert_eq!(t.tracked(), MAX_THROTTLED_ADDRESSES);
     }
 }

@@ -68,6 +68,12 @@ pub struct LimitsConfig {
     pub request_deadline_secs: u64,
     /// On SIGTERM, how long in-flight requests may take to finish, seconds.
     pub shutdown_grace_secs: u64,
+    /// Failed authentications (no or unknown token) from one address (IPv4,
+    /// or an IPv6 /64) within `auth_failure_window_secs` after which the
+    /// address is refused until the oldest ages out; 0: no limit.
+    pub max_auth_failures: u32,
+    /// The window failed authentications are counted in, seconds.
+    pub auth_failure_window_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -80,6 +86,8 @@ impl Default for LimitsConfig {
             idle_timeout_secs: 60,
             request_deadline_secs: 300,
             shutdown_grace_secs: 60,
+            max_auth_failures: 10,
+            auth_failure_window_secs: 60,
         }
     }
 }
@@ -107,6 +115,11 @@ impl LimitsConfig {
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The window failed authentications are counted in.
+    pub fn auth_failure_window(&self) -> Duration {
+        Duration::from_secs(self.auth_failure_window_secs)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -147,9 +160,19 @@ impl LimitsConfig {
                 ),
             );
         }
+        if self.max_auth_failures > 100_000 {
+            return bad(
+                "limits.max_auth_failures",
+                "must be at most 100000 (0: no limit)".into(),
+            );
+        }
         for (key, v) in [
             ("limits.idle_timeout_secs", self.idle_timeout_secs),
             ("limits.request_deadline_secs", self.request_deadline_secs),
+            (
+                "limits.auth_failure_window_secs",
+                self.auth_failure_window_secs,
+            ),
         ] {
             if !(1..=86_400).contains(&v) {
                 return bad(key, "must be between 1 and 86400 seconds".into());
@@ -488,6 +511,8 @@ mod tests {
         assert_eq!(cfg.cert, dir.path().join("c.pem"));
         assert_eq!(cfg.key, PathBuf::from("/k.pem"));
         assert_eq!(cfg.limits.max_streams_per_connection, 16);
+        assert_eq!(cfg.limits.max_auth_failures, 10);
+        assert_eq!(cfg.limits.auth_failure_window_secs, 60);
         assert!(cfg.tokens.is_empty());
     }
 
@@ -510,6 +535,14 @@ mod tests {
                     "a".repeat(64)
                 ),
                 "../x",
+            ),
+            (
+                format!("{base}[limits]\nauth_failure_window_secs = 0\n"),
+                "auth_failure_window_secs",
+            ),
+            (
+                format!("{base}[limits]\nmax_auth_failures = 1000000\n"),
+                "max_auth_failures",
             ),
             (format!("{base}[gc]\ninterval = \"0s\"\n"), "gc.interval"),
             (format!("{base}[gc]\ninterval = \"soon\"\n"), "soon"),

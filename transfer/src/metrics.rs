@@ -75,6 +75,15 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Authenticated sessions now open.
     pub active_sessions: AtomicI64,
+    /// Connections open now (handshake done, authenticated or not).
+    pub connections_open: AtomicI64,
+    /// Requests being received, handled or answered now.
+    pub requests_in_flight: AtomicI64,
+    /// Failed authentications (no or unknown token).
+    pub auth_failures: AtomicU64,
+    /// Connections refused because their address failed to authenticate
+    /// too often.
+    pub auth_refused: AtomicU64,
     /// Collections finished, by trigger (schedule, remote).
     gc_runs: [AtomicU64; 2],
     /// Collections that failed, by trigger.
@@ -153,7 +162,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "ferry_bytes_received_total",
                 "Frame bytes received from clients.",
@@ -194,16 +203,43 @@ impl Metrics {
                 "Connections accepted.",
                 self.connections.load(Relaxed),
             ),
+            (
+                "ferry_auth_failures_total",
+                "Failed authentications (no or unknown token).",
+                self.auth_failures.load(Relaxed),
+            ),
+            (
+                "ferry_auth_refused_total",
+                "Connections refused: their address failed to authenticate too often.",
+                self.auth_refused.load(Relaxed),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
-        let _ = writeln!(
-            s,
-            "# HELP ferry_active_sessions Authenticated sessions open now.\n\
-             # TYPE ferry_active_sessions gauge\nferry_active_sessions {}",
-            self.active_sessions.load(Relaxed)
-        );
+        for (name, help, v) in [
+            (
+                "ferry_active_sessions",
+                "Authenticated sessions open now.",
+                &self.active_sessions,
+            ),
+            (
+                "ferry_connections_open",
+                "Connections open now, authenticated or not.",
+                &self.connections_open,
+            ),
+            (
+                "ferry_requests_in_flight",
+                "Requests being received, handled or answered now.",
+                &self.requests_in_flight,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
         let _ = writeln!(
             s,
             "# HELP ferry_gc_bytes_freed_total Bytes garbage collections deleted.\n\
@@ -351,6 +387,14 @@ mod tests {
         assert!(t.contains("ferry_gc_bytes_freed_total 4096\n"));
         assert!(t.contains("ferry_gc_names_removed_total 2\n"));
         assert!(t.contains("ferry_gc_running 0\n"));
+        m.auth_failures.fetch_add(3, Relaxed);
+        m.requests_in_flight.fetch_add(2, Relaxed);
+        let t = m.render();
+        assert!(t.contains("ferry_auth_failures_total 3\n"));
+        assert!(t.contains("ferry_auth_refused_total 0\n"));
+        assert!(t.contains("# TYPE ferry_requests_in_flight gauge\nferry_requests_in_flight 2\n"));
+        assert!(t.contains("ferry_connections_open 0\n"));
+        assert!(t.contains("ferry_active_sessions 0\n"));
         assert_eq!(m.gc_runs(GcTrigger::Schedule), 1);
     }
 }

@@ -4,17 +4,21 @@
 //!
 //! A peer that breaks a limit (frame size, batch size, the request
 //! deadline, malformed messages) is cut off with an error; everyone else
-//! goes on being served. On shutdown the server stops accepting, lets
-//! in-flight requests finish (a commit is one store call, so a name is
-//! never half-updated), then closes every connection with "shutting down",
-//! which clients treat as a reason to retry.
+//! goes on being served. Until it is welcomed a peer may open one stream
+//! and send a small hello; an address that fails to authenticate too often
+//! is refused for a while ([`AuthThrottle`]). A connection takes one of the
+//! `max_connections` slots only once its handshake is done.
+//!
+//! On shutdown the server stops accepting, lets in-flight requests finish
+//! (a commit is one store call, so a name is never half-updated), then
+//! closes every connection with "shutting down", which clients treat as a
+//! reason to retry.
 //!
 //! Garbage collection runs on the server's store on a schedule (`[gc]` in
 //! the config) and on demand (`ferry gc --remote`, admin tokens), one
 //! collection at a time, on a blocking thread: it never blocks serving.
 
-use crate::auth::Scopes;
-use crate::auth::TokenTable;
+use crate::auth::{AuthThrottle, Scopes, TokenTable};
 use crate::config::{ConfigError, LimitsConfig, ServerConfig};
 use crate::metrics::{self, GcTrigger, Metrics};
 use crate::proto::{self, Action, ErrorKind, GcRequest, ListEntry, Message, Reject, ServerSession};
@@ -65,8 +69,12 @@ pub enum ServerError {
 
 /// Largest hello frame (a token and a version).
 const HELLO_MAX_FRAME: u32 = 64 << 10;
-/// How long a new connection may take to say hello.
+/// How long a new connection may take to finish its handshake, and then
+/// to say hello.
 const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// Bytes an unauthenticated peer may have in flight: a hello and some
+/// slack. Raised to [`wire::RECEIVE_WINDOW`] after the welcome.
+const PRE_AUTH_WINDOW: u32 = 2 * HELLO_MAX_FRAME;
 
 /// How to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +120,8 @@ struct Shared {
     limits: LimitsConfig,
     metrics: Arc<Metrics>,
     connections: AtomicU32,
+    /// Failed authentications by address.
+    throttle: AuthThrottle,
     /// At most one collection at a time, whoever starts it.
     gc: Arc<GcSlot>,
 }
@@ -324,7 +334,7 @@ impl Server {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        let transport = wire::transport(
+        let mut transport = wire::transport(
             cfg.limits.idle_timeout(),
             cfg.limits.max_streams_per_connection,
         )
@@ -332,6 +342,13 @@ impl Server {
             key: "limits.idle_timeout_secs",
             problem,
         })?;
+        // Until it is welcomed, a peer may open one stream (for its hello)
+        // and have little in flight, so that unauthenticated peers cannot
+        // make the server buffer many streams' worth of data. Raised for
+        // each connection after the welcome.
+        transport
+            .max_concurrent_bidi_streams(1u32.into())
+            .receive_window(PRE_AUTH_WINDOW.into());
         server_config.transport_config(Arc::new(transport));
         let store = {
             let dir = cfg.store.clone();
@@ -368,6 +385,10 @@ impl Server {
                 limits: cfg.limits.clone(),
                 metrics: Arc::new(Metrics::default()),
                 connections: AtomicU32::new(0),
+                throttle: AuthThrottle::new(
+                    cfg.limits.max_auth_failures,
+                    cfg.limits.auth_failure_window(),
+                ),
                 gc: Arc::new(watch::channel(None).0),
             }),
             metrics_listener,
@@ -530,12 +551,44 @@ impl Drop for SessionGuard {
     }
 }
 
-struct ConnSlot<'a>(&'a AtomicU32);
+/// One of the `max_connections` slots, held while the connection lives.
+struct ConnSlot<'a>(&'a Shared);
+
+impl<'a> ConnSlot<'a> {
+    /// Takes a slot; returns it and how many are taken now.
+    fn take(shared: &'a Shared) -> (ConnSlot<'a>, u32) {
+        let count = shared.connections.fetch_add(1, Relaxed) + 1;
+        shared.metrics.connections_open.fetch_add(1, Relaxed);
+        (ConnSlot(shared), count)
+    }
+}
 
 impl Drop for ConnSlot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.connections.fetch_sub(1, Relaxed);
+        self.0.metrics.connections_open.fetch_sub(1, Relaxed);
     }
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<Metrics>);
+
+impl InFlight {
+    fn start(metrics: &Arc<Metrics>) -> InFlight {
+        metrics.requests_in_flight.fetch_add(1, Relaxed);
+        InFlight(metrics.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Whole seconds, rounded up (so that "try again in 0 s" never happens).
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 async fn handle_incoming(
@@ -545,9 +598,10 @@ async fn handle_incoming(
 ) {
     let limits = &shared.limits;
     let deadline = limits.request_deadline();
-    let count = shared.connections.fetch_add(1, Relaxed) + 1;
-    let _slot = ConnSlot(&shared.connections);
-    let conn = match tokio::time::timeout(deadline, async { incoming.accept()?.await }).await {
+    // A handshake takes no connection slot: half-open handshakes (one
+    // packet each, from any address) must not lock real clients out.
+    let handshake = async { incoming.accept()?.await };
+    let conn = match tokio::time::timeout(deadline.min(HELLO_DEADLINE), handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");
@@ -558,6 +612,7 @@ async fn handle_incoming(
             return;
         }
     };
+    let (_slot, count) = ConnSlot::take(&shared);
     shared.metrics.connections.fetch_add(1, Relaxed);
     if count > limits.max_connections {
         cut_off(
@@ -569,6 +624,27 @@ async fn handle_incoming(
                 limits.max_connections
             ),
         );
+        return;
+    }
+
+    // An address that failed to authenticate too often is refused whatever
+    // token it brings now: otherwise guessing would go on at full speed.
+    // Not logged at warn: the lockout itself was, once.
+    let ip = conn.remote_address().ip();
+    if let Some(left) = shared.throttle.refused_for(ip, Instant::now()) {
+        shared.metrics.auth_refused.fetch_add(1, Relaxed);
+        shared.metrics.error(ErrorKind::Unauthenticated);
+        let message = format!(
+            "too many failed authentications from {} ({} within {} s): it is refused for \
+             another {} s; check the client's token (--token-file or FERRY_TOKEN_FILE) \
+             and that its SHA-256 is in the server's config",
+            AuthThrottle::key(ip),
+            shared.throttle.max_failures(),
+            shared.throttle.window().as_secs(),
+            ceil_secs(left)
+        );
+        debug!(%message, "refusing a connection");
+        conn.close(ErrorKind::Unauthenticated.code().into(), message.as_bytes());
         return;
     }
 
@@ -601,12 +677,28 @@ async fn handle_incoming(
     let mut session = ServerSession::new(limits.proto());
     match session.on_hello(msg, &shared.tokens) {
         Ok(welcome) => {
+            // Welcomed: the full stream count and window (before the
+            // welcome, so that the update travels with it).
+            conn.set_max_concurrent_bi_streams(limits.max_streams_per_connection.into());
+            conn.set_receive_window(wire::RECEIVE_WINDOW.into());
             if let Ok(n) = wire::write_message(&mut send, &welcome).await {
                 shared.metrics.bytes_out.fetch_add(n as u64, Relaxed);
             }
             let _ = send.finish();
         }
         Err(rej) => {
+            if rej.kind == ErrorKind::Unauthenticated {
+                shared.metrics.auth_failures.fetch_add(1, Relaxed);
+                if let Some(refused) = shared.throttle.failed(ip, Instant::now()) {
+                    warn!(
+                        address = %AuthThrottle::key(ip),
+                        failures = shared.throttle.max_failures(),
+                        window_secs = shared.throttle.window().as_secs(),
+                        refused_secs = ceil_secs(refused),
+                        "too many failed authentications: refusing this address"
+                    );
+                }
+            }
             if wire::write_message(&mut send, &rej.to_message())
                 .await
                 .is_ok()
@@ -699,7 +791,11 @@ async fn handle_stream(
     mut recv: quinn::RecvStream,
 ) {
     let started = Instant::now();
+    let _in_flight = InFlight::start(&shared.metrics);
     let deadline = shared.limits.request_deadline();
+    // One deadline from the first byte of the request to the last of the
+    // answer (a collection excepted: it gets a fresh one to answer).
+    let until = tokio::time::Instant::now() + deadline;
     let work = async {
         let (msg, n) = match wire::read_message(&mut recv, shared.limits.max_frame_bytes).await {
             Ok(m) => m,
@@ -733,7 +829,7 @@ async fn handle_stream(
             }
         })
     };
-    let outcome = match tokio::time::timeout(deadline, work).await {
+    let outcome = match tokio::time::timeout_at(until, work).await {
         Ok(o) => o,
         Err(_) => {
             cut_off(
@@ -748,12 +844,13 @@ async fn handle_stream(
             return;
         }
     };
-    let (op, reply, fatal) = match outcome {
+    let (op, reply, fatal, until) = match outcome {
         None => return,
-        Some(Step::Reply(op, reply, fatal)) => (op, reply, fatal),
+        Some(Step::Reply(op, reply, fatal)) => (op, reply, fatal, until),
         Some(Step::Gc(request)) => {
             let by = token_label(&session);
-            ("gc", execute_gc(&shared, request, &by).await, None)
+            let reply = execute_gc(&shared, request, &by).await;
+            ("gc", reply, None, tokio::time::Instant::now() + deadline)
         }
     };
     let fatal = {
@@ -777,7 +874,7 @@ async fn handle_stream(
         }
         fatal
     };
-    match tokio::time::timeout(deadline, wire::write_message(&mut send, &reply)).await {
+    match tokio::time::timeout_at(until, wire::write_message(&mut send, &reply)).await {
         Ok(Ok(n)) => {
             shared.metrics.bytes_out.fetch_add(n as u64, Relaxed);
             let _ = send.finish();
@@ -1148,6 +1245,7 @@ mod tests {
             limits: LimitsConfig::default(),
             metrics: Arc::new(Metrics::default()),
             connections: AtomicU32::new(0),
+            throttle: AuthThrottle::new(0, Duration::from_secs(60)),
             gc: Arc::new(watch::channel(None).0),
         })
     }

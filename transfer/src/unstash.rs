@@ -2,7 +2,7 @@
 //! while the chunks this node lacks arrive, out of order, over parallel
 //! streams.
 //!
-//! Three parties share an [`Arrivals`] board:
+//! Three parties share a board (`Arrivals`):
 //! - the **restore** (the store's own [`StashReader`](store::repo::StashReader)
 //!   on a blocking thread) says which chunks it wants next and waits for
 //!   each one it reads; chunks the node already holds it reads from its packs;

@@ -57,6 +57,10 @@ pub(crate) async fn write_message(
     Ok(frame.len())
 }
 
+/// Bytes a peer may have in flight on one connection (all streams): large,
+/// because chunks travel in frames of several MiB.
+pub(crate) const RECEIVE_WINDOW: u32 = 128 << 20;
+
 /// The QUIC transport settings both ends use.
 pub(crate) fn transport(
     idle: std::time::Duration,
@@ -65,12 +69,14 @@ pub(crate) fn transport(
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(bidi_streams.into())
         .max_concurrent_uni_streams(0u32.into())
+        // No unreliable datagrams: the protocol has none, and quinn would
+        // otherwise buffer a peer's unread ones.
+        .datagram_receive_buffer_size(None)
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(idle).map_err(|e| format!("idle timeout: {e}"))?,
         ))
-        // Large windows: chunks travel in frames of several MiB.
         .stream_receive_window((16u32 << 20).into())
-        .receive_window((128u32 << 20).into())
+        .receive_window(RECEIVE_WINDOW.into())
         .send_window(128 << 20);
     // Let MTU discovery find large datagrams where the path has them
     // (loopback, jumbo frames): far fewer packets to encrypt and send.

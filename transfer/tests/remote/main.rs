@@ -2,6 +2,7 @@
 //! server on 127.0.0.1 (ephemeral port) in every test, real stores in
 //! temporary directories. One test binary, one module per area.
 
+mod abuse;
 mod concurrency;
 mod gc;
 mod integrity;
