@@ -388,11 +388,29 @@ pub fn inspect(store: &StoreArgs, args: InspectArgs, out: &Output) -> anyhow::Re
     })
 }
 
+const RM_HELP: &str = "\
+Removes names, locally or on the server (--remote). Their data is freed by
+the next `ferry gc` (on a server: its next collection) once nothing else uses
+it. Listed names are all or nothing: if one does not exist, none is removed.
+--prefix removes every name under a prefix (whole parts), e.g. a CI build's
+scope when it ends; on a server the token must write the whole prefix.
+
+Examples:
+  ferry rm main/ci_gpu
+  ferry rm --remote quic://ferry.ci:4433 --prefix ci/main/1234";
+
 #[derive(clap::Args, Debug)]
+#[command(after_help = RM_HELP)]
 pub struct RmArgs {
-    /// Names to remove. Their data is freed by `ferry gc` once nothing else uses it.
-    #[arg(required = true)]
+    /// Names to remove.
+    #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
     names: Vec<String>,
+    /// Remove every name under this prefix instead (whole parts: `ci/1`
+    /// covers ci/1/x, not ci/10/x).
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 pub fn rm(store: &StoreArgs, args: RmArgs, out: &Output) -> anyhow::Result<()> {
@@ -401,29 +419,71 @@ pub fn rm(store: &StoreArgs, args: RmArgs, out: &Output) -> anyhow::Result<()> {
         .iter()
         .map(|n| parse_name(n))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let store = store.open()?;
-    // All or nothing: check every name first.
-    for name in &names {
-        // A corrupt ref exists too: removing it is the remedy its error
-        // message gives, so it must not stop `rm`.
-        let exists = match store.contains(name) {
-            Ok(exists) => exists,
-            Err(store::repo::StoreError::Ref(store::refs::RefError::Corrupt { .. })) => true,
-            Err(e) => return Err(e.into()),
-        };
-        if !exists {
-            bail!(
-                "no stash named {:?}; see ferry ls (nothing was removed)",
-                name.as_str()
-            );
+    let prefix = match &args.prefix {
+        Some(p) => {
+            let p = p.trim_end_matches('/');
+            if !p.is_empty() {
+                parse_name(p).context("--prefix must look like a name (parts separated by /)")?;
+            }
+            Some(p.to_string())
         }
+        None => None,
+    };
+    if let Some(remote) = args.remote.resolve()? {
+        let removal = match prefix {
+            Some(p) => transfer::client::Removal::Prefix(p),
+            None => transfer::client::Removal::Names(names),
+        };
+        let report = crate::remote::remove(&remote, &removal)?;
+        return out.emit(&report, |r| {
+            let mut s: String = r.removed.iter().map(|n| format!("removed {n}\n")).collect();
+            if r.names_not_listed > 0 {
+                let _ = writeln!(s, "and {} more", r.names_not_listed);
+            }
+            if r.removed.is_empty() {
+                s.push_str("nothing to remove\n");
+            }
+            s
+        });
     }
+    let store = store.open()?;
+    let names = match prefix {
+        Some(p) => store
+            .list(if p.is_empty() { None } else { Some(&p) })?
+            .into_iter()
+            .map(|e| parse_name(&e.name))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => {
+            // All or nothing: check every name first.
+            for name in &names {
+                // A corrupt ref exists too: removing it is the remedy its
+                // error message gives, so it must not stop `rm`.
+                let exists = match store.contains(name) {
+                    Ok(exists) => exists,
+                    Err(store::repo::StoreError::Ref(store::refs::RefError::Corrupt {
+                        ..
+                    })) => true,
+                    Err(e) => return Err(e.into()),
+                };
+                if !exists {
+                    bail!(
+                        "no stash named {:?}; see ferry ls (nothing was removed)",
+                        name.as_str()
+                    );
+                }
+            }
+            names
+        }
+    };
     let mut removed = Vec::new();
     for name in &names {
         store.remove(name)?;
         removed.push(name.to_string());
     }
     out.emit(&removed, |r| {
+        if r.is_empty() {
+            return "nothing to remove\n".to_string();
+        }
         r.iter().map(|n| format!("removed {n}\n")).collect()
     })
 }

@@ -57,8 +57,8 @@ enum Command {
         after_help = "Examples:\n  ferry inspect main/ci_gpu\n  ferry inspect main/ci_gpu --json | jq .image.layers"
     )]
     Inspect(commands::InspectArgs),
-    /// Remove names (their data goes when nothing else uses it).
-    #[command(after_help = "Example:\n  ferry rm pr/1234/ci_gpu pr/1234/ci_cpu")]
+    /// Remove names or a prefix, locally or on the server (their data goes
+    /// when nothing else uses it).
     Rm(commands::RmArgs),
     /// Logical versus stored size of the store, and what no name uses.
     #[command(after_help = "Example:\n  ferry du\n  ferry --store /mnt/ferry du --json")]

@@ -157,6 +157,15 @@ pub fn list(remote: &Remote, prefix: Option<&str>) -> anyhow::Result<Vec<Entry>>
     Ok(blocking::list(remote, prefix, &Options::default())?)
 }
 
+/// Removes names (or every name under a prefix) on the server.
+pub fn remove(
+    remote: &Remote,
+    removal: &transfer::client::Removal,
+) -> anyhow::Result<transfer::client::RemoteRemoveReport> {
+    blocking::remove(remote, removal, &Options::default())
+        .with_context(|| format!("rm on {} failed", remote.display()))
+}
+
 /// Runs a collection with `opts` on the server's store (admin tokens only).
 pub fn gc(remote: &Remote, opts: &store::gc::GcOptions) -> anyhow::Result<RemoteGcReport> {
     blocking::gc(remote, opts, &Options::default())

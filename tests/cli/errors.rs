@@ -336,6 +336,31 @@ fn rm_removes_and_missing_rm_fails() {
 }
 
 #[test]
+fn rm_prefix_removes_whole_parts_only() {
+    let env = Env::new();
+    for n in ["ci/1/cpu", "ci/1/gpu", "ci/10/cpu", "main/x"] {
+        env.stash_stdin(n, n.as_bytes());
+    }
+    // Names and --prefix do not mix; one of them is needed.
+    env.ferry(&["rm", "--prefix", "ci/1", "main/x"])
+        .expect_code(2);
+    env.ferry(&["rm"]).expect_code(2);
+    let out = env.ferry(&["rm", "--prefix", "ci/../main"]);
+    out.expect_code(2);
+    assert_eq!(env.names().len(), 4);
+
+    let out = env.ferry(&["--json", "rm", "--prefix", "ci/1/"]);
+    out.ok();
+    assert_eq!(out.json(), serde_json::json!(["ci/1/cpu", "ci/1/gpu"]));
+    assert_eq!(env.names(), ["ci/10/cpu", "main/x"]);
+    let out = env.ferry(&["rm", "--prefix", "ci/1"]);
+    out.ok();
+    assert!(out.out().contains("nothing to remove"), "{}", out.out());
+    assert_eq!(env.unstash_stdout("ci/10/cpu"), b"ci/10/cpu");
+    env.fsck_clean(true);
+}
+
+#[test]
 fn ls_prefix_matches_whole_parts() {
     let env = Env::new();
     for name in ["main/x", "main/y/z", "mainline/x", "pr/1/x"] {

@@ -15,10 +15,9 @@ const JENKINSFILE: &str = include_str!("../../docs/Jenkinsfile");
 const JENKINS_MD: &str = include_str!("../../docs/jenkins.md");
 
 /// Jenkins credential id → the server's `[[token]] name` (docs/jenkins.md).
-const CREDENTIALS: [(&str, &str); 3] = [
+const CREDENTIALS: [(&str, &str); 2] = [
     ("ferry-branch-token", "jenkins-branches"),
     ("ferry-pr-token", "jenkins-pull-requests"),
-    ("ferry-cleanup-token", "jenkins-cleanup"),
 ];
 
 /// The `environment` values Jenkins computes with Groovy; the test computes
@@ -372,9 +371,10 @@ impl Rig {
         run(&mut c, input)
     }
 
-    /// The server's names under `prefix` (read with the cleanup token).
+    /// The server's names under `prefix` (read with the branch token,
+    /// which reads everything).
     fn server_names(&self, prefix: &str) -> Vec<String> {
-        let out = self.remote("ferry-cleanup-token", &["--json", "ls", prefix], None);
+        let out = self.remote("ferry-branch-token", &["--json", "ls", prefix], None);
         out.ok();
         out.json()
             .as_array()
@@ -512,14 +512,14 @@ fn jenkinsfile_follows_its_conventions_and_matches_the_doc() {
             ("cpu", "cpu", "env.FERRY_TOKEN_ID"),
             ("gpu", "gpu", "env.FERRY_TOKEN_ID"),
             ("arm", "arm", "env.FERRY_TOKEN_ID"),
-            ("post", "ferry-cleanup", "'ferry-cleanup-token'"),
+            ("post", "cpu", "env.FERRY_TOKEN_ID"),
         ]
     );
     assert!(steps[0].body.contains("| ferry stash --remote"));
     for s in &steps[1..4] {
         assert!(s.body.contains("ferry unstash --remote") && s.body.contains("| docker load"));
     }
-    assert!(steps[4].body.contains("ferry gc --remote"));
+    assert!(steps[4].body.contains("ferry rm --remote") && steps[4].body.contains("--prefix"));
     // docs/jenkins.md shows the whole file.
     let shown = JENKINS_MD
         .split("```groovy\n")
@@ -582,17 +582,29 @@ fn jenkinsfile_runs_for_branch_and_pull_request_builds() {
                 out.stderr
             );
         }
-        // ...and it cannot drop other scopes with gc either.
-        let out = rig.remote("ferry-pr-token", &["gc", "--prefix", "ci"], None);
-        out.expect_code(2);
-        assert!(out.stderr.contains("forbidden"), "{}", out.stderr);
+        // ...and it cannot drop other scopes, with rm or with gc.
+        for args in [
+            &["rm", "--prefix", "ci"][..],
+            &["rm", "--prefix", ""],
+            &["rm", "ci/main/base/ci_gpu"],
+            &["gc", "--prefix", "ci"],
+        ] {
+            let out = rig.remote("ferry-pr-token", args, None);
+            out.expect_code(2);
+            assert!(
+                out.stderr.contains("forbidden") || out.stderr.contains("may not write"),
+                "{args:?}: {}",
+                out.stderr
+            );
+        }
         assert_eq!(rig.server_names("ci"), ["ci/main/base/ci_gpu"]);
+        assert_eq!(rig.server_names("pr"), ["pr/1234/7/ci_gpu"]);
     });
     assert_eq!(rig.server_names("pr"), Vec::<String>::new());
 
     // The published image is intact, byte for byte.
     let out = rig.remote(
-        "ferry-cleanup-token",
+        "ferry-branch-token",
         &["unstash", "ci/main/base/ci_gpu", "-"],
         None,
     );

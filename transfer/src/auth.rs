@@ -296,6 +296,16 @@ impl Scopes {
         self.write.iter().any(|s| s.covers(name))
     }
 
+    /// Whether every name under `prefix` (whole parts; "" for every name)
+    /// is writable: some write scope covers the prefix itself.
+    pub fn can_write_under(&self, prefix: &str) -> bool {
+        let prefix = prefix.trim_end_matches('/');
+        self.write.iter().any(|s| {
+            s.prefix().is_empty()
+                || (!prefix.is_empty() && Name::parse(prefix).is_ok_and(|n| s.covers(&n)))
+        })
+    }
+
     /// The readable prefixes, for messages.
     pub fn describe_read(&self) -> String {
         describe(&self.read)

@@ -1289,6 +1289,62 @@ pub async fn gc(
     })
 }
 
+/// What a remote removal did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteRemoveReport {
+    /// The server.
+    pub remote: String,
+    /// The names removed, sorted (may be cut short: see `names_not_listed`).
+    pub removed: Vec<String>,
+    /// Names removed that `removed` does not list.
+    pub names_not_listed: u64,
+}
+
+/// Which names a remote removal is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// These names, all or nothing: if one does not exist on the server,
+    /// none is removed.
+    Names(Vec<Name>),
+    /// Every name under this prefix (whole parts): a build's scope.
+    Prefix(String),
+}
+
+/// Removes names on the server. The token must write every name (for a
+/// prefix: the whole prefix), or nothing is removed. Their data is freed by
+/// the server's next collection. Only connecting is retried: a removal
+/// whose answer was lost is not sent twice.
+pub async fn remove(
+    remote: &Remote,
+    removal: &Removal,
+    opts: &Options,
+) -> Result<RemoteRemoveReport, ClientError> {
+    let (session, _) = with_retries(opts, "connect", |_| Session::connect(remote, opts)).await?;
+    let msg = match removal {
+        Removal::Names(names) => Message::Remove {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            prefix: None,
+        },
+        Removal::Prefix(p) => Message::Remove {
+            names: Vec::new(),
+            prefix: Some(p.clone()),
+        },
+    };
+    let r = session.request(&msg).await;
+    session.clone().close().await;
+    match r? {
+        Message::Removed { names, not_listed } => Ok(RemoteRemoveReport {
+            remote: remote.display(),
+            removed: names,
+            names_not_listed: not_listed,
+        }),
+        other => Err(session.protocol(format!(
+            "unexpected answer to a removal: {}",
+            other.kind_name()
+        ))),
+    }
+}
+
 /// Blocking wrappers (each runs its own small runtime), for the CLI.
 pub mod blocking {
     use super::*;
@@ -1345,6 +1401,15 @@ pub mod blocking {
         opts: &Options,
     ) -> Result<Vec<Entry>, ClientError> {
         runtime()?.block_on(super::list(remote, prefix, opts))
+    }
+
+    /// [`super::remove`], blocking.
+    pub fn remove(
+        remote: &Remote,
+        removal: &Removal,
+        opts: &Options,
+    ) -> Result<RemoteRemoveReport, ClientError> {
+        runtime()?.block_on(super::remove(remote, removal, opts))
     }
 
     /// [`super::gc`], blocking.

@@ -456,6 +456,22 @@ pub enum Message {
         /// Removed names missing from `report.names_removed`.
         names_not_listed: u64,
     },
+    /// Remove names the token may write: the listed ones (all or nothing:
+    /// each must exist), or every name under `prefix` (the whole prefix
+    /// must be writable). Exactly one of the two is given.
+    Remove {
+        /// Names.
+        names: Vec<String>,
+        /// A prefix (whole parts; "" for every name).
+        prefix: Option<String>,
+    },
+    /// The names removed.
+    Removed {
+        /// Names, sorted; may be cut short to fit in one frame.
+        names: Vec<String>,
+        /// Removed names missing from `names`.
+        not_listed: u64,
+    },
 }
 
 mod tag {
@@ -477,6 +493,8 @@ mod tag {
     pub const MANIFEST_DELTA: u8 = 22;
     pub const GC: u8 = 23;
     pub const GC_REPLY: u8 = 24;
+    pub const REMOVE: u8 = 25;
+    pub const REMOVED: u8 = 26;
 }
 
 impl Message {
@@ -501,6 +519,8 @@ impl Message {
             Message::Listing { .. } => "listing",
             Message::Gc { .. } => "gc",
             Message::GcReply { .. } => "gc_reply",
+            Message::Remove { .. } => "remove",
+            Message::Removed { .. } => "removed",
         }
     }
 
@@ -657,6 +677,10 @@ pub fn encoded_len(msg: &Message) -> usize {
                         .map(removed_name_len)
                         .sum::<usize>()
             }
+            Message::Remove { names, prefix } => {
+                strs(names) + 1 + prefix.as_ref().map_or(0, |p| 4 + p.len())
+            }
+            Message::Removed { names, .. } => strs(names) + 8,
         }
 }
 
@@ -787,6 +811,22 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             out.extend_from_slice(&request.grace.as_secs().to_le_bytes());
             put_u32(out, request.repack_below_ppm);
             out.push(u8::from(request.dry_run));
+        }
+        Message::Remove { names, prefix } => {
+            out.push(tag::REMOVE);
+            put_strings(out, names);
+            match prefix {
+                Some(p) => {
+                    out.push(1);
+                    put_bytes(out, p.as_bytes());
+                }
+                None => out.push(0),
+            }
+        }
+        Message::Removed { names, not_listed } => {
+            out.push(tag::REMOVED);
+            put_strings(out, names);
+            out.extend_from_slice(&not_listed.to_le_bytes());
         }
         Message::GcReply {
             report,
@@ -1072,6 +1112,8 @@ pub fn decode(payload: &[u8]) -> Result<Message, ProtoError> {
         tag::LISTING => "listing",
         tag::GC => "gc",
         tag::GC_REPLY => "gc_reply",
+        tag::REMOVE => "remove",
+        tag::REMOVED => "removed",
         other => return Err(ProtoError::UnknownType(other)),
     };
     let mut r = Reader { buf: body, what };
@@ -1170,6 +1212,18 @@ pub fn decode(payload: &[u8]) -> Result<Message, ProtoError> {
                 names_not_listed,
             }
         }
+        tag::REMOVE => Message::Remove {
+            names: r.strings("name")?,
+            prefix: match r.u8()? {
+                0 => None,
+                1 => Some(r.text("prefix")?),
+                f => return Err(r.bad(format!("prefix flag {f}"))),
+            },
+        },
+        tag::REMOVED => Message::Removed {
+            names: r.strings("name")?,
+            not_listed: r.u64()?,
+        },
         _ => unreachable!("every known tag is matched above"),
     };
     r.end()?;
@@ -1300,6 +1354,17 @@ pub enum Action {
     Gc {
         /// What to collect.
         request: GcRequest,
+    },
+    /// Remove these names (each writable; all or nothing: refuse with
+    /// `NotFound` if one does not exist).
+    RemoveNames {
+        /// The names.
+        names: Vec<Name>,
+    },
+    /// Remove every name under `prefix` (the whole prefix is writable).
+    RemovePrefix {
+        /// The prefix ("" for every name).
+        prefix: String,
     },
 }
 
@@ -1479,6 +1544,47 @@ impl ServerSession {
                 Ok(Action::GetChunks { ids })
             }
             Message::List { prefix } => Ok(Action::List { prefix }),
+            Message::Remove { names, prefix } => {
+                self.batch(names.len(), "a removal")?;
+                match prefix {
+                    Some(_) if !names.is_empty() => Err(Reject::refuse(
+                        ErrorKind::Protocol,
+                        "a removal names either names or a prefix, not both",
+                    )),
+                    Some(prefix) => {
+                        let prefix = prefix.trim_end_matches('/').to_string();
+                        if !prefix.is_empty() {
+                            Self::name(&prefix)?;
+                        }
+                        if !scopes.can_write_under(&prefix) {
+                            return Err(Reject::refuse(
+                                ErrorKind::Forbidden,
+                                format!(
+                                    "this token may not write every name under {prefix:?} \
+                                     (it writes {}); nothing was removed",
+                                    scopes.describe_write()
+                                ),
+                            ));
+                        }
+                        Ok(Action::RemovePrefix { prefix })
+                    }
+                    None if names.is_empty() => Err(Reject::refuse(
+                        ErrorKind::Protocol,
+                        "a removal names no name",
+                    )),
+                    None => {
+                        let names = names
+                            .iter()
+                            .map(|n| Self::writable(scopes, n))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|mut r| {
+                                r.message.push_str("; nothing was removed");
+                                r
+                            })?;
+                        Ok(Action::RemoveNames { names })
+                    }
+                }
+            }
             Message::Gc { request } => {
                 if !scopes.admin {
                     return Err(Reject::refuse(

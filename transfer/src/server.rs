@@ -1150,11 +1150,79 @@ async fn execute(
             let by = token_label(session);
             return execute_gc(shared, request, &by).await;
         }
+        Action::RemoveNames { names } => {
+            let shown: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let removed = blocking(move || {
+                // All or nothing: every name must exist before any goes.
+                for n in &names {
+                    if !store.contains(n)? {
+                        return Ok(Err(n.to_string()));
+                    }
+                }
+                for n in &names {
+                    store.remove(n)?;
+                }
+                Ok(Ok(()))
+            })
+            .await;
+            match removed {
+                Ok(Ok(())) => {
+                    info!(token = %token_label(session), names = ?shown, "removed");
+                    removed_reply(shared, shown)
+                }
+                Ok(Err(absent)) => Message::error(
+                    ErrorKind::NotFound,
+                    format!("no stash named {absent:?} on the server; nothing was removed"),
+                ),
+                Err(e) => internal("remove names", &e),
+            }
+        }
+        Action::RemovePrefix { prefix } => {
+            let p = prefix.clone();
+            let removed = blocking(move || {
+                let prefix = if p.is_empty() { None } else { Some(p.as_str()) };
+                let mut removed = Vec::new();
+                for e in store.list(prefix)? {
+                    if let Ok(n) = store::name::Name::parse(&e.name) {
+                        if store.remove(&n)? {
+                            removed.push(e.name);
+                        }
+                    }
+                }
+                Ok(removed)
+            })
+            .await;
+            match removed {
+                Ok(names) => {
+                    info!(token = %token_label(session), prefix = %prefix, count = names.len(),
+                          "removed every name under a prefix");
+                    removed_reply(shared, names)
+                }
+                Err(e) => internal("remove names", &e),
+            }
+        }
     };
     if let Message::Error { kind, .. } = &reply {
         metrics.error(*kind);
     }
     reply
+}
+
+/// The names removed, as many as fit in one frame.
+fn removed_reply(shared: &Shared, mut names: Vec<String>) -> Message {
+    names.sort();
+    let budget = (shared.limits.max_frame_bytes as usize).saturating_sub(4096);
+    let mut used = 0;
+    let fits = names
+        .iter()
+        .take_while(|n| {
+            used += 4 + n.len();
+            used <= budget
+        })
+        .count();
+    let not_listed = (names.len() - fits) as u64;
+    names.truncate(fits);
+    Message::Removed { names, not_listed }
 }
 
 /// The answer to a manifest request: nothing if the client holds the

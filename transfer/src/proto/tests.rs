@@ -69,6 +69,18 @@ fn gc_report() -> GcReport {
 
 fn samples() -> Vec<Message> {
     vec![
+        Message::Remove {
+            names: vec!["pr/1/a".into(), "pr/1/b".into()],
+            prefix: None,
+        },
+        Message::Remove {
+            names: vec![],
+            prefix: Some("ci/main/17".into()),
+        },
+        Message::Removed {
+            names: vec!["ci/main/17/gpu".into()],
+            not_listed: 3,
+        },
         Message::Gc {
             request: gc_request(),
         },
@@ -528,6 +540,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
         )
         .prop_map(|entries| Message::Listing { entries }),
         arb_gc_request().prop_map(|request| Message::Gc { request }),
+        (prop::collection::vec(s(), 0..4), prop::option::of(s()))
+            .prop_map(|(names, prefix)| Message::Remove { names, prefix }),
+        (prop::collection::vec(s(), 0..4), any::<u64>())
+            .prop_map(|(names, not_listed)| Message::Removed { names, not_listed }),
         (
             any::<bool>(),
             prop::collection::vec((s(), s()), 0..4),
@@ -798,4 +814,59 @@ fn gc_needs_the_admin_scope() {
         }),
         ErrorKind::Limit
     );
+}
+
+#[test]
+fn removals_need_the_write_scope_of_every_name_or_the_whole_prefix() {
+    let t = table();
+    let mut s = ServerSession::new(Limits::default());
+    s.on_hello(hello("pr1"), &t).unwrap();
+    let names = |v: &[&str]| Message::Remove {
+        names: v.iter().map(|n| n.to_string()).collect(),
+        prefix: None,
+    };
+    let prefix = |p: &str| Message::Remove {
+        names: vec![],
+        prefix: Some(p.into()),
+    };
+    let refused = |r: Result<Action, Reject>, kind: ErrorKind| {
+        let r = r.unwrap_err();
+        assert_eq!((r.kind, r.fatal), (kind, false), "{r:?}");
+        r.message
+    };
+    match s.on_request(names(&["pr/1/a", "pr/1/b"])).unwrap() {
+        Action::RemoveNames { names } => assert_eq!(names.len(), 2),
+        other => panic!("{other:?}"),
+    }
+    // One name outside the scope: nothing is removed.
+    let m = refused(
+        s.on_request(names(&["pr/1/a", "main/x"])),
+        ErrorKind::Forbidden,
+    );
+    assert!(m.contains("nothing was removed"), "{m}");
+    refused(s.on_request(names(&["pr/1/../x"])), ErrorKind::BadName);
+    for ok in ["pr/1", "pr/1/", "pr/1/build/7"] {
+        assert!(
+            matches!(s.on_request(prefix(ok)), Ok(Action::RemovePrefix { .. })),
+            "{ok}"
+        );
+    }
+    // "pr" holds other pull requests' names; "" holds everything.
+    for bad in ["pr", "", "main", "pr/10"] {
+        refused(s.on_request(prefix(bad)), ErrorKind::Forbidden);
+    }
+    refused(s.on_request(prefix("../pr/1")), ErrorKind::BadName);
+    refused(s.on_request(names(&[])), ErrorKind::Protocol);
+    let both = Message::Remove {
+        names: vec!["pr/1/a".into()],
+        prefix: Some("pr/1".into()),
+    };
+    refused(s.on_request(both), ErrorKind::Protocol);
+    // A token that writes everything may remove everything.
+    let mut main = ServerSession::new(Limits::default());
+    main.on_hello(hello("main"), &t).unwrap();
+    assert!(matches!(
+        main.on_request(prefix("")),
+        Ok(Action::RemovePrefix { .. })
+    ));
 }

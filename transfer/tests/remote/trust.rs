@@ -231,3 +231,88 @@ async fn a_ca_can_stand_in_for_pinning() {
     assert!(matches!(e, ClientError::Certificate { .. }), "{e}");
     server.stop().await;
 }
+
+/// A pull request's token drops its own scope when its build ends, and
+/// nothing else: not main's names, not another pull request's, not a
+/// prefix wider than its scope. Listed names go all or nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_is_bounded_by_the_write_scope() {
+    use transfer::client::{remove, Removal};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let c = client_store(dir.path(), "c");
+    let names = [
+        "main/base",
+        "pr/1234/build/1/cpu",
+        "pr/1234/build/1/gpu",
+        "pr/1234/build/2/cpu",
+        "pr/999/build/1/cpu",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        stash_bytes(&c, n, &random_bytes(60 + i as u64, 50_000)).await;
+        push(c.clone(), &name(n), &server.remote(MAIN), &opts(), none())
+            .await
+            .unwrap();
+    }
+    let on_server = || -> Vec<String> {
+        let mut v: Vec<String> = server
+            .open_store()
+            .list(None)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        v.sort();
+        v
+    };
+    let pr = server.remote(PR);
+    let prefix = |p: &str| Removal::Prefix(p.into());
+    let listed = |v: &[&str]| Removal::Names(v.iter().map(|n| name(n)).collect());
+
+    for (removal, kind) in [
+        (prefix("pr"), ErrorKind::Forbidden),
+        (prefix(""), ErrorKind::Forbidden),
+        (prefix("main"), ErrorKind::Forbidden),
+        (prefix("pr/999"), ErrorKind::Forbidden),
+        (
+            listed(&["pr/1234/build/1/cpu", "main/base"]),
+            ErrorKind::Forbidden,
+        ),
+        (
+            listed(&["pr/1234/build/1/cpu", "pr/1234/nope"]),
+            ErrorKind::NotFound,
+        ),
+    ] {
+        let e = remove(&pr, &removal, &opts()).await.unwrap_err();
+        assert_eq!(e.kind(), Some(kind), "{removal:?}: {e}");
+        assert_eq!(
+            on_server().len(),
+            names.len(),
+            "{removal:?} removed something"
+        );
+    }
+
+    let r = remove(&pr, &listed(&["pr/1234/build/2/cpu"]), &opts())
+        .await
+        .unwrap();
+    assert_eq!(r.removed, ["pr/1234/build/2/cpu"]);
+    let r = remove(&pr, &prefix("pr/1234/build/1"), &opts())
+        .await
+        .unwrap();
+    assert_eq!(r.removed, ["pr/1234/build/1/cpu", "pr/1234/build/1/gpu"]);
+    assert_eq!(r.names_not_listed, 0);
+    assert_eq!(on_server(), ["main/base", "pr/999/build/1/cpu"]);
+    // Removing an empty scope again is not an error: it is already clean.
+    let r = remove(&pr, &prefix("pr/1234"), &opts()).await.unwrap();
+    assert!(r.removed.is_empty());
+    // The rest is intact and readable.
+    let node = client_store(dir.path(), "node");
+    pull(node.clone(), &name("main/base"), &pr, &opts(), none())
+        .await
+        .unwrap();
+    assert_eq!(
+        unstash_bytes(&node, "main/base").await,
+        random_bytes(60, 50_000)
+    );
+    server.stop().await;
+}
