@@ -10,6 +10,8 @@
 use crate::lease::Lease;
 use crate::repo::{verify_stored, Packer, Store, StoreError, StoredChunk};
 use crate::ChunkId;
+use std::ops::Deref;
+use std::sync::Arc;
 
 /// A received chunk whose bytes were checked against its id.
 #[derive(Debug, Clone)]
@@ -21,6 +23,16 @@ impl StoredChunk {
         verify_stored(&self, raw)?;
         Ok(VerifiedChunk(self))
     }
+}
+
+/// Verifies chunks in parallel; the first that does not verify is the
+/// error (and none of them counts).
+pub fn verify_all(chunks: Vec<StoredChunk>) -> Result<Vec<VerifiedChunk>, StoreError> {
+    use rayon::prelude::*;
+    chunks
+        .into_par_iter()
+        .map_init(Vec::new, |raw, c| c.verify(raw))
+        .collect()
 }
 
 impl VerifiedChunk {
@@ -38,9 +50,11 @@ impl VerifiedChunk {
 /// Appends verified chunks to packs of this store, skipping chunks it
 /// holds. One importer writes full packs however many chunks arrive, and
 /// holds one lease for its whole life, so the collector leaves its packs
-/// alone until a manifest references them.
-pub struct Importer<'a> {
-    store: &'a Store,
+/// alone until a manifest references them. `S` is how it holds the store:
+/// borrowed ([`Store::importer`]) or shared ([`Importer::shared`], for an
+/// importer that outlives a call, like a server connection's).
+pub struct Importer<S: Deref<Target = Store>> {
+    store: S,
     packer: Packer,
     /// Appended to the open pack, not yet durable.
     open: Vec<ChunkId>,
@@ -59,19 +73,42 @@ pub struct ImportReport {
 
 impl Store {
     /// An importer into this store.
-    pub fn importer(&self) -> Result<Importer<'_>, StoreError> {
-        let lease = self.lease("import")?;
+    pub fn importer(&self) -> Result<Importer<&Store>, StoreError> {
+        Importer::new(self)
+    }
+}
+
+impl Importer<Arc<Store>> {
+    /// An importer that shares ownership of the store.
+    pub fn shared(store: Arc<Store>) -> Result<Self, StoreError> {
+        Importer::new(store)
+    }
+}
+
+impl<S: Deref<Target = Store>> Importer<S> {
+    fn new(store: S) -> Result<Self, StoreError> {
+        let lease = store.lease("import")?;
+        let packer = Packer::new(&store)?;
         Ok(Importer {
-            store: self,
-            packer: Packer::new(self)?,
+            store,
+            packer,
             open: Vec::new(),
             added: 0,
             _lease: lease,
         })
     }
-}
 
-impl Importer<'_> {
+    /// Whether chunks were added that are not durable yet.
+    pub fn has_open_pack(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    /// Makes every chunk added so far durable (the open pack is written
+    /// and indexed); returns them. The importer can go on.
+    pub fn flush(&mut self) -> Result<Vec<ChunkId>, StoreError> {
+        self.packer.flush()?;
+        Ok(std::mem::take(&mut self.open))
+    }
     /// Adds `chunk` unless the store holds it. Returns the chunks that this
     /// call made durable and visible to readers (the open pack filled up and
     /// was written), `chunk` itself when it was held already.
@@ -102,12 +139,17 @@ impl Importer<'_> {
         }
     }
 
+    /// Chunks added (new to the store) so far.
+    pub fn added(&self) -> u64 {
+        self.added
+    }
+
     /// Makes everything added durable.
     pub fn finish(mut self) -> Result<ImportReport, StoreError> {
-        self.packer.flush()?;
+        let durable = self.flush()?;
         Ok(ImportReport {
             added: self.added,
-            durable: std::mem::take(&mut self.open),
+            durable,
         })
     }
 }

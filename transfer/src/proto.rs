@@ -373,7 +373,9 @@ pub enum Message {
         /// The chunks.
         chunks: Vec<StoredChunk>,
     },
-    /// All chunks of a `PutChunks` were verified and are durable.
+    /// All chunks of a `PutChunks` were verified and stored. They are
+    /// durable once the connection's pack is full, before a commit on the
+    /// same connection, and when the connection ends.
     PutReply {
         /// Chunks received.
         received: u32,

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::backend::Kind;
 use store::gc::{GcOptions, GcReport};
+use store::import::{verify_all, Importer, VerifiedChunk};
 use store::manifest::Manifest;
 use store::refs::RefError;
 use store::repo::{Store, StoreError};
@@ -716,6 +717,7 @@ async fn handle_incoming(
     shared.metrics.active_sessions.fetch_add(1, Relaxed);
     let _guard = SessionGuard(shared.metrics.clone());
     let session = Arc::new(Mutex::new(session));
+    let uploads = Uploads::default();
 
     let mut streams = JoinSet::new();
     let mut rx = rx;
@@ -725,8 +727,15 @@ async fn handle_incoming(
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     streams.spawn(
-                        handle_stream(conn.clone(), shared.clone(), session.clone(), send, recv)
-                            .in_current_span(),
+                        handle_stream(
+                            conn.clone(),
+                            shared.clone(),
+                            session.clone(),
+                            uploads.clone(),
+                            send,
+                            recv,
+                        )
+                        .in_current_span(),
                     );
                 }
                 Err(e) => {
@@ -749,7 +758,45 @@ async fn handle_incoming(
         );
     }
     streams.abort_all();
+    // What this connection uploaded becomes durable even if it never
+    // committed: a client that resumes after a crash finds it there.
+    let flushed = blocking(move || uploads.flush()).await;
+    if let Err(e) = flushed {
+        error!(error = %e, "could not write the chunks a connection uploaded");
+    }
     info!(token = %label, "session ended");
+}
+
+/// Chunks uploaded on one connection: verified, appended to one pack of
+/// the store's target size (not a pack per request), made durable when the
+/// pack is full, before a commit on the connection, and when it ends.
+#[derive(Clone, Default)]
+struct Uploads(Arc<Mutex<Option<Importer<Arc<Store>>>>>);
+
+impl Uploads {
+    /// Adds verified chunks; returns how many were new to the store.
+    fn add(&self, store: &Arc<Store>, chunks: &[VerifiedChunk]) -> Result<u64, StoreError> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(Importer::shared(store.clone())?);
+        }
+        let importer = slot.as_mut().expect("set above");
+        let before = importer.added();
+        for c in chunks {
+            importer.add(c)?;
+        }
+        Ok(importer.added() - before)
+    }
+
+    /// Makes every uploaded chunk durable, and lets go of the importer and
+    /// its lease (an idle connection must not hold the collector back).
+    fn flush(&self) -> Result<(), StoreError> {
+        let importer = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(importer) = importer {
+            importer.finish()?;
+        }
+        Ok(())
+    }
 }
 
 impl WireError {
@@ -787,6 +834,7 @@ async fn handle_stream(
     conn: quinn::Connection,
     shared: Arc<Shared>,
     session: Arc<Mutex<ServerSession>>,
+    uploads: Uploads,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -820,7 +868,7 @@ async fn handle_stream(
             // A collection takes as long as the store needs: it runs
             // outside the request deadline (below).
             Ok(Action::Gc { request }) => Step::Gc(request),
-            Ok(action) => Step::Reply(op, execute(&shared, &session, action).await, None),
+            Ok(action) => Step::Reply(op, execute(&shared, &session, &uploads, action).await, None),
             Err(rej) => {
                 shared.metrics.error(rej.kind);
                 debug!(kind = rej.kind.as_str(), message = %rej.message, "request refused");
@@ -987,6 +1035,7 @@ fn internal(what: &str, e: &StoreError) -> Message {
 async fn execute(
     shared: &Arc<Shared>,
     session: &Arc<Mutex<ServerSession>>,
+    uploads: &Uploads,
     action: Action,
 ) -> Message {
     let store = shared.store.clone();
@@ -1006,7 +1055,13 @@ async fn execute(
         }
         Action::Put { chunks } => {
             let n = chunks.len() as u32;
-            match blocking(move || store.import_chunks(&chunks)).await {
+            let uploads = uploads.clone();
+            let stored = blocking(move || {
+                // Every chunk is verified before any counts.
+                let verified = verify_all(chunks)?;
+                uploads.add(&store, &verified)
+            });
+            match stored.await {
                 Ok(new) => {
                     metrics.chunks_received.fetch_add(n as u64, Relaxed);
                     metrics.chunks_stored.fetch_add(new, Relaxed);
@@ -1027,7 +1082,14 @@ async fn execute(
         }
         Action::Commit { name, manifest } => {
             let n = name.clone();
-            match blocking(move || store.commit_manifest(&n, &manifest)).await {
+            let uploads = uploads.clone();
+            let committed = blocking(move || {
+                // What this connection uploaded is durable before a name
+                // can point at it.
+                uploads.flush()?;
+                store.commit_manifest(&n, &manifest)
+            });
+            match committed.await {
                 Ok(id) => {
                     metrics.commits.fetch_add(1, Relaxed);
                     info!(name = %name, manifest = %id, "committed");

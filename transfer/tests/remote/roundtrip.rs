@@ -215,3 +215,58 @@ async fn node_cache_fetches_only_what_is_new() {
     assert_eq!(unstash_bytes(&node, "main/v2").await, v2);
     server.stop().await;
 }
+
+/// A push of many small upload requests lands in one pack on the server
+/// (durable by the commit), not one pack per request; and what a client
+/// uploaded without committing is durable once its connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_fill_packs_and_are_durable_by_the_commit() {
+    use store::backend::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = random_bytes(77, 6 << 20);
+    stash_bytes(&a, "main/six", &data).await;
+    let r = push(a.clone(), &name("main/six"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    // 256 KiB requests: two dozen of them.
+    assert!(r.stats.chunks_sent > 20, "{:?}", r.stats);
+    let packs = |s: &store::repo::Store| s.backend().list(Kind::Pack).unwrap().len();
+    assert_eq!(packs(&server.open_store()), 1, "one pack for one push");
+    let node = client_store(dir.path(), "node");
+    pull(node.clone(), &name("main/six"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    assert!(unstash_bytes(&node, "main/six").await == data);
+
+    // Upload without a commit, then drop the connection: the chunks are
+    // written when the server sees it end.
+    let more = random_bytes(78, 1 << 20);
+    stash_bytes(&a, "main/more", &more).await;
+    let session = transfer::client::Session::connect(&remote, &opts())
+        .await
+        .unwrap();
+    let ids = chunk_ids(&a, "main/more");
+    let chunks: Vec<_> = ids
+        .iter()
+        .map(|id| a.read_stored(id).unwrap().unwrap())
+        .collect();
+    let reply = session
+        .request(&transfer::proto::Message::PutChunks {
+            name: "main/more".into(),
+            chunks,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(reply, transfer::proto::Message::PutReply { .. }));
+    session.close().await;
+    let server_store = server.open_store();
+    wait_for(10, "the uploads to be written", || {
+        server_store.refresh().is_ok() && server_store.missing(&ids).unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(packs(&server_store), 2);
+    server.stop().await;
+}
