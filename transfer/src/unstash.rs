@@ -177,8 +177,11 @@ pub async fn unstash(
     let restored = restore
         .await
         .map_err(|e| ClientError::Config(format!("the restore task failed: {e}")))?;
-    if restored.is_err() {
-        board.stop();
+    match &restored {
+        // A restore may end without reading every chunk (a directory's tar
+        // stops at its end-of-archive blocks): fetch the rest for the cache.
+        Ok(_) => board.want_the_rest(),
+        Err(_) => board.stop(),
     }
     // On success the downloaders finish what the restore did not read (a
     // tar's trailing padding, say): the node's copy must be whole.
@@ -630,6 +633,25 @@ impl Arrivals {
         }
     }
 
+    /// Asks for every chunk still missing (the restore is done with it).
+    fn want_the_rest(&self) {
+        let mut b = self.lock();
+        let b = &mut *b;
+        let mut rest: Vec<ChunkId> = b
+            .missing
+            .iter()
+            .filter(|id| !b.in_flight.contains(*id) && !b.demanded.contains(*id))
+            .copied()
+            .collect();
+        rest.sort_unstable();
+        for id in rest {
+            b.demanded.insert(id);
+            b.demand.push_back(id);
+        }
+        drop(b);
+        self.work.notify_waiters();
+    }
+
     /// Puts requests that got no answer back at the front of the queue.
     fn requeue(&self, ids: &[ChunkId]) {
         let mut b = self.lock();
@@ -871,6 +893,20 @@ mod tests {
         // Chunk 2 was never missing: the store has it.
         let c2 = ChunkRef { id: id(2), len: 10 };
         assert!(!board.read(&c2, &mut out).unwrap());
+    }
+
+    #[test]
+    fn chunks_the_restore_never_read_are_fetched_for_the_cache() {
+        let board = Arrivals::new(100);
+        // Meta chunks are fetched only when wanted; content is read ahead.
+        let mut m = manifest(&[(1, 100)]);
+        m.meta = vec![ChunkRef { id: id(9), len: 10 }];
+        board.plan(&m, &[id(1), id(9)]);
+        assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(1)]));
+        board.arrive(id(1), vec![1; 100]);
+        assert_eq!(board.next_work(1000, 100), Work::Wait);
+        board.want_the_rest();
+        assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(9)]));
     }
 
     #[test]
