@@ -55,6 +55,15 @@ pub enum DecodeError {
         /// Length decoded.
         got: usize,
     },
+    /// The promised length is larger than any chunk ferry writes.
+    #[error(
+        "a chunk of {raw_len} bytes is larger than the largest chunk ({} bytes)",
+        crate::repo::MAX_CHUNK
+    )]
+    TooLarge {
+        /// Length the index promised.
+        raw_len: usize,
+    },
 }
 
 thread_local! {
@@ -93,6 +102,11 @@ pub fn decompress_into(
     out: &mut Vec<u8>,
 ) -> Result<(), DecodeError> {
     out.clear();
+    // The length comes from a pack entry: a damaged or forged one must not
+    // make us reserve gigabytes before the frame is even looked at.
+    if raw_len > crate::repo::MAX_CHUNK as usize {
+        return Err(DecodeError::TooLarge { raw_len });
+    }
     match codec {
         Codec::Raw => out.extend_from_slice(stored),
         Codec::Zstd => {
@@ -156,5 +170,25 @@ mod tests {
         // A frame that decodes to more than promised must not be accepted.
         assert!(decompress_into(Codec::Zstd, &stored, 100, &mut back).is_err());
         assert!(decompress_into(Codec::Raw, b"abc", 4, &mut back).is_err());
+    }
+
+    /// Found by the `pack_read` fuzz target: a pack entry promising a
+    /// 3.5 GB chunk made decoding reserve 3.5 GB up front.
+    #[test]
+    fn lying_length_reserves_nothing() {
+        let mut stored = Vec::new();
+        assert_eq!(compress(&[5u8; 10_000], 3, &mut stored), Codec::Zstd);
+        for codec in [Codec::Zstd, Codec::Raw] {
+            let mut back = Vec::new();
+            let err = decompress_into(codec, &stored, 3_590_325_727, &mut back).unwrap_err();
+            assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
+            assert!(back.capacity() < 1 << 20);
+        }
+        // The largest chunk still decodes.
+        let big = vec![7u8; crate::repo::MAX_CHUNK as usize];
+        compress(&big, 1, &mut stored);
+        let mut back = Vec::new();
+        decompress_into(Codec::Zstd, &stored, big.len(), &mut back).unwrap();
+        assert_eq!(back, big);
     }
 }

@@ -169,8 +169,7 @@ pub fn write_dir_tar(root: &Path, out: &mut dyn Write) -> Result<DirTarStats, Di
             header.set_size(0);
             let mut tar_path = rel.clone().into_os_string();
             tar_path.push("/");
-            builder
-                .append_data(&mut header, &tar_path, io::empty())
+            append_entry(&mut builder, &mut header, Path::new(&tar_path), io::empty())
                 .map_err(write_err)?;
             stats.dirs += 1;
             let children = sorted_children(&full)?;
@@ -188,7 +187,7 @@ pub fn write_dir_tar(root: &Path, out: &mut dyn Write) -> Result<DirTarStats, Di
                 count: 0,
                 error: None,
             };
-            let result = builder.append_data(&mut header, &rel, &mut reader);
+            let result = append_entry(&mut builder, &mut header, &rel, &mut reader);
             if let Some(source) = reader.error.take() {
                 return Err(DirTarError::Read { path: full, source });
             }
@@ -272,7 +271,43 @@ fn append_symlink<W: Write>(
     } else {
         header.set_link_name_literal(target)?;
     }
-    builder.append_data(header, path, io::empty())
+    append_entry(builder, header, path, io::empty())
+}
+
+/// Append an entry at `path`, as `tar::Builder::append_data` does. For a
+/// path longer than the header's name field, the tar crate writes a GNU
+/// long-name record and puts the longest UTF-8 prefix of the first 100
+/// bytes in the header, failing when that prefix is empty (a long path
+/// whose first byte is not UTF-8, which Unix names may be). Such paths get
+/// the same record written here, with the raw bytes in the header.
+fn append_entry<W: Write, R: Read>(
+    builder: &mut tar::Builder<W>,
+    header: &mut tar::Header,
+    path: &Path,
+    data: R,
+) -> io::Result<()> {
+    const NAME_LEN: usize = 100;
+    let bytes = path.as_os_str().as_bytes();
+    let tar_can = bytes.len() <= NAME_LEN
+        || std::str::from_utf8(&bytes[..NAME_LEN]).map_or_else(|e| e.valid_up_to() > 0, |_| true);
+    if tar_can {
+        return builder.append_data(header, path, data);
+    }
+    let mut long = tar::Header::new_gnu();
+    long.set_entry_type(tar::EntryType::GNULongName);
+    if let Some(gnu) = long.as_gnu_mut() {
+        gnu.name[..13].copy_from_slice(b"././@LongLink");
+    }
+    long.set_mode(0o644);
+    long.set_uid(0);
+    long.set_gid(0);
+    long.set_mtime(0);
+    long.set_size(bytes.len() as u64 + 1);
+    long.set_cksum();
+    builder.append(&long, bytes.chain(&[0u8][..]))?;
+    header.as_old_mut().name.copy_from_slice(&bytes[..NAME_LEN]);
+    header.set_cksum();
+    builder.append(header, data)
 }
 
 /// A reader that counts bytes and keeps its own read error apart from the
@@ -308,7 +343,8 @@ impl<R: Read> Read for CountingReader<R> {
 /// directories missing from the stream are created. The stream is untrusted:
 /// entries with absolute paths or `..` components, entries whose parent is a
 /// symlink or not a directory, entries that would replace something already
-/// there, hard links, device nodes, fifos, unknown entry types and symlinks
+/// there, hard links, device nodes, fifos, GNU sparse files, unknown entry
+/// types and symlinks
 /// whose target is absolute or could leave `dest` are refused with an error
 /// naming the entry. Nothing is written outside `dest`. On error, what was
 /// restored so far stays.
@@ -377,7 +413,7 @@ pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, Di
                 dirs.push((entry_path.clone(), path.clone(), mode, mtime));
                 stats.dirs += 1;
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -414,6 +450,9 @@ pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, Di
                 stats.symlinks += 1;
             }
             tar::EntryType::Link => return Err(refuse("hard links are not supported")),
+            // ferry never writes them, and the tar crate reads a hole as
+            // zeros: a 2 KB entry could make us write gigabytes.
+            tar::EntryType::GNUSparse => return Err(refuse("sparse files are not restored")),
             tar::EntryType::Char | tar::EntryType::Block => {
                 return Err(refuse("device nodes are not restored"))
             }
@@ -598,6 +637,51 @@ mod tests {
         (out, stats)
     }
 
+    /// Found by the `dir_restore` fuzz target: a tree whose long path
+    /// starts with a byte that is not UTF-8 could be restored but not
+    /// archived again (the tar crate's long-name fallback failed).
+    #[test]
+    fn long_paths_starting_with_non_utf8_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        let dir = src
+            .join(OsStr::from_bytes(b"\x9c\x96r"))
+            .join("x".repeat(120));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("dest.txt"), b"data").unwrap();
+        symlink("dest.txt", dir.join("link")).unwrap();
+        let (tar, stats) = tar_of(&src);
+        assert_eq!((stats.dirs, stats.files, stats.symlinks), (2, 1, 1));
+        let dst = tmp.path().join("dst");
+        extract_tar(&mut tar.as_slice(), &dst).unwrap();
+        let back = dst
+            .join(OsStr::from_bytes(b"\x9c\x96r"))
+            .join("x".repeat(120));
+        assert_eq!(fs::read(back.join("dest.txt")).unwrap(), b"data");
+        assert_eq!(
+            fs::read_link(back.join("link")).unwrap(),
+            Path::new("dest.txt")
+        );
+        assert_eq!(tar_of(&dst).0, tar);
+        // Long UTF-8 paths are written as before, by the tar crate.
+        let utf8 = tmp.path().join("utf8");
+        fs::create_dir_all(utf8.join("y".repeat(150))).unwrap();
+        let (tar, _) = tar_of(&utf8);
+        let mut expected = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        let m = fs::metadata(utf8.join("y".repeat(150))).unwrap();
+        h.set_mode(m.mode() & 0o7777);
+        h.set_mtime(m.mtime() as u64);
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        expected
+            .append_data(&mut h, format!("{}/", "y".repeat(150)), io::empty())
+            .unwrap();
+        assert_eq!(tar, expected.into_inner().unwrap());
+    }
+
     #[test]
     fn round_trip_is_exact_and_deterministic() {
         let tmp = tempfile::tempdir().unwrap();
@@ -776,6 +860,29 @@ mod tests {
             let tar = malicious(&[(b"node", kind, b"/etc/passwd")]);
             assert_refused(refuse(&tar), "node");
         }
+    }
+
+    /// Seen while writing the `dir_restore` fuzz target (its file size
+    /// limit turns the write into a crash): a GNU sparse entry with a 1 GiB
+    /// hole made a 2 KB stream write 1 GiB of zeros (up to 8 GiB with octal
+    /// fields, more with base-256 ones).
+    #[test]
+    fn refuses_sparse_files() {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_path("sparse").unwrap();
+        h.set_mode(0o644);
+        h.set_size(512);
+        let gnu = h.as_gnu_mut().unwrap();
+        let hole = b"00004000000\0"; // 1 MiB, octal (the same with 8 GiB)
+        gnu.sparse[0].offset.copy_from_slice(hole);
+        gnu.sparse[0].numbytes.copy_from_slice(b"00000001000\0");
+        gnu.realsize.copy_from_slice(b"00004001000\0");
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend_from_slice(&[b'A'; 512]);
+        tar.extend_from_slice(&[0; 1024]);
+        assert_refused(refuse(&tar), "sparse");
     }
 
     #[test]

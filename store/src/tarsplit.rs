@@ -285,8 +285,14 @@ impl TarSplitter {
         }
         self.levels.push(Level::new(0));
         self.levels[0].state = State::NotTar;
-        // A file cut short by the end of input is not kept.
-        self.current = None;
+        // A file cut short by the end of input is neither kept nor located:
+        // its span would point past the end of the input.
+        if let Some(cur) = self.current.take() {
+            let last = self.collected.spans.last();
+            if last.is_some_and(|s| s.offset == cur.offset && s.name == cur.name) {
+                self.collected.spans.pop();
+            }
+        }
         self.collected.input_len = self.pos;
     }
 
@@ -1283,6 +1289,36 @@ mod tests {
         }
     }
 
+    /// Found by the `docker_archive` fuzz target: an archive cut inside a
+    /// layer listed that layer's span past the end of the input, and image
+    /// detection reported a layer whose bytes are not there.
+    #[test]
+    fn file_cut_short_is_not_located() {
+        let items = vec![
+            file(
+                "manifest.json",
+                br#"[{"Config":"c.json","Layers":["a/layer.tar","b/layer.tar"]}]"#,
+            ),
+            Item::Nested("a/layer.tar".into(), vec![file("x", &[1; 700])]),
+            Item::Nested("b/layer.tar".into(), vec![file("y", &[2; 3000])]),
+        ];
+        let tar = build(&items, 0);
+        let (_, whole) = split(&tar);
+        assert_eq!(whole.spans.len(), 2);
+        for cut in [tar.len() - 1700, tar.len() - 3000, 1024 + 600] {
+            let (runs, c) = split(&tar[..cut]);
+            assert_eq!(concat(&runs), &tar[..cut]);
+            for s in &c.spans {
+                assert!(s.offset + s.size <= cut as u64, "{s:?} past {cut}");
+            }
+            assert_eq!(crate::image::detect(&c), None, "cut at {cut}");
+        }
+        // Whole layers before the cut are still located.
+        let (_, c) = split(&tar[..tar.len() - 1700]);
+        assert_eq!(c.spans.len(), 1);
+        assert_eq!(c.spans[0].name, "a/layer.tar");
+    }
+
     #[test]
     fn broken_inner_tar_does_not_break_outer() {
         let inner = build(&[file("x", &[5u8; 600])], 0);
@@ -1353,15 +1389,8 @@ mod tests {
         let mut sink = |_: Part, _: &[u8]| {};
         s.finish(&mut sink);
         let c = s.into_collected();
-        assert_eq!(
-            c.spans,
-            vec![FileSpan {
-                name: "big.bin".into(),
-                offset: 512,
-                size: 8 << 20,
-                nested_tar: false
-            }]
-        );
+        // The input ended 6 MiB into the file: it is not located.
+        assert_eq!(c.spans, vec![]);
         assert_eq!(c.input_len, 512 + (2 << 20));
     }
 

@@ -635,20 +635,21 @@ impl Arrivals {
 
     /// Asks for every chunk still missing (the restore is done with it).
     fn want_the_rest(&self) {
-        let mut b = self.lock();
-        let b = &mut *b;
-        let mut rest: Vec<ChunkId> = b
-            .missing
-            .iter()
-            .filter(|id| !b.in_flight.contains(*id) && !b.demanded.contains(*id))
-            .copied()
-            .collect();
-        rest.sort_unstable();
-        for id in rest {
-            b.demanded.insert(id);
-            b.demand.push_back(id);
+        {
+            let mut guard = self.lock();
+            let b = &mut *guard;
+            let mut rest: Vec<ChunkId> = b
+                .missing
+                .iter()
+                .filter(|id| !b.in_flight.contains(*id) && !b.demanded.contains(*id))
+                .copied()
+                .collect();
+            rest.sort_unstable();
+            for id in rest {
+                b.demanded.insert(id);
+                b.demand.push_back(id);
+            }
         }
-        drop(b);
         self.work.notify_waiters();
     }
 
