@@ -367,6 +367,10 @@ async fn fetch(
 
 type ImporterThread = std::thread::JoinHandle<Result<u64, StoreError>>;
 
+/// Raw bytes of chunks read once and wanted again that may wait in memory
+/// for their pack to be written.
+const RETAIN_LIMIT: u64 = 32 << 20;
+
 /// Appends verified chunks to the node's store as they come; tells the
 /// board when they are durable.
 fn spawn_importer(
@@ -377,7 +381,13 @@ fn spawn_importer(
     std::thread::spawn(move || {
         let mut importer = store.importer()?;
         for chunk in rx {
-            let durable = importer.add(&chunk)?;
+            let mut durable = importer.add(&chunk)?;
+            if durable.is_empty() && board.retained() > RETAIN_LIMIT {
+                // Chunks read once and wanted again wait in memory until
+                // their pack is written: write it early rather than hold
+                // up to a whole pack of them.
+                durable = importer.flush()?;
+            }
             board.durable(&durable);
         }
         let report = importer.finish()?;
@@ -532,6 +542,8 @@ struct Board {
     /// Raw bytes asked for or arrived but not read yet: bounded by `window`
     /// (read-ahead stops there; what the restore waits for is always asked).
     buffered: u64,
+    /// Raw bytes of chunks read and wanted again, held until durable.
+    retained: u64,
     window: u64,
     failed: Option<String>,
     stopped: bool,
@@ -581,6 +593,11 @@ impl Arrivals {
             .collect();
         drop(b);
         self.work.notify_waiters();
+    }
+
+    /// Bytes held for chunks' later uses until they are durable.
+    fn retained(&self) -> u64 {
+        self.lock().retained
     }
 
     fn len_of(&self, id: &ChunkId) -> Option<u32> {
@@ -703,7 +720,9 @@ impl Arrivals {
             if let Some(r) = b.ready.get_mut(id) {
                 r.durable = true;
                 if r.read {
+                    let len = r.raw.len() as u64;
                     b.ready.remove(id);
+                    b.retained = b.retained.saturating_sub(len);
                 }
             }
         }
@@ -723,6 +742,7 @@ impl Arrivals {
         let mut b = self.lock();
         b.stopped = true;
         b.ready.clear();
+        b.retained = 0;
         drop(b);
         self.arrived.notify_all();
         self.work.notify_waiters();
@@ -754,13 +774,20 @@ impl ChunkSource for Arrivals {
                 let first_read = !r.read;
                 r.read = true;
                 r.uses = r.uses.saturating_sub(1);
+                let len = r.raw.len() as u64;
                 if r.uses == 0 || r.durable {
+                    if !first_read {
+                        board.retained = board.retained.saturating_sub(len);
+                    }
                     *out = board
                         .ready
                         .remove(&chunk.id)
                         .map(|r| r.raw)
                         .unwrap_or_default();
                 } else {
+                    if first_read {
+                        board.retained += len;
+                    }
                     out.clone_from(&r.raw);
                 }
                 if first_read {
@@ -889,7 +916,9 @@ mod tests {
         assert_eq!(out, vec![7; 10]);
         // Held for its second use until the importer made it durable.
         assert!(board.lock().ready.contains_key(&id(1)));
+        assert_eq!(board.retained(), 10);
         board.durable(&[id(1)]);
+        assert_eq!(board.retained(), 0);
         assert!(!board.read(&c, &mut out).unwrap(), "read from the pack");
         // Chunk 2 was never missing: the store has it.
         let c2 = ChunkRef { id: id(2), len: 10 };

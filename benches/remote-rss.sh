@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Peak memory of a remote stash and a streaming remote unstash, for a
+# 2.5 GB image and for a stream ten times as large: ferry must stream, so
+# the two peaks should be about the same.
+#
+#   benches/remote-rss.sh [DATA_DIR]      (default /work/bench-data)
+#
+# The large stream is v1 v2 v3 v1 v2 v3 v1 v2 v3 v1 of benches/make_image.py
+# concatenated on standard input (25 GB, ~3 GB of distinct content: the
+# repeats exercise chunks that occur many times in one stash). Output goes
+# to /dev/null. Peak RSS from /usr/bin/time; client and server on loopback.
+#
+# Environment: FERRY=path (else target/release/ferry is built), PORT=47463.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+DATA=$(cd "${1:-/work/bench-data}" && pwd)
+PORT=${PORT:-47463}
+W=$DATA/rss-work
+die() { printf 'remote-rss.sh: error: %s\n' "$*" >&2; exit 1; }
+
+[ -x /usr/bin/time ] || die "needs /usr/bin/time (apt-get install time)"
+for f in v1 v2 v3; do [ -f "$DATA/$f.tar" ] || die "missing $DATA/$f.tar (run benches/e2e.sh first)"; done
+if [ -z "${FERRY:-}" ]; then
+    (cd "$REPO" && cargo build --release -p ferry-cli)
+    FERRY=$REPO/target/release/ferry
+fi
+
+rm -rf "$W"
+mkdir -p "$W/server"
+SERVER_PID=
+cleanup() {
+    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+
+"$FERRY" -q serve --new-token "$W/token" >/dev/null
+HASH=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$W/token")
+cat >"$W/server/ferry.toml" <<EOF
+listen = "127.0.0.1:$PORT"
+store = "store"
+cert = "cert.pem"
+key = "key.pem"
+[[token]]
+name = "bench"
+sha256 = "$HASH"
+read = ["*"]
+write = ["*"]
+EOF
+"$FERRY" serve --config "$W/server/ferry.toml" 2>"$W/server.log" &
+SERVER_PID=$!
+export FERRY_REMOTE=quic://127.0.0.1:$PORT FERRY_TOKEN_FILE=$W/token FERRY_SERVER_CERT=$W/server/cert.pem
+for _ in $(seq 100); do "$FERRY" --store "$W/probe" ls >/dev/null 2>&1 && break; sleep 0.1; done
+
+big() { for f in v1 v2 v3 v1 v2 v3 v1 v2 v3 v1; do cat "$DATA/$f.tar"; done; }
+BIG_BYTES=$(( $(stat -c %s "$DATA/v1.tar") * 4 + $(stat -c %s "$DATA/v2.tar") * 3 + $(stat -c %s "$DATA/v3.tar") * 3 ))
+
+measure() { # label, command...
+    local label=$1
+    shift
+    /usr/bin/time -f "%e %M" -o "$W/$label.time" "$@"
+    read -r secs kib <"$W/$label.time"
+    printf '%-34s %8.1f s  %6d MiB peak RSS\n' "$label" "$secs" $((kib / 1024))
+}
+
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+measure "remote stash v1 (2.5 GB file)" "$FERRY" -q --store "$W/builder" stash bench/v1 "$DATA/v1.tar"
+measure "remote stash big (25 GB stdin)" bash -c "$(declare -f big); DATA='$DATA' big | '$FERRY' -q --store '$W/builder' stash bench/big -"
+measure "remote unstash v1 (2.5 GB)" bash -c "'$FERRY' -q --store '$W/node' unstash bench/v1 - >/dev/null"
+rm -rf "$W/node"
+measure "remote unstash big (25 GB)" bash -c "'$FERRY' -q --store '$W/node' unstash bench/big - | wc -c >'$W/big.count'"
+[ "$(cat "$W/big.count")" = "$BIG_BYTES" ] || die "big: $(cat "$W/big.count") bytes out, expected $BIG_BYTES"
+echo "big stream: $BIG_BYTES bytes, all written back"
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
