@@ -21,7 +21,8 @@
 #
 # Writes DATA_DIR/remote-results.json and prints a table with the ratios the
 # targets in issue 4 name. Every input is read once untimed first (the page
-# cache cannot be dropped here): all runs read warm. The machine may be shared:
+# cache cannot be dropped here): all runs read warm; and `sync` runs before
+# each timed command, so none pays for the previous one's writeback. The machine may be shared:
 # the load average at start and end is recorded.
 set -euo pipefail
 
@@ -76,6 +77,9 @@ rec() { printf '%s\t%s\n' "$1" "$2" >>"$RES"; }
 timed() {
     local key=$1
     shift
+    # Each timed command starts with no dirty pages left by the one before:
+    # otherwise it pays for their writeback (sync is outside the timing).
+    sync
     /usr/bin/time -f '%e %M' -o "$W/$key.time" "$@"
 }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
