@@ -7,8 +7,9 @@
 //!
 //! [`extract_tar`] restores such a stream. It treats the stream as untrusted:
 //! it never writes outside the destination, never follows a symlink while
-//! creating a path, and refuses hard links, device nodes, fifos and symlinks
-//! that point outside the destination.
+//! creating a path, and refuses hard links, device nodes and fifos. Symlinks
+//! are restored as they were, absolute or leading out of the tree included
+//! (build trees hold such links); they are never followed by the restore.
 //!
 //! Both are Unix-only: they keep Unix modes and symlinks.
 
@@ -344,10 +345,10 @@ impl<R: Read> Read for CountingReader<R> {
 /// entries with absolute paths or `..` components, entries whose parent is a
 /// symlink or not a directory, entries that would replace something already
 /// there, hard links, device nodes, fifos, GNU sparse files, unknown entry
-/// types and symlinks
-/// whose target is absolute or could leave `dest` are refused with an error
-/// naming the entry. Nothing is written outside `dest`. On error, what was
-/// restored so far stays.
+/// types and symlinks with an empty target or a NUL are refused with an
+/// error naming the entry. Other symlinks are restored verbatim, wherever
+/// they point, and never followed. Nothing is written outside `dest`. On
+/// error, what was restored so far stays.
 pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, DirTarError> {
     fs::create_dir_all(dest).map_err(|source| DirTarError::Extract {
         entry: PathBuf::new(),
