@@ -350,6 +350,20 @@ impl<R: Read> Read for CountingReader<R> {
 /// they point, and never followed. Nothing is written outside `dest`. On
 /// error, what was restored so far stays.
 pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, DirTarError> {
+    extract_tar_over(input, dest, false)
+}
+
+/// As [`extract_tar`]; with `replace`, a file, symlink or other
+/// non-directory already at an entry's path is removed first (unlinked, so
+/// a symlink there is replaced, never followed), as `ferry unstash --force`
+/// into a directory that holds an earlier restore needs. A directory in the
+/// way of a non-directory entry is still refused, and nothing outside
+/// `dest` is touched: parents are checked as always.
+pub fn extract_tar_over(
+    input: &mut dyn Read,
+    dest: &Path,
+    replace: bool,
+) -> Result<ExtractStats, DirTarError> {
     fs::create_dir_all(dest).map_err(|source| DirTarError::Extract {
         entry: PathBuf::new(),
         path: dest.to_path_buf(),
@@ -360,6 +374,9 @@ pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, Di
     // that restoring their contents neither changes the mtime nor is blocked
     // by a read-only mode.
     let mut dirs: Vec<(PathBuf, PathBuf, u32, u64)> = Vec::new();
+    // Files and links this restore made (with `replace`, only others are
+    // replaced).
+    let mut created: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     let mut archive = tar::Archive::new(input);
     let mut last: Option<PathBuf> = None;
     let entries = archive.entries().map_err(|source| DirTarError::Tar {
@@ -401,6 +418,23 @@ pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, Di
             path: path.clone(),
             source,
         };
+        let replaceable = matches!(
+            kind,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Symlink
+        );
+        // Only what was there before this restore is replaced: a stream
+        // never gets to replace its own entries (a link, then a file
+        // through its name).
+        if replace && replaceable && !created.contains(&path) {
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() => {
+                    return Err(refuse("a directory already exists at this path"))
+                }
+                Ok(_) => fs::remove_file(&path).map_err(extract_err)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(extract_err(e)),
+            }
+        }
         match kind {
             tar::EntryType::Directory => {
                 match fs::symlink_metadata(&path) {
@@ -432,6 +466,9 @@ pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, Di
                 file.set_permissions(fs::Permissions::from_mode(mode))
                     .map_err(extract_err)?;
                 stats.files += 1;
+                if replace {
+                    created.insert(path.clone());
+                }
                 stats.bytes += n;
             }
             tar::EntryType::Symlink => {
@@ -449,6 +486,9 @@ pub fn extract_tar(input: &mut dyn Read, dest: &Path) -> Result<ExtractStats, Di
                 })?;
                 set_mtime_nofollow(&path, mtime).map_err(extract_err)?;
                 stats.symlinks += 1;
+                if replace {
+                    created.insert(path.clone());
+                }
             }
             tar::EntryType::Link => return Err(refuse("hard links are not supported")),
             // ferry never writes them, and the tar crate reads a hole as

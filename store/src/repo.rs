@@ -896,12 +896,15 @@ impl Store {
                     return Err(StoreError::Exists { path });
                 }
                 if exists {
-                    dirtar::extract_tar(
+                    // --force into a directory that holds an earlier restore:
+                    // the stash's files replace what is in their way.
+                    dirtar::extract_tar_over(
                         &mut ProgressReader {
                             inner: reader,
                             progress,
                         },
                         &path,
+                        force,
                     )?;
                 } else {
                     // Restore next to the target, then rename: all or nothing.

@@ -398,3 +398,50 @@ fn trees_with_outward_symlinks_are_refused_or_restored() {
         );
     }
 }
+
+/// `unstash --force` into a directory that holds an earlier restore (a CI
+/// workspace restored twice): the stash's files replace what is in their
+/// way, a symlink there is replaced and never followed, the directory's
+/// other files stay; without --force it is refused and nothing changes.
+#[test]
+fn force_restores_over_an_earlier_restore() {
+    use std::os::unix::fs::symlink;
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("lib/sub")).unwrap();
+    fs::write(src.join("lib/a.so"), b"library a").unwrap();
+    fs::write(src.join("lib/sub/b.txt"), b"file b").unwrap();
+    symlink("a.so", src.join("lib/current")).unwrap();
+    env.stash_path("build/lib", &src);
+
+    let dest = env.path("workspace");
+    env.ferry(&["unstash", "build/lib", dest.to_str().unwrap()])
+        .ok();
+    // The job changes things, then restores again.
+    let outside = env.path("outside.txt");
+    fs::write(&outside, b"not yours").unwrap();
+    fs::write(dest.join("lib/a.so"), b"changed").unwrap();
+    fs::remove_file(dest.join("lib/sub/b.txt")).unwrap();
+    symlink(&outside, dest.join("lib/sub/b.txt")).unwrap();
+    fs::write(dest.join("lib/extra.log"), b"the job's own file").unwrap();
+
+    let out = env.ferry(&["unstash", "build/lib", dest.to_str().unwrap()]);
+    out.expect_code(2);
+    assert_eq!(fs::read(dest.join("lib/a.so")).unwrap(), b"changed");
+
+    env.ferry(&["unstash", "--force", "build/lib", dest.to_str().unwrap()])
+        .ok();
+    assert_eq!(fs::read(dest.join("lib/a.so")).unwrap(), b"library a");
+    let b = dest.join("lib/sub/b.txt");
+    assert!(!fs::symlink_metadata(&b).unwrap().file_type().is_symlink());
+    assert_eq!(fs::read(&b).unwrap(), b"file b");
+    assert_eq!(fs::read(&outside).unwrap(), b"not yours", "written through");
+    assert_eq!(
+        fs::read_link(dest.join("lib/current")).unwrap(),
+        Path::new("a.so")
+    );
+    assert_eq!(
+        fs::read(dest.join("lib/extra.log")).unwrap(),
+        b"the job's own file"
+    );
+}
