@@ -88,6 +88,33 @@ pub fn list(
     Ok(out)
 }
 
+/// Names with their manifests, and the errors of damaged refs.
+pub type LenientListing = (Vec<(Name, ManifestId)>, Vec<RefError>);
+
+/// As [`list`], but a damaged ref does not stop the listing: the names
+/// whose refs are corrupt come back apart, with their errors (for `fsck`,
+/// `ls` and `du`, which must go on showing the rest).
+pub fn list_lenient(
+    backend: &dyn Backend,
+    prefix: Option<&str>,
+) -> Result<LenientListing, RefError> {
+    let mut out = Vec::new();
+    let mut damaged = Vec::new();
+    for name in backend.list_refs()? {
+        if prefix.is_some_and(|p| !name.starts_with_prefix(p)) {
+            continue;
+        }
+        match get(backend, &name) {
+            Ok(Some(id)) => out.push((name, id)),
+            Ok(None) => {}
+            Err(e @ RefError::Corrupt { .. }) => damaged.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((out, damaged))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -950,8 +950,9 @@ impl Store {
     }
 
     /// Names, optionally under `prefix`, with their manifest headers.
+    /// A name whose ref is damaged is left out (`ferry fsck` names it).
     pub fn list(&self, prefix: Option<&str>) -> Result<Vec<Entry>, StoreError> {
-        let names = refs::list(self.backend.as_ref(), prefix)?;
+        let (names, _damaged) = refs::list_lenient(self.backend.as_ref(), prefix)?;
         Ok(names
             .into_iter()
             .map(|(name, manifest)| {
@@ -1051,7 +1052,7 @@ impl Store {
 
     /// Logical versus stored size.
     pub fn usage(&self) -> Result<Usage, StoreError> {
-        let names = refs::list(self.backend.as_ref(), None)?;
+        let (names, _damaged) = refs::list_lenient(self.backend.as_ref(), None)?;
         let mut logical = 0u64;
         let mut live = HashSet::new();
         let mut manifest_bytes = 0u64;
@@ -1159,8 +1160,22 @@ impl Store {
         if !full {
             chunks = index.len() as u64;
         }
-        let names = match refs::list(backend, None) {
-            Ok(n) => n,
+        let names = match refs::list_lenient(backend, None) {
+            Ok((names, damaged)) => {
+                // Each damaged ref is a problem; the other names are
+                // still checked.
+                for e in damaged {
+                    let subject = match &e {
+                        RefError::Corrupt { name, .. } => format!("name {:?}", name.as_str()),
+                        _ => "refs".into(),
+                    };
+                    problems.push(Problem {
+                        subject,
+                        problem: e.to_string(),
+                    });
+                }
+                names
+            }
             Err(e) => {
                 problems.push(Problem {
                     subject: "refs".into(),

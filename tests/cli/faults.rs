@@ -1064,6 +1064,13 @@ fn corrupt_ref() {
         } else {
             d.fsck_finds(&[], &[reff, "corrupt"]);
             d.victim_fails(&["main/victim", reff, "corrupt"]);
+            // The other names are still listed, measured and checked.
+            assert!(d.env.names().contains(&"main/other".to_string()), "{what}");
+            d.env.ferry(&["du"]).ok();
+            let out = d.env.ferry(&["--json", "fsck"]);
+            out.expect_code(1);
+            let report = out.json();
+            assert!(report["names"].as_u64() >= Some(1), "{what}: {report}");
         }
         d.other_ok();
         let out = d.env.ferry(&["rm", "main/victim"]);
