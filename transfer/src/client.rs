@@ -1112,40 +1112,8 @@ async fn pull_once(
                     let Some(ids) = next else {
                         return Ok::<(), ClientError>(());
                     };
-                    let reply = s.request(&Message::GetChunks { ids: ids.clone() }).await?;
-                    let Message::Chunks { chunks, not_found } = reply else {
-                        return Err(s.protocol(format!(
-                            "unexpected answer to a chunk request: {}",
-                            reply.kind_name()
-                        )));
-                    };
-                    if let Some(first) = not_found.first() {
-                        return Err(s.refused(
-                            ErrorKind::NotFound,
-                            format!(
-                                "the server's store lacks chunk {first} of {} \
-                                 (and {} more); its store needs `ferry fsck`",
-                                ids.len(),
-                                not_found.len() - 1
-                            ),
-                        ));
-                    }
-                    let mut left: HashSet<ChunkId> = ids.iter().copied().collect();
-                    for c in &chunks {
-                        if !left.remove(&c.id) || lens.get(&c.id) != Some(&c.raw_len) {
-                            return Err(s.protocol(format!(
-                                "sent chunk {} that was not asked for (or of the wrong length)",
-                                c.id
-                            )));
-                        }
-                    }
-                    if chunks.is_empty() {
-                        return Err(s.protocol("answered a chunk request with no chunk"));
-                    }
-                    if !left.is_empty() {
-                        // Did not fit in one frame: ask again.
-                        let rest: Vec<ChunkId> =
-                            ids.iter().filter(|i| left.contains(i)).copied().collect();
+                    let (chunks, rest) = get_chunks(&s, &ids, |id| lens.get(id).copied()).await?;
+                    if !rest.is_empty() {
                         if let Ok(mut q) = queue.lock() {
                             q.push_back(rest);
                         }
@@ -1196,6 +1164,50 @@ async fn pull_once(
     let committed = blocking(move || s.commit_manifest(&n, &bytes)).await?;
     debug_assert_eq!(committed, id);
     Ok(id)
+}
+
+/// Asks for chunks and checks the answer: only chunks asked for, of the
+/// length the manifest gives (`len_of`), at least one. Returns them and the
+/// ids that did not fit in the answer's frame, to ask again.
+pub(crate) async fn get_chunks(
+    session: &Session,
+    ids: &[ChunkId],
+    len_of: impl Fn(&ChunkId) -> Option<u32>,
+) -> Result<(Vec<StoredChunk>, Vec<ChunkId>), ClientError> {
+    let reply = session
+        .request(&Message::GetChunks { ids: ids.to_vec() })
+        .await?;
+    let Message::Chunks { chunks, not_found } = reply else {
+        return Err(session.protocol(format!(
+            "unexpected answer to a chunk request: {}",
+            reply.kind_name()
+        )));
+    };
+    if let Some(first) = not_found.first() {
+        return Err(session.refused(
+            ErrorKind::NotFound,
+            format!(
+                "the server's store lacks chunk {first} of {} (and {} more); \
+                 its store needs `ferry fsck`",
+                ids.len(),
+                not_found.len() - 1
+            ),
+        ));
+    }
+    if chunks.is_empty() {
+        return Err(session.protocol("answered a chunk request with no chunk"));
+    }
+    let mut left: HashSet<ChunkId> = ids.iter().copied().collect();
+    for c in &chunks {
+        if !left.remove(&c.id) || len_of(&c.id) != Some(c.raw_len) {
+            return Err(session.protocol(format!(
+                "sent chunk {} that was not asked for (or of the wrong length)",
+                c.id
+            )));
+        }
+    }
+    let rest = ids.iter().filter(|i| left.contains(i)).copied().collect();
+    Ok((chunks, rest))
 }
 
 /// The names on the server under `prefix` that the token may read.

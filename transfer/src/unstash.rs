@@ -23,8 +23,8 @@
 //! committed last, once every chunk is durable in the node's store.
 
 use crate::client::{
-    blocking, delta_bases, fetch_manifest, frame_budget, with_retries, ClientError, Counters,
-    Options, Remote, Session, TransferStats,
+    blocking, delta_bases, fetch_manifest, frame_budget, get_chunks, with_retries, ClientError,
+    Counters, Options, Remote, Session, TransferStats,
 };
 use crate::proto::{self, ErrorKind, Message};
 use serde::Serialize;
@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use store::import::VerifiedChunk;
 use store::manifest::{ChunkRef, Manifest, StashKind};
 use store::name::Name;
-use store::repo::{ChunkSource, Progress, Store, StoreError, StoredChunk, Target, UnstashReport};
+use store::repo::{ChunkSource, Progress, Store, StoreError, Target, UnstashReport};
 use store::{ChunkId, ManifestId};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
@@ -282,8 +282,8 @@ async fn download(
             Work::Fetch(ids) => ids,
         };
         let (generation, session) = link.current().await;
-        let chunks = match fetch(&session, &ids, board).await {
-            Ok(chunks) => chunks,
+        let (chunks, rest) = match get_chunks(&session, &ids, |id| board.len_of(id)).await {
+            Ok(answer) => answer,
             Err(e) if e.is_transient() => {
                 board.requeue(&ids);
                 link.reconnect(generation, e, counters).await?;
@@ -291,9 +291,6 @@ async fn download(
             }
             Err(e) => return Err(e),
         };
-        let asked: HashSet<ChunkId> = ids.iter().copied().collect();
-        let got: HashSet<ChunkId> = chunks.iter().map(|c| c.id).collect();
-        let rest: Vec<ChunkId> = asked.difference(&got).copied().collect();
         if !rest.is_empty() {
             // Did not fit in one frame: asked again later.
             board.requeue(&rest);
@@ -323,46 +320,6 @@ async fn download(
             ));
         }
     }
-}
-
-/// One chunk request; checks that the reply holds only what was asked.
-async fn fetch(
-    session: &Session,
-    ids: &[ChunkId],
-    board: &Arrivals,
-) -> Result<Vec<StoredChunk>, ClientError> {
-    let reply = session
-        .request(&Message::GetChunks { ids: ids.to_vec() })
-        .await?;
-    let Message::Chunks { chunks, not_found } = reply else {
-        return Err(session.protocol(format!(
-            "unexpected answer to a chunk request: {}",
-            reply.kind_name()
-        )));
-    };
-    if let Some(first) = not_found.first() {
-        return Err(session.refused(
-            ErrorKind::NotFound,
-            format!(
-                "the server's store lacks chunk {first} (and {} more); \
-                 its store needs `ferry fsck`",
-                not_found.len() - 1
-            ),
-        ));
-    }
-    if chunks.is_empty() {
-        return Err(session.protocol("answered a chunk request with no chunk"));
-    }
-    let mut left: HashSet<ChunkId> = ids.iter().copied().collect();
-    for c in &chunks {
-        if !left.remove(&c.id) || board.len_of(&c.id) != Some(c.raw_len) {
-            return Err(session.protocol(format!(
-                "sent chunk {} that was not asked for (or of the wrong length)",
-                c.id
-            )));
-        }
-    }
-    Ok(chunks)
 }
 
 type ImporterThread = std::thread::JoinHandle<Result<u64, StoreError>>;
