@@ -98,11 +98,6 @@ impl<S: Deref<Target = Store>> Importer<S> {
         })
     }
 
-    /// Whether chunks were added that are not durable yet.
-    pub fn has_open_pack(&self) -> bool {
-        !self.open.is_empty()
-    }
-
     /// Makes every chunk added so far durable (the open pack is written
     /// and indexed); returns them. The importer can go on.
     pub fn flush(&mut self) -> Result<Vec<ChunkId>, StoreError> {
