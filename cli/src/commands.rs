@@ -133,9 +133,18 @@ pub fn stash(store_args: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::R
             ..Default::default()
         },
     )?;
-    let progress = Reporter::new(out.quiet || out.json, &format!("stash {name}"), total);
+    let store = std::sync::Arc::new(store);
+    // With a server, new chunks go up while the stash still runs.
+    let early = match &remote {
+        Some(r) => Some(crate::remote::start_upload(&store, &name, r)?),
+        None => None,
+    };
+    let progress = crate::remote::StashProgress {
+        reporter: Reporter::new(out.quiet || out.json, &format!("stash {name}"), total),
+        early: early.as_ref(),
+    };
     let report = store.stash(&name, source, &progress);
-    progress.finish();
+    progress.reporter.finish();
     let report = report?;
     store_args.enforce_cache(&store, &name, out)?;
     out.emit(&report, |r| {
@@ -165,8 +174,8 @@ pub fn stash(store_args: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::R
         );
         s
     })?;
-    match remote {
-        Some(remote) => crate::remote::push(store, &name, &remote, out),
+    match early {
+        Some(early) => crate::remote::push(early, &name, out),
         None => Ok(()),
     }
 }

@@ -1,4 +1,5 @@
-//! `--remote`: stash = local stash, then push; unstash = a streaming restore
+//! `--remote`: stash = local stash, its new chunks uploaded as they are
+//! packed, then push (what is left) and commit; unstash = a streaming restore
 //! that fetches what the local store (the node's cache) lacks while it
 //! writes, and keeps it there; ls = the server's list;
 //! gc = a collection on the server's store (admin tokens).
@@ -20,9 +21,10 @@ use transfer::unstash::{Destination, RemoteUnstashReport};
 /// Where the shared server is, and how to trust and authenticate to it.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct RemoteArgs {
-    /// A ferry server, quic://HOST:PORT: stash pushes there after stashing
-    /// locally; unstash fetches the chunks this node lacks first; ls lists
-    /// and gc collects the server's store.
+    /// A ferry server, quic://HOST:PORT: stash stores locally and uploads
+    /// the chunks the server lacks while it runs, then commits the name
+    /// there; unstash fetches the chunks this node lacks while it writes;
+    /// ls lists and gc collects the server's store.
     #[arg(long, env = client::REMOTE_ENV, value_name = "URL")]
     remote: Option<String>,
     /// File holding the token for --remote (never pass a token itself).
@@ -86,20 +88,50 @@ fn transfer_line(verb: &str, remote: &str, s: &TransferStats, sent: bool) -> Str
     )
 }
 
-/// After a local stash: pushes it and prints what moved.
-pub fn push(store: Store, name: &Name, remote: &Remote, out: &Output) -> anyhow::Result<()> {
+/// Starts uploading a stash's new chunks to `remote` while it runs.
+pub fn start_upload(
+    store: &Arc<Store>,
+    name: &Name,
+    remote: &Remote,
+) -> anyhow::Result<blocking::EarlyUpload> {
+    Ok(blocking::EarlyUpload::start(
+        store.clone(),
+        name,
+        remote,
+        &Options::default(),
+    )?)
+}
+
+/// A stash's progress: drawn by the reporter; each pack of new chunks
+/// offered to the early upload as soon as it is durable.
+pub struct StashProgress<'a> {
+    pub reporter: Reporter,
+    pub early: Option<&'a blocking::EarlyUpload>,
+}
+
+impl store::repo::Progress for StashProgress<'_> {
+    fn advance(&self, bytes: u64) {
+        self.reporter.advance(bytes)
+    }
+    fn total(&self, bytes: u64) {
+        self.reporter.total(bytes)
+    }
+    fn stored(&self, new: &[store::ChunkId]) {
+        if let Some(early) = self.early {
+            early.offer(new);
+        }
+    }
+}
+
+/// After a local stash: finishes its upload, commits it on the server and
+/// prints what moved.
+pub fn push(early: blocking::EarlyUpload, name: &Name, out: &Output) -> anyhow::Result<()> {
     let progress = Arc::new(Reporter::new(
         out.quiet || out.json,
         &format!("push {name}"),
         None,
     ));
-    let pushed = blocking::push(
-        Arc::new(store),
-        name,
-        remote,
-        &Options::default(),
-        progress.clone(),
-    );
+    let pushed = early.push(progress.clone());
     progress.finish();
     let pushed = pushed.with_context(|| {
         format!(

@@ -173,6 +173,10 @@ pub trait Progress: Send + Sync {
     /// The whole operation will process about `bytes` (when it is learnt
     /// after the start, e.g. once a remote manifest has arrived).
     fn total(&self, _bytes: u64) {}
+    /// During a stash: these new chunks are now durable in the store (one
+    /// call per pack, on the stash's thread), so they may be read back, e.g.
+    /// to upload them to a server before the stash ends.
+    fn stored(&self, _new: &[ChunkId]) {}
 }
 
 /// Where a [`StashReader`] gets chunks it does not take from the store's
@@ -510,6 +514,7 @@ impl Store {
                 splitter.feed(block, &mut |part, bytes| {
                     route(part, bytes, &mut writer, &mut failed)
                 });
+                writer.report_stored(progress);
                 match failed.take() {
                     Some(e) => Err(e),
                     None => Ok(()),
@@ -556,7 +561,7 @@ impl Store {
             }
             (None, hint) => hint,
         };
-        let stats = writer.finish()?;
+        let stats = writer.finish(progress)?;
         let manifest = Manifest {
             header: Header {
                 kind,
@@ -1421,6 +1426,8 @@ pub(crate) struct Packer {
     level: i32,
     pack_size: u64,
     pack: Option<PackWriter>,
+    /// Told the ids of each pack's chunks once the pack is durable.
+    stored: Option<std::sync::mpsc::Sender<Vec<ChunkId>>>,
     new_chunks: u64,
     new_bytes: u64,
     stored_bytes: u64,
@@ -1434,6 +1441,7 @@ impl Packer {
             level: store.opts.level,
             pack_size: store.opts.pack_size,
             pack: None,
+            stored: None,
             new_chunks: 0,
             new_bytes: 0,
             stored_bytes: 0,
@@ -1501,6 +1509,9 @@ impl Packer {
                 .write()
                 .expect("index lock")
                 .insert_pack(id, &entries);
+            if let Some(tx) = &self.stored {
+                let _ = tx.send(entries.iter().map(|e| e.id).collect());
+            }
         }
         Ok(())
     }
@@ -1515,13 +1526,17 @@ struct ChunkWriter<'a> {
     stats: WriterStats,
     jobs: Option<std::sync::mpsc::SyncSender<PackJob>>,
     packer: Option<std::thread::JoinHandle<Result<Packer, StoreError>>>,
+    /// Ids of the chunks of each pack the packer made durable.
+    stored: std::sync::mpsc::Receiver<Vec<ChunkId>>,
 }
 
 impl<'a> ChunkWriter<'a> {
     fn new(store: &'a Store) -> Result<Self, StoreError> {
         // Two jobs (up to 32 MiB of new chunks) may wait: memory stays bounded.
         let (tx, rx) = std::sync::mpsc::sync_channel::<PackJob>(2);
+        let (stored_tx, stored) = std::sync::mpsc::channel();
         let mut packer = Packer::new(store)?;
+        packer.stored = Some(stored_tx);
         let thread = std::thread::Builder::new()
             .name("ferry-packer".into())
             .spawn(move || {
@@ -1541,7 +1556,15 @@ impl<'a> ChunkWriter<'a> {
             stats: WriterStats::default(),
             jobs: Some(tx),
             packer: Some(thread),
+            stored,
         })
+    }
+
+    /// Tells `progress` which new chunks became durable since the last call.
+    fn report_stored(&self, progress: &dyn Progress) {
+        while let Ok(ids) = self.stored.try_recv() {
+            progress.stored(&ids);
+        }
     }
 
     fn add_batch(&mut self, batch: &Batch<'_>, part: Part) -> Result<(), StoreError> {
@@ -1597,8 +1620,9 @@ impl<'a> ChunkWriter<'a> {
     }
 
     /// Waits until every new chunk is in a durable pack.
-    fn finish(mut self) -> Result<WriterStats, StoreError> {
+    fn finish(mut self, progress: &dyn Progress) -> Result<WriterStats, StoreError> {
         let packer = self.join()?;
+        self.report_stored(progress);
         let mut stats = std::mem::take(&mut self.stats);
         stats.new_chunks = packer.new_chunks;
         stats.new_bytes = packer.new_bytes;

@@ -387,3 +387,86 @@ fn unstash_into_a_fifo_writes_into_it_and_leaves_the_node() {
         "the FIFO was replaced"
     );
 }
+
+/// Records what a stash reports as durable, checking each chunk is
+/// readable from the store at the moment it is reported.
+struct StoredLog<'a> {
+    store: &'a Store,
+    calls: std::sync::Mutex<Vec<Vec<ChunkId>>>,
+}
+
+impl Progress for StoredLog<'_> {
+    fn advance(&self, _bytes: u64) {}
+    fn stored(&self, new: &[ChunkId]) {
+        for id in new {
+            assert!(
+                self.store.read_stored(id).unwrap().is_some(),
+                "{id} was reported stored but is not readable"
+            );
+        }
+        self.calls.lock().unwrap().push(new.to_vec());
+    }
+}
+
+#[test]
+fn a_stash_reports_each_new_chunk_once_as_its_pack_becomes_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small packs: several per stash, so reports come while it runs.
+    let store = Store::open_with(
+        dir.path().join("store"),
+        StoreOptions {
+            pack_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let first = random(6 << 20, 7);
+    let log = StoredLog {
+        store: &store,
+        calls: Default::default(),
+    };
+    let report = store
+        .stash(
+            &name("a/one"),
+            Source::Reader(Box::new(io::Cursor::new(first.clone()))),
+            &log,
+        )
+        .unwrap();
+    let calls = log.calls.into_inner().unwrap();
+    assert!(calls.len() > 2, "one report per pack, got {}", calls.len());
+    let reported: Vec<ChunkId> = calls.concat();
+    let distinct: HashSet<ChunkId> = reported.iter().copied().collect();
+    assert_eq!(distinct.len(), reported.len(), "a chunk was reported twice");
+    assert_eq!(reported.len() as u64, report.new_chunks);
+    let (_, manifest) = store.manifest(&name("a/one")).unwrap();
+    let all: HashSet<ChunkId> = manifest.chunks().map(|c| c.id).collect();
+    assert_eq!(distinct, all);
+
+    // A second stash sharing most bytes reports only its new chunks.
+    let mut second = first.clone();
+    second.extend_from_slice(&random(2 << 20, 8));
+    let log = StoredLog {
+        store: &store,
+        calls: Default::default(),
+    };
+    let report = store
+        .stash(
+            &name("a/two"),
+            Source::Reader(Box::new(io::Cursor::new(second))),
+            &log,
+        )
+        .unwrap();
+    let reported: HashSet<ChunkId> = log
+        .calls
+        .into_inner()
+        .unwrap()
+        .concat()
+        .into_iter()
+        .collect();
+    assert!(report.new_chunks > 0 && report.reused_chunks > 0);
+    assert_eq!(reported.len() as u64, report.new_chunks);
+    assert!(
+        reported.is_disjoint(&all),
+        "a reused chunk was reported as new"
+    );
+}

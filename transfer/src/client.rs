@@ -17,7 +17,7 @@
 
 use crate::auth::{Scopes, Token};
 use crate::config::DEFAULT_PORT;
-use crate::proto::{self, ErrorKind, GcRequest, Limits, Message, CHUNK_OVERHEAD};
+use crate::proto::{self, ErrorKind, GcRequest, Limits, Message};
 use crate::tls::{self, TlsError, Trust, Verifier};
 use crate::wire::{self, WireError};
 use serde::Serialize;
@@ -34,6 +34,8 @@ use store::repo::{Entry, Progress, Store, StoreError, StoredChunk};
 use store::{ChunkId, ManifestId};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
+
+pub use crate::push::push;
 
 /// Environment variable with the server's URL.
 pub const REMOTE_ENV: &str = "FERRY_REMOTE";
@@ -211,6 +213,9 @@ impl Remote {
 pub struct Options {
     /// Parallel request streams (capped by the server's limit).
     pub streams: usize,
+    /// Parallel streams of an [`crate::push::EarlyUpload`]: it only has to
+    /// keep up with the stash it overlaps, and should leave the CPU to it.
+    pub early_streams: usize,
     /// Bytes of chunks per upload or download request.
     pub batch_bytes: u64,
     /// A pull imports received chunks into the local store in groups of
@@ -235,6 +240,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             streams: 8,
+            // Measured on 2 cores (BENCHMARKS.md §4): 2 beat 8.
+            early_streams: 2,
             // Small enough that every stream has work and memory stays
             // bounded (a batch is held twice: as chunks and as a frame).
             batch_bytes: 4 << 20,
@@ -654,250 +661,6 @@ pub(crate) fn distinct(m: &Manifest) -> Vec<ChunkRef> {
 
 pub(crate) fn frame_budget(limits: &Limits, batch_bytes: u64) -> u64 {
     (limits.max_frame as u64 - 4096).min(batch_bytes.max(1))
-}
-
-/// Pushes the stash `name` from `store` to the server: uploads only the
-/// chunks the server lacks, then commits the name there.
-pub async fn push(
-    store: Arc<Store>,
-    name: &Name,
-    remote: &Remote,
-    opts: &Options,
-    progress: Arc<dyn Progress>,
-) -> Result<PushReport, ClientError> {
-    let started = Instant::now();
-    let (id, manifest_bytes, manifest) = {
-        let (s, n) = (store.clone(), name.clone());
-        blocking(move || {
-            let (id, bytes) = s.manifest_bytes(&n)?;
-            let m = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
-                name: n.to_string(),
-                id,
-                problem: source,
-            })?;
-            Ok((id, bytes, m))
-        })
-        .await?
-    };
-    let refs = Arc::new(distinct(&manifest));
-    let manifest_bytes = Arc::new(manifest_bytes);
-    let counters = Arc::new(Counters::default());
-    counters.chunks.store(refs.len() as u64, Relaxed);
-    let (_, attempts) = with_retries(opts, "push", |_| {
-        let (store, refs, bytes, counters, progress) = (
-            store.clone(),
-            refs.clone(),
-            manifest_bytes.clone(),
-            counters.clone(),
-            progress.clone(),
-        );
-        async move {
-            let session = Session::connect(remote, opts).await?;
-            let r = push_once(
-                &session, store, name, &refs, &bytes, id, opts, &counters, progress,
-            )
-            .await;
-            let (tx, rx) = session.wire_bytes();
-            counters.wire_sent.fetch_add(tx, Relaxed);
-            counters.wire_received.fetch_add(rx, Relaxed);
-            session.close().await;
-            r
-        }
-    })
-    .await?;
-    Ok(PushReport {
-        name: name.to_string(),
-        manifest: id,
-        remote: remote.display(),
-        stats: counters.stats(attempts, started),
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn push_once(
-    session: &Session,
-    store: Arc<Store>,
-    name: &Name,
-    refs: &[ChunkRef],
-    manifest_bytes: &[u8],
-    id: ManifestId,
-    opts: &Options,
-    counters: &Arc<Counters>,
-    progress: Arc<dyn Progress>,
-) -> Result<(), ClientError> {
-    if !session.scopes().can_write(name) {
-        return Err(session.refused(
-            ErrorKind::Forbidden,
-            format!(
-                "this token may not write {:?} (it writes {}); nothing was sent",
-                name.as_str(),
-                session.scopes().describe_write()
-            ),
-        ));
-    }
-    let limits = session.limits();
-    let streams = opts.streams.clamp(1, limits.max_streams as usize);
-    let max_ids = limits.max_batch_ids as usize;
-    // The server re-checks every chunk at the commit; if its garbage
-    // collector condemned one it had said it held, ask again and upload it.
-    let mut round = 0;
-    loop {
-        round += 1;
-        // 1. Which chunks does the server lack? Batches in parallel.
-        let mut missing: Vec<ChunkId> = Vec::new();
-        {
-            let batches: Vec<Vec<ChunkId>> = refs
-                .chunks(max_ids)
-                .map(|b| b.iter().map(|c| c.id).collect())
-                .collect();
-            let mut results: Vec<Option<Vec<ChunkId>>> = vec![None; batches.len()];
-            let mut set = JoinSet::new();
-            let mut next = 0;
-            while next < batches.len() || !set.is_empty() {
-                while next < batches.len() && set.len() < streams {
-                    let (s, ids, n) = (session.clone(), batches[next].clone(), name.to_string());
-                    let i = next;
-                    set.spawn(async move {
-                        let asked: HashSet<ChunkId> = ids.iter().copied().collect();
-                        match s.request(&Message::Missing { name: n, ids }).await? {
-                            Message::MissingReply { ids }
-                                if ids.iter().all(|i| asked.contains(i)) =>
-                            {
-                                Ok((i, ids))
-                            }
-                            other => Err(s.protocol(format!(
-                                "unexpected answer to a missing query: {}",
-                                other.kind_name()
-                            ))),
-                        }
-                    });
-                    next += 1;
-                }
-                if let Some(r) = set.join_next().await {
-                    let (i, ids) =
-                        r.map_err(|e| session.protocol(format!("task failed: {e}")))??;
-                    results[i] = Some(ids);
-                }
-            }
-            for r in results.into_iter().flatten() {
-                missing.extend(r);
-            }
-        }
-        let present = refs.len() as u64 - missing.len() as u64;
-        counters.present.store(present, Relaxed);
-        debug!(missing = missing.len(), present, "server lacks");
-
-        // 2. Upload what is missing: a reader thread groups stored chunks into
-        // batches; `streams` workers send them in parallel.
-        if !missing.is_empty() {
-            let budget = frame_budget(&limits, opts.batch_bytes);
-            // Two batches wait: reading packs is faster than the network.
-            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<StoredChunk>>(2);
-            let reader_store = store.clone();
-            let reader = tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                let mut batch = Vec::new();
-                let mut bytes = 0u64;
-                for id in missing {
-                    let c =
-                        reader_store
-                            .read_stored(&id)?
-                            .ok_or_else(|| StoreError::MissingChunk {
-                                name: "(push)".into(),
-                                chunk: id,
-                            })?;
-                    let cost = (CHUNK_OVERHEAD + c.bytes.len()) as u64;
-                    if !batch.is_empty() && (bytes + cost > budget || batch.len() >= max_ids) {
-                        if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
-                            return Ok(()); // the workers stopped; their error is reported
-                        }
-                        bytes = 0;
-                    }
-                    bytes += cost;
-                    batch.push(c);
-                }
-                if !batch.is_empty() {
-                    let _ = tx.blocking_send(batch);
-                }
-                Ok(())
-            });
-            let rx = Arc::new(tokio::sync::Mutex::new(rx));
-            let mut workers = JoinSet::new();
-            for _ in 0..streams {
-                let (s, rx, counters, progress, n) = (
-                    session.clone(),
-                    rx.clone(),
-                    counters.clone(),
-                    progress.clone(),
-                    name.to_string(),
-                );
-                workers.spawn(async move {
-                    loop {
-                        let next = rx.lock().await.recv().await;
-                        let Some(chunks) = next else {
-                            return Ok::<(), ClientError>(());
-                        };
-                        let count = chunks.len() as u64;
-                        let bytes: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
-                        match s
-                            .request(&Message::PutChunks {
-                                name: n.clone(),
-                                chunks,
-                            })
-                            .await?
-                        {
-                            Message::PutReply { received, .. } if received as u64 == count => {}
-                            other => {
-                                return Err(s.protocol(format!(
-                                    "unexpected answer to an upload: {other:?}"
-                                )))
-                            }
-                        }
-                        counters.sent.fetch_add(count, Relaxed);
-                        counters.bytes_sent.fetch_add(bytes, Relaxed);
-                        progress.advance(bytes);
-                    }
-                });
-            }
-            let mut first_err = None;
-            while let Some(r) = workers.join_next().await {
-                let r = r.unwrap_or_else(|e| Err(session.protocol(format!("task failed: {e}"))));
-                if let Err(e) = r {
-                    if first_err.is_none() {
-                        first_err = Some(e);
-                        workers.abort_all();
-                        rx.lock().await.close();
-                    }
-                }
-            }
-            // Drain so the reader's blocking_send cannot wait forever.
-            while rx.lock().await.recv().await.is_some() {}
-            let read = reader
-                .await
-                .map_err(|e| ClientError::Config(format!("the chunk reader failed: {e}")))?;
-            if let Some(e) = first_err {
-                return Err(e);
-            }
-            read?;
-        }
-
-        // 3. Commit, last.
-        match session
-            .request(&Message::Commit {
-                name: name.to_string(),
-                manifest: manifest_bytes.to_vec(),
-            })
-            .await
-        {
-            Ok(Message::CommitReply { id: got }) if got == id => return Ok(()),
-            Ok(other) => {
-                return Err(session.protocol(format!("unexpected answer to a commit: {other:?}")))
-            }
-            Err(e) if e.kind() == Some(ErrorKind::MissingChunks) && round < 3 => {
-                warn!(error = %e, "the server lost chunks before the commit; uploading them");
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Manifests this store holds that are likely similar to `name`'s on the
@@ -1367,6 +1130,40 @@ pub mod blocking {
             .enable_all()
             .build()
             .map_err(|e| ClientError::Config(format!("cannot start the async runtime: {e}")))
+    }
+
+    /// An [`crate::push::EarlyUpload`] on its own runtime: offer it chunks
+    /// from the thread that runs the stash, then push.
+    pub struct EarlyUpload {
+        runtime: tokio::runtime::Runtime,
+        upload: crate::push::EarlyUpload,
+    }
+
+    impl EarlyUpload {
+        /// Connects and starts uploading what [`EarlyUpload::offer`] gets.
+        pub fn start(
+            store: Arc<Store>,
+            name: &Name,
+            remote: &Remote,
+            opts: &Options,
+        ) -> Result<EarlyUpload, ClientError> {
+            let runtime = runtime()?;
+            let upload = {
+                let _in = runtime.enter();
+                crate::push::EarlyUpload::start(store, name, remote, opts)
+            };
+            Ok(EarlyUpload { runtime, upload })
+        }
+
+        /// See [`crate::push::EarlyUpload::offer`].
+        pub fn offer(&self, ids: &[ChunkId]) {
+            self.upload.offer(ids)
+        }
+
+        /// See [`crate::push::EarlyUpload::push`].
+        pub fn push(self, progress: Arc<dyn Progress>) -> Result<PushReport, ClientError> {
+            self.runtime.block_on(self.upload.push(progress))
+        }
     }
 
     /// [`super::push`], blocking.

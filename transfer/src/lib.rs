@@ -3,7 +3,8 @@
 //! - [`proto`]: typed, versioned messages, their framing and the session
 //!   logic — no sockets, no clock, tested in memory.
 //! - [`auth`]: tokens kept hashed, read/write name-prefix scopes.
-//! - [`server`] (`ferry serve`) and [`client`] (push, pull, list): thin quinn
+//! - [`server`] (`ferry serve`) and [`client`] (pull, list, gc, rm) and
+//!   [`push`] (including uploads that overlap a running stash): thin quinn
 //!   glue that moves frames between QUIC streams and the store.
 //! - [`config`]: the server's TOML configuration; [`tls`]: certificates,
 //!   pinning; [`metrics`]: Prometheus counters.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod delta;
 pub mod metrics;
 pub mod proto;
+pub mod push;
 pub mod server;
 pub mod tls;
 pub mod unstash;

@@ -4,6 +4,7 @@
 
 mod abuse;
 mod concurrency;
+mod early;
 mod gc;
 mod integrity;
 mod operations;

@@ -161,6 +161,7 @@ impl TestServer {
 pub fn opts() -> Options {
     Options {
         streams: 4,
+        early_streams: 2,
         batch_bytes: 256 << 10,
         import_bytes: 1 << 20,
         read_ahead: 2 << 20,

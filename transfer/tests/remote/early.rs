@@ -1,0 +1,224 @@
+//! Early uploads: a stash's new chunks go to the server while the stash
+//! still runs, and the push at its end sends only what is left.
+
+use crate::util::*;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use store::repo::{Progress, Source, StashReport, Store, StoreOptions};
+use store::ChunkId;
+use transfer::client::{pull, push, ClientError, Options};
+use transfer::proto::ErrorKind;
+use transfer::push::EarlyUpload;
+
+/// A client store with small packs: a stash of a few MiB makes many, so
+/// chunks are offered while it runs.
+fn small_pack_store(dir: &std::path::Path, label: &str) -> Arc<Store> {
+    let opts = StoreOptions {
+        pack_size: 256 << 10,
+        ..StoreOptions::default()
+    };
+    Arc::new(Store::open_with(dir.join(label), opts).unwrap())
+}
+
+/// Offers each pack's chunks to the upload as the stash reports them.
+struct Offer(Arc<EarlyUpload>, std::sync::Mutex<usize>);
+
+impl Progress for Offer {
+    fn advance(&self, _bytes: u64) {}
+    fn stored(&self, new: &[ChunkId]) {
+        *self.1.lock().unwrap() += 1;
+        self.0.offer(new);
+    }
+}
+
+/// Stashes `data` under `n` while `early` uploads; returns the report and
+/// how many packs were offered.
+async fn stash_offering(
+    store: &Arc<Store>,
+    n: &str,
+    data: Vec<u8>,
+    early: &Arc<EarlyUpload>,
+) -> (StashReport, usize) {
+    let (s, n, early) = (store.clone(), name(n), early.clone());
+    tokio::task::spawn_blocking(move || {
+        let offer = Offer(early, Default::default());
+        let r = s
+            .stash(
+                &n,
+                Source::Reader(Box::new(std::io::Cursor::new(data))),
+                &offer,
+            )
+            .unwrap();
+        (r, offer.1.into_inner().unwrap())
+    })
+    .await
+    .unwrap()
+}
+
+fn unwrap_early(early: Arc<EarlyUpload>) -> EarlyUpload {
+    Arc::try_unwrap(early).unwrap_or_else(|_| panic!("the stash still holds the upload"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_chunks_reach_the_server_before_the_push_and_are_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let builder = small_pack_store(dir.path(), "builder");
+    let data = mixed_bytes(11, 6 << 20);
+
+    let early = Arc::new(EarlyUpload::start(
+        builder.clone(),
+        &name("main/early"),
+        &remote,
+        &opts(),
+    ));
+    let (stash, packs) = stash_offering(&builder, "main/early", data.clone(), &early).await;
+    assert!(packs > 3, "the stash made {packs} packs");
+    let received = || server.metrics.chunks_received.load(Relaxed);
+    // Every new chunk arrives without a push being asked for.
+    wait_for(30, "the early upload of every new chunk", || {
+        received() == stash.new_chunks
+    })
+    .await;
+    assert!(
+        server.open_store().list(None).unwrap().is_empty(),
+        "nothing is named on the server before the push commits"
+    );
+
+    let report = unwrap_early(early).push(none()).await.unwrap();
+    let s = &report.stats;
+    assert_eq!(s.chunks, stash.new_chunks);
+    assert_eq!(s.chunks_sent, stash.new_chunks, "{s:?}");
+    assert_eq!(s.chunks_present, 0, "{s:?}");
+    assert_eq!(s.bytes_sent, stash.stored_bytes, "{s:?}");
+    assert_eq!(s.attempts, 1);
+    assert_eq!(received(), stash.new_chunks, "the push sent a chunk again");
+    assert_eq!(report.manifest, stash.manifest);
+
+    // A node pulls it from the server, byte-exact.
+    let node = client_store(dir.path(), "node");
+    pull(node.clone(), &name("main/early"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    assert!(unstash_bytes(&node, "main/early").await == data);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_the_server_already_holds_are_not_uploaded_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    // One builder pushes v1 the plain way.
+    let v1 = mixed_bytes(21, 4 << 20);
+    let first = client_store(dir.path(), "first");
+    stash_bytes(&first, "main/v1", &v1).await;
+    push(first.clone(), &name("main/v1"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let before = server.metrics.chunks_received.load(Relaxed);
+
+    // Another builder, with an empty store, stashes v2 = v1 + 1 MiB: every
+    // chunk is new to it, but the server holds v1's.
+    let mut v2 = v1.clone();
+    v2.extend_from_slice(&random_bytes(22, 1 << 20));
+    let second = small_pack_store(dir.path(), "second");
+    let early = Arc::new(EarlyUpload::start(
+        second.clone(),
+        &name("main/v2"),
+        &remote,
+        &opts(),
+    ));
+    let (stash, _) = stash_offering(&second, "main/v2", v2.clone(), &early).await;
+    let report = unwrap_early(early).push(none()).await.unwrap();
+    let s = &report.stats;
+    let v1_ids: std::collections::HashSet<ChunkId> =
+        chunk_ids(&first, "main/v1").into_iter().collect();
+    let new_on_server = chunk_ids(&second, "main/v2")
+        .into_iter()
+        .filter(|id| !v1_ids.contains(id))
+        .count() as u64;
+    assert!(new_on_server > 0 && new_on_server < stash.new_chunks);
+    assert_eq!(s.chunks_sent, new_on_server, "{s:?}");
+    assert_eq!(s.chunks_present, s.chunks - new_on_server, "{s:?}");
+    assert_eq!(
+        server.metrics.chunks_received.load(Relaxed) - before,
+        new_on_server
+    );
+    let node = client_store(dir.path(), "node");
+    pull(node.clone(), &name("main/v2"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    assert!(unstash_bytes(&node, "main/v2").await == v2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_may_not_write_the_name_uploads_nothing_and_the_push_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(PR);
+    let builder = small_pack_store(dir.path(), "builder");
+    let early = Arc::new(EarlyUpload::start(
+        builder.clone(),
+        &name("main/x"),
+        &remote,
+        &opts(),
+    ));
+    stash_offering(&builder, "main/x", mixed_bytes(31, 2 << 20), &early).await;
+    let e = unwrap_early(early).push(none()).await.unwrap_err();
+    match &e {
+        ClientError::Refused { kind, .. } => assert_eq!(*kind, ErrorKind::Forbidden, "{e}"),
+        other => panic!("expected a refusal, got {other}"),
+    }
+    assert!(e.to_string().contains("may not write"), "{e}");
+    assert_eq!(server.metrics.chunks_received.load(Relaxed), 0);
+    assert!(server.open_store().list(None).unwrap().is_empty());
+    server.stop().await;
+}
+
+/// The server restarts after the early upload: the push finds its
+/// connection gone, reconnects (a retry) and still commits every chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_after_the_early_upload_is_ridden_out_by_the_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(dir.path()).await;
+    let addr = first.addr;
+    let remote = first.remote(MAIN);
+    let builder = small_pack_store(dir.path(), "builder");
+    let data = mixed_bytes(41, 3 << 20);
+    let o = Options {
+        retries: 5,
+        ..opts()
+    };
+    let early = Arc::new(EarlyUpload::start(
+        builder.clone(),
+        &name("main/restart"),
+        &remote,
+        &o,
+    ));
+    let (stash, _) = stash_offering(&builder, "main/restart", data.clone(), &early).await;
+    wait_for(30, "the early upload", || {
+        first.metrics.chunks_received.load(Relaxed) == stash.new_chunks
+    })
+    .await;
+    // A graceful stop keeps what the connection uploaded (flushed at its end).
+    first.stop().await;
+    let second = TestServer::start_with(config(dir.path(), addr)).await;
+    let report = unwrap_early(early).push(none()).await.unwrap();
+    assert!(report.stats.attempts >= 2, "{:?}", report.stats);
+    assert_eq!(report.manifest, stash.manifest);
+    let node = client_store(dir.path(), "node");
+    pull(
+        node.clone(),
+        &name("main/restart"),
+        &remote,
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap();
+    assert!(unstash_bytes(&node, "main/restart").await == data);
+    second.stop().await;
+}
