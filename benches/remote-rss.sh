@@ -28,31 +28,16 @@ if [ -z "${FERRY:-}" ]; then
 fi
 
 rm -rf "$W"
-mkdir -p "$W/server"
-SERVER_PID=
+# shellcheck source=benches/server.sh
+. "$HERE/server.sh"
 cleanup() {
-    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+    server_stop
     rm -rf "$W"
 }
 trap cleanup EXIT
 
-"$FERRY" -q serve --new-token "$W/token" >/dev/null
-HASH=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$W/token")
-cat >"$W/server/ferry.toml" <<EOF
-listen = "127.0.0.1:$PORT"
-store = "store"
-cert = "cert.pem"
-key = "key.pem"
-[[token]]
-name = "bench"
-sha256 = "$HASH"
-read = ["*"]
-write = ["*"]
-EOF
-"$FERRY" serve --config "$W/server/ferry.toml" 2>"$W/server.log" &
-SERVER_PID=$!
-export FERRY_REMOTE=quic://127.0.0.1:$PORT FERRY_TOKEN_FILE=$W/token FERRY_SERVER_CERT=$W/server/cert.pem
-for _ in $(seq 100); do "$FERRY" --store "$W/probe" ls >/dev/null 2>&1 && break; sleep 0.1; done
+server_configure "$W" "$PORT"
+server_start "$W" || exit 1
 
 big() { for f in v1 v2 v3 v1 v2 v3 v1 v2 v3 v1; do cat "$DATA/$f.tar"; done; }
 BIG_BYTES=$(( $(stat -c %s "$DATA/v1.tar") * 4 + $(stat -c %s "$DATA/v2.tar") * 3 + $(stat -c %s "$DATA/v3.tar") * 3 ))

@@ -85,9 +85,11 @@ timed() {
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 rec loadavg_start "$(loadavg)"
 
-SERVER_PID= NGINX_PID=
+# shellcheck source=benches/server.sh
+. "$HERE/server.sh"
+NGINX_PID=
 cleanup() {
-    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
+    server_stop
     [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null || true
     if [ -z "${KEEP:-}" ]; then rm -rf "$W/stores" "$W/www" "$W/out" "$W/server/store"; fi
 }
@@ -97,29 +99,10 @@ say "warming the page cache"
 cat "$V1" "$V2" >/dev/null
 
 # --- server ------------------------------------------------------------------
-mkdir -p "$W/server" "$W/stores" "$W/out"
-"$FERRY" -q serve --new-token "$W/token" >/dev/null
-HASH=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$W/token")
-cat >"$W/server/ferry.toml" <<EOF
-listen = "127.0.0.1:$PORT"
-store = "store"
-cert = "cert.pem"
-key = "key.pem"
-[[token]]
-name = "bench"
-sha256 = "$HASH"
-read = ["*"]
-write = ["*"]
-EOF
+mkdir -p "$W/stores" "$W/out"
+server_configure "$W" "$PORT"
 say "starting ferry serve on 127.0.0.1:$PORT"
-"$FERRY" serve --config "$W/server/ferry.toml" 2>"$W/server/log" &
-SERVER_PID=$!
-export FERRY_REMOTE=quic://127.0.0.1:$PORT FERRY_TOKEN_FILE=$W/token FERRY_SERVER_CERT=$W/server/cert.pem
-for _ in $(seq 100); do
-    "$FERRY" --store "$W/stores/probe" ls >/dev/null 2>&1 && break
-    sleep 0.1
-done
-"$FERRY" --store "$W/stores/probe" ls >/dev/null || die "the server did not come up; see $W/server/log"
+server_start "$W" || die "no server"
 
 # --- stash -------------------------------------------------------------------
 say "local cold stash of v1"
