@@ -1131,12 +1131,16 @@ impl Store {
         let index = self.index()?.read().expect("index lock");
         let packs: Vec<_> = index.packs().copied().collect();
         let mut chunks = 0u64;
+        // What is damaged, to name the stashes that lose data by it.
+        let mut damaged_packs: HashSet<PackId> = HashSet::new();
+        let mut damaged_chunks: HashSet<ChunkId> = HashSet::new();
         for p in &packs {
             if let Err(e) = pack::verify_pack(backend, p) {
                 problems.push(Problem {
                     subject: backend.location(Kind::Pack, &p.to_hex()),
                     problem: e.to_string(),
                 });
+                damaged_packs.insert(*p);
                 continue;
             }
             if full {
@@ -1145,6 +1149,7 @@ impl Store {
                     Ok(bad) => {
                         chunks += idx.entries.len() as u64;
                         for b in bad {
+                            damaged_chunks.insert(b.id);
                             problems.push(Problem {
                                 subject: backend.location(Kind::Pack, &p.to_hex()),
                                 problem: format!(
@@ -1154,10 +1159,13 @@ impl Store {
                             });
                         }
                     }
-                    Err(e) => problems.push(Problem {
-                        subject: backend.location(Kind::Pack, &p.to_hex()),
-                        problem: e.to_string(),
-                    }),
+                    Err(e) => {
+                        damaged_packs.insert(*p);
+                        problems.push(Problem {
+                            subject: backend.location(Kind::Pack, &p.to_hex()),
+                            problem: e.to_string(),
+                        })
+                    }
                 }
                 progress.advance(backend.size(Kind::Pack, &p.to_hex()).unwrap_or(0));
             }
@@ -1210,11 +1218,32 @@ impl Store {
                     let missing: Vec<_> = m.chunks().filter(|c| !index.contains(&c.id)).collect();
                     if let Some(first) = missing.first() {
                         problems.push(Problem {
-                            subject,
+                            subject: subject.clone(),
                             problem: format!(
                                 "{} chunk(s) missing from the store, first {}",
                                 missing.len(),
                                 first.id
+                            ),
+                        });
+                    }
+                    let mut seen = HashSet::new();
+                    let hit: Vec<(ChunkId, PackId)> = m
+                        .chunks()
+                        .filter_map(|c| Some((c.id, index.get(&c.id)?.pack)))
+                        .filter(|(id, pack)| {
+                            (damaged_packs.contains(pack) || damaged_chunks.contains(id))
+                                && seen.insert(*id)
+                        })
+                        .collect();
+                    if let Some((first, pack)) = hit.first() {
+                        problems.push(Problem {
+                            subject,
+                            problem: format!(
+                                "{} of its chunks are damaged (first {first}, in {}): \
+                                 unstashing it fails; stash it again from its source, or \
+                                 remove it and unstash it from a server that holds it",
+                                hit.len(),
+                                backend.location(Kind::Pack, &pack.to_hex())
                             ),
                         });
                     }

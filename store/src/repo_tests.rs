@@ -255,8 +255,18 @@ fn a_flipped_byte_in_a_pack_fails_the_restore_and_fsck_full() {
     );
     // What was handed out before the error is a true prefix.
     assert_eq!(&data[..out.len()], &out[..]);
+    // The damaged chunk, and the stash that needs it.
     let report = s.fsck(true, &NoProgress).unwrap();
-    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    assert!(report.problems[0].subject.contains(&packs[0]));
+    assert_eq!(report.problems[1].subject, "name \"victim\"");
+    assert!(
+        report.problems[1]
+            .problem
+            .contains("1 of its chunks are damaged"),
+        "{:?}",
+        report.problems[1]
+    );
     assert!(s.fsck(false, &NoProgress).unwrap().problems.is_empty());
 }
 

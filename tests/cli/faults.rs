@@ -895,7 +895,7 @@ impl Damaged {
 }
 
 /// A pack cut short (half its length, or nothing at all): fsck names the
-/// pack; the victim fails naming the stash, the pack and what is wrong;
+/// pack and the stash that needs it; the victim fails naming the stash, the pack and what is wrong;
 /// --repair cannot bring data back, removing the name and collecting does.
 #[test]
 fn truncated_pack() {
@@ -906,8 +906,15 @@ fn truncated_pack() {
         f.set_len((len as f64 * keep) as u64).unwrap();
         drop(f);
         let pack = d.pack.to_str().unwrap();
-        d.fsck_finds(&[], &[pack, "corrupt"]);
-        d.fsck_finds(&["--full"], &[pack]);
+        // fsck names the pack, and the stash that loses data by it (only
+        // that one).
+        for args in [&[][..], &["--full"][..]] {
+            let text = d.fsck_finds(
+                args,
+                &[pack, "corrupt", "main/victim", "chunks are damaged"],
+            );
+            assert!(!text.contains("main/other"), "{text}");
+        }
         d.victim_fails(&["main/victim", pack, "truncated"]);
         d.other_ok();
         d.fsck_finds(&["--repair"], &[pack]);
