@@ -1240,8 +1240,9 @@ impl Store {
                             subject,
                             problem: format!(
                                 "{} of its chunks are damaged (first {first}, in {}): \
-                                 unstashing it fails; stash it again from its source, or \
-                                 remove it and unstash it from a server that holds it",
+                                 unstashing it fails; remove it (ferry rm) and let ferry gc \
+                                 delete the damaged pack, then stash it again or unstash it \
+                                 from a server that holds it",
                                 hit.len(),
                                 backend.location(Kind::Pack, &pack.to_hex())
                             ),
