@@ -64,8 +64,8 @@ if [ ! -f "$SHARED/images.json" ] \
 fi
 
 rm -rf "$W"
-mkdir -p "$W/server"
-SERVER_PID=
+# shellcheck source=benches/server.sh
+. "$HERE/server.sh"
 cleanup() {
     if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill "$SERVER_PID" 2>/dev/null || true
@@ -75,29 +75,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$FERRY" -q serve --new-token "$W/token" >/dev/null
-HASH=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$W/token")
-cat >"$W/server/ferry.toml" <<TOML
-listen = "127.0.0.1:$PORT"
-store = "store"
-cert = "cert.pem"
-key = "key.pem"
-metrics_listen = "127.0.0.1:$METRICS_PORT"
-[[token]]
-name = "load"
-sha256 = "$HASH"
-read = ["*"]
-write = ["*"]
-TOML
+server_configure "$W" "$PORT" "$METRICS_PORT"
 say "starting ferry serve on 127.0.0.1:$PORT (metrics on TCP $METRICS_PORT)"
-"$FERRY" serve --config "$W/server/ferry.toml" 2>"$W/server/log" &
-SERVER_PID=$!
-export FERRY_REMOTE=quic://127.0.0.1:$PORT FERRY_TOKEN_FILE=$W/token FERRY_SERVER_CERT=$W/server/cert.pem
-for _ in $(seq 100); do
-    "$FERRY" -q --store "$W/probe" ls >/dev/null 2>&1 && break
-    sleep 0.1
-done
-"$FERRY" -q --store "$W/probe" ls >/dev/null || die "the server did not come up; see $W/server/log"
+server_start "$W" || die "no server"
 rm -rf "$W/probe"
 
 say "$CLIENTS clients for $DURATION s (load average $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores)"

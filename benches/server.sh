@@ -2,7 +2,9 @@
 # read-write token, its files in DIR/server, and the client environment
 # (FERRY_REMOTE, FERRY_TOKEN_FILE, FERRY_SERVER_CERT) pointing at it.
 #
-#   server_configure DIR PORT   token in DIR/token, config in DIR/server
+#   server_configure DIR PORT [METRICS_PORT]
+#                               token in DIR/token, config in DIR/server
+#                               (metrics over HTTP on METRICS_PORT if given)
 #   server_start DIR [CPU]      starts it (pinned to CPU with taskset if
 #                               given), waits until it answers; SERVER_PID
 #   server_stop                 stops it (SIGTERM) and waits
@@ -10,7 +12,8 @@
 # Needs FERRY (the binary) and python3.
 
 server_configure() {
-    local dir=$1 port=$2 hash
+    local dir=$1 port=$2 metrics= hash
+    if [ -n "${3:-}" ]; then metrics="metrics_listen = \"127.0.0.1:$3\""; fi
     mkdir -p "$dir/server"
     "$FERRY" -q serve --new-token "$dir/token" >/dev/null
     hash=$(python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1]).read().strip().encode()).hexdigest())' "$dir/token")
@@ -19,6 +22,7 @@ listen = "127.0.0.1:$port"
 store = "store"
 cert = "cert.pem"
 key = "key.pem"
+$metrics
 [[token]]
 name = "bench"
 sha256 = "$hash"

@@ -294,6 +294,13 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    /// Adds the UDP bytes `session` has moved so far.
+    pub(crate) fn add_wire(&self, session: &Session) {
+        let (tx, rx) = session.wire_bytes();
+        self.wire_sent.fetch_add(tx, Relaxed);
+        self.wire_received.fetch_add(rx, Relaxed);
+    }
+
     pub(crate) fn stats(&self, attempts: u32, started: Instant) -> TransferStats {
         TransferStats {
             chunks: self.chunks.load(Relaxed),
@@ -764,9 +771,7 @@ pub async fn pull(
         async move {
             let session = Session::connect(remote, opts).await?;
             let r = pull_once(&session, store, name, opts, &counters, progress).await;
-            let (tx, rx) = session.wire_bytes();
-            counters.wire_sent.fetch_add(tx, Relaxed);
-            counters.wire_received.fetch_add(rx, Relaxed);
+            counters.add_wire(&session);
             session.close().await;
             r
         }

@@ -156,9 +156,7 @@ async fn run_early(
                 Ok(missing) => early.sent.extend(missing),
                 Err(e) => {
                     debug!(error = %e, "the early upload stopped; the push will send the rest");
-                    let (tx, rx) = session.wire_bytes();
-                    early.counters.wire_sent.fetch_add(tx, Relaxed);
-                    early.counters.wire_received.fetch_add(rx, Relaxed);
+                    early.counters.add_wire(&session);
                     session.close().await;
                     early.sent.clear();
                     return early;
@@ -232,9 +230,7 @@ async fn push_after(
                 &session, store, name, &refs, &skip, &bytes, id, opts, &counters, progress,
             )
             .await;
-            let (tx, rx) = session.wire_bytes();
-            counters.wire_sent.fetch_add(tx, Relaxed);
-            counters.wire_received.fetch_add(rx, Relaxed);
+            counters.add_wire(&session);
             session.close().await;
             r
         }

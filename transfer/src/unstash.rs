@@ -438,7 +438,7 @@ impl Link {
                 Ok(s) => {
                     let old = std::mem::replace(&mut g.1, s);
                     g.0 += 1;
-                    record_wire(&old, counters);
+                    counters.add_wire(&old);
                     tokio::spawn(old.close());
                     return Ok(());
                 }
@@ -450,15 +450,9 @@ impl Link {
 
     async fn close(&self, counters: &Counters) {
         let session = self.current.lock().await.1.clone();
-        record_wire(&session, counters);
+        counters.add_wire(&session);
         session.close().await;
     }
-}
-
-fn record_wire(session: &Session, counters: &Counters) {
-    let (tx, rx) = session.wire_bytes();
-    counters.wire_sent.fetch_add(tx, Relaxed);
-    counters.wire_received.fetch_add(rx, Relaxed);
 }
 
 /// What a downloader should do next.
