@@ -6,10 +6,9 @@
 use crate::util::*;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const JENKINSFILE: &str = include_str!("../../docs/Jenkinsfile");
 const JENKINS_MD: &str = include_str!("../../docs/jenkins.md");
@@ -150,19 +149,9 @@ fn parse(jenkinsfile: &str) -> (Vec<(String, String)>, Vec<Step>) {
 
 /// `ferry serve` on 127.0.0.1 with the tokens of docs/jenkins.md.
 struct Server {
-    child: Child,
-    remote: String,
-    cert: PathBuf,
-    store: PathBuf,
+    serve: Serve,
     /// Token name → token file.
     tokens: BTreeMap<String, PathBuf>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The ```toml block of docs/jenkins.md that holds the `[[token]]` entries.
@@ -181,14 +170,7 @@ fn start_server(root: &Path) -> Server {
     let mut hashes = BTreeMap::new();
     for (_, name) in CREDENTIALS {
         let file = root.join(format!("{name}.token"));
-        let out = run(
-            Command::new(FERRY)
-                .args(["--json", "serve", "--new-token"])
-                .arg(&file),
-            None,
-        );
-        out.ok();
-        hashes.insert(name, out.json()["sha256"].as_str().unwrap().to_owned());
+        hashes.insert(name, new_token(&file));
         tokens.insert(name.to_owned(), file);
     }
     // The doc's tokens, with their placeholder hashes replaced.
@@ -209,44 +191,8 @@ fn start_server(root: &Path) -> Server {
             tokens_toml.push('\n');
         }
     }
-    let store = root.join("server-store");
-    let cert = root.join("cert.pem");
-    let config = root.join("server.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\nstore = {:?}\ncert = {:?}\nkey = {:?}\n\n{tokens_toml}",
-            store,
-            cert,
-            root.join("key.pem")
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(FERRY)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferry serve");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut remote = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(addr) = line.strip_prefix("ferry serve: listening on ") {
-            remote = Some(addr.trim().to_owned());
-            break;
-        }
-    }
-    let remote = remote.expect("ferry serve did not start");
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
     Server {
-        child,
-        remote,
-        cert,
-        store,
+        serve: serve(root, &tokens_toml),
         tokens,
     }
 }
@@ -364,8 +310,8 @@ impl Rig {
         c.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("FERRY_STORE", self.env.path("operator-store"))
-            .env("FERRY_REMOTE", &self.server.remote)
-            .env("FERRY_SERVER_CERT", &self.server.cert)
+            .env("FERRY_REMOTE", &self.server.serve.remote)
+            .env("FERRY_SERVER_CERT", &self.server.serve.cert)
             .env("FERRY_TOKEN_FILE", self.token(credential_id))
             .args(args);
         run(&mut c, input)
@@ -449,8 +395,8 @@ impl Rig {
             .env("FERRY_TOKEN_ID", build.token_id())
             .env("FERRY_TOKEN_FILE", &token_copy)
             // The test's server, and one store per agent.
-            .env("FERRY_REMOTE", &self.server.remote)
-            .env("FERRY_SERVER_CERT", &self.server.cert)
+            .env("FERRY_REMOTE", &self.server.serve.remote)
+            .env("FERRY_SERVER_CERT", &self.server.serve.cert)
             .env("FERRY_STORE", node_dir.join("ferry-store"))
             .env("FAKE_DOCKER", &self.docker);
             if let Some(id) = build.change_id {
@@ -612,6 +558,7 @@ fn jenkinsfile_runs_for_branch_and_pull_request_builds() {
     assert_bytes_eq(&out.stdout, &published, "ci/main/base/ci_gpu");
     assert!(rig
         .server
+        .serve
         .store
         .join("refs/ci/main/base/ci_gpu.ref")
         .is_file());

@@ -6,7 +6,8 @@
 //! store (`concurrency`), damaged stores (`corruption`), error handling
 //! (`errors`), a full disk (`diskfull`), hostile stashes, full disks
 //! during stash and unstash and damaged store files (`faults`), garbage collection and the cache
-//! limit (`gc`), the guided demo (`demo`), and docs/Jenkinsfile run against a
+//! limit (`gc`), the guided demo (`demo`), stash and unstash through a real
+//! `ferry serve` process (`remote`), and docs/Jenkinsfile run against a
 //! real server (`jenkins`).
 
 mod concurrency;
@@ -19,5 +20,6 @@ mod errors;
 mod faults;
 mod gc;
 mod jenkins;
+mod remote;
 mod roundtrip;
 mod util;

@@ -10,14 +10,90 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// `ferry serve` as a child process on 127.0.0.1 (an ephemeral port), its
+/// files in one directory; killed when dropped.
+pub struct Serve {
+    child: Child,
+    /// `quic://127.0.0.1:PORT`.
+    pub remote: String,
+    /// Its certificate, for `--server-cert`.
+    pub cert: PathBuf,
+    /// Its store.
+    pub store: PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a new token to `file`; returns its SHA-256 for a server's config.
+pub fn new_token(file: &Path) -> String {
+    let out = run(
+        Command::new(FERRY)
+            .args(["--json", "serve", "--new-token"])
+            .arg(file),
+        None,
+    );
+    out.ok();
+    out.json()["sha256"].as_str().unwrap().to_owned()
+}
+
+/// Starts `ferry serve` with its store, certificate and config in `root`
+/// and `tokens_toml` (its `[[token]]` entries) in the config; returns once
+/// it listens.
+pub fn serve(root: &Path, tokens_toml: &str) -> Serve {
+    let store = root.join("server-store");
+    let cert = root.join("cert.pem");
+    let config = root.join("server.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstore = {:?}\ncert = {:?}\nkey = {:?}\n\n{tokens_toml}",
+            store,
+            cert,
+            root.join("key.pem")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(FERRY)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut remote = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(addr) = line.strip_prefix("ferry serve: listening on ") {
+            remote = Some(addr.trim().to_owned());
+            break;
+        }
+    }
+    let remote = remote.expect("ferry serve did not start");
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Serve {
+        child,
+        remote,
+        cert,
+        store,
+    }
+}
 
 /// What one run of `ferry` produced.
 pub struct Out {

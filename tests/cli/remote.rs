@@ -1,0 +1,129 @@
+//! `ferry stash --remote` and `ferry unstash --remote` as a CI job runs
+//! them: separate processes with their own stores (builders and test
+//! nodes) and one `ferry serve` process on 127.0.0.1.
+
+use crate::util::*;
+use serde_json::Value;
+use std::fs;
+use std::path::Path;
+
+/// A node: its own store, pointed at the server by the environment.
+struct Node<'a> {
+    env: Env,
+    server: &'a Serve,
+    token: &'a Path,
+}
+
+impl<'a> Node<'a> {
+    fn new(server: &'a Serve, token: &'a Path) -> Node<'a> {
+        Node {
+            env: Env::new(),
+            server,
+            token,
+        }
+    }
+
+    fn ferry(&self, args: &[&str]) -> Out {
+        run(
+            self.env
+                .cmd()
+                .env("FERRY_REMOTE", &self.server.remote)
+                .env("FERRY_SERVER_CERT", &self.server.cert)
+                .env("FERRY_TOKEN_FILE", self.token)
+                .args(args),
+            None,
+        )
+    }
+
+    /// `--json` output of several documents, in order.
+    fn docs(out: &Out) -> Vec<Value> {
+        serde_json::Deserializer::from_slice(&out.stdout)
+            .into_iter::<Value>()
+            .map(|d| d.expect("JSON documents on stdout"))
+            .collect()
+    }
+
+    /// Stashes `file` under `name` through the server: (stash, push) reports.
+    #[track_caller]
+    fn stash(&self, name: &str, file: &Path) -> (Value, Value) {
+        let out = self.ferry(&["--json", "stash", name, file.to_str().unwrap()]);
+        out.ok();
+        let mut docs = Self::docs(&out);
+        assert_eq!(docs.len(), 2, "stash --remote prints two documents");
+        let push = docs.pop().unwrap();
+        (docs.pop().unwrap(), push)
+    }
+}
+
+#[test]
+fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lack() {
+    let root = tempfile::tempdir().unwrap();
+    let token = root.path().join("ci.token");
+    let hash = new_token(&token);
+    let server = serve(
+        root.path(),
+        &format!(
+            "[[token]]\nname = \"ci\"\nsha256 = \"{hash}\"\nread = [\"*\"]\nwrite = [\"*\"]\n"
+        ),
+    );
+    let layers: Vec<Vec<LayerFile>> = (1..=3).map(|i| layer_files(i, 8, 400_000)).collect();
+    let v1 = image_archive(Layout::DockerOci, &layers, "ci/app:v1", 1_700_000_000);
+    let mut layers2 = layers.clone();
+    layers2[2] = layer_files(9, 8, 400_000);
+    let v2 = image_archive(Layout::DockerOci, &layers2, "ci/app:v2", 1_700_000_000);
+    let (v1_file, v2_file) = (root.path().join("v1.tar"), root.path().join("v2.tar"));
+    fs::write(&v1_file, &v1.bytes).unwrap();
+    fs::write(&v2_file, &v2.bytes).unwrap();
+
+    // A builder with an empty store: every chunk goes up (most while its
+    // stash runs), each once.
+    let builder = Node::new(&server, &token);
+    let (stash, push) = builder.stash("main/app", &v1_file);
+    let new = stash["new_chunks"].as_u64().unwrap();
+    let s = &push["stats"];
+    assert_eq!(s["chunks"], new, "{push}");
+    assert_eq!(s["chunks_sent"], new, "{push}");
+    assert_eq!(s["chunks_present"], 0, "{push}");
+    assert_eq!(s["bytes_sent"], stash["stored_bytes"], "{push}");
+    assert_eq!(push["manifest"], stash["manifest"]);
+
+    // Another builder, empty store, same image: nothing goes up.
+    let other = Node::new(&server, &token);
+    let (_, push) = other.stash("main/app-again", &v1_file);
+    assert_eq!(push["stats"]["chunks_sent"], 0, "{push}");
+    assert_eq!(push["stats"]["chunks_present"], new, "{push}");
+
+    // v2 from the first builder: only the changed layer's chunks go up.
+    let (stash2, push2) = builder.stash("main/app-v2", &v2_file);
+    let new2 = stash2["new_chunks"].as_u64().unwrap();
+    assert!(new2 > 0 && new2 < new, "{stash2}");
+    assert_eq!(push2["stats"]["chunks_sent"], new2, "{push2}");
+
+    // A test node fetches v1 whole, then only v2's new chunks, then nothing.
+    let node = Node::new(&server, &token);
+    let out_path = root.path().join("out.tar");
+    let fetched = |name: &str| {
+        let _ = fs::remove_file(&out_path);
+        let out = node.ferry(&["--json", "unstash", name, out_path.to_str().unwrap()]);
+        out.ok();
+        out.json()["transfer"]["chunks_received"].as_u64().unwrap()
+    };
+    assert_eq!(fetched("main/app"), new);
+    assert_bytes_eq(&fs::read(&out_path).unwrap(), &v1.bytes, "main/app");
+    assert_eq!(fetched("main/app-v2"), new2);
+    assert_bytes_eq(&fs::read(&out_path).unwrap(), &v2.bytes, "main/app-v2");
+    assert_eq!(fetched("main/app-v2"), 0);
+    let out = node.ferry(&["unstash", "main/app", "-"]);
+    out.ok();
+    assert_bytes_eq(&out.stdout, &v1.bytes, "main/app to stdout");
+
+    // The server's store is whole.
+    let out = run(
+        std::process::Command::new(FERRY)
+            .arg("--store")
+            .arg(&server.store)
+            .args(["fsck", "--full"]),
+        None,
+    );
+    out.ok();
+}
