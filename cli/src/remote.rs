@@ -72,14 +72,29 @@ fn transfer_line(verb: &str, remote: &str, s: &TransferStats, sent: bool) -> Str
     } else {
         "already cached"
     };
+    // Uploads that overlapped the stash make a rate over `seconds` (the
+    // time after the stash) meaningless.
+    let (early, timing) = if s.chunks_sent_early > 0 {
+        (
+            format!("; {} while stashing", s.chunks_sent_early),
+            format!("done {:.1} s after the stash", s.seconds),
+        )
+    } else {
+        (
+            String::new(),
+            format!(
+                "in {:.1} s, {}",
+                s.seconds,
+                rate(b as f64 / s.seconds.max(1e-9))
+            ),
+        )
+    };
     format!(
-        "{verb} {remote}: {n} of {} chunks ({}), {} {there}; {} on the wire in {:.1} s, {}{}\n",
+        "{verb} {remote}: {n} of {} chunks ({}{early}), {} {there}; {} on the wire {timing}{}\n",
         s.chunks,
         bytes(b),
         s.chunks_present,
         bytes(s.wire_bytes_sent + s.wire_bytes_received),
-        s.seconds,
-        rate(b as f64 / s.seconds.max(1e-9)),
         if s.attempts > 1 {
             format!(" ({} attempts)", s.attempts)
         } else {

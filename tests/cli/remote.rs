@@ -85,6 +85,9 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
     assert_eq!(s["chunks_sent"], new, "{push}");
     assert_eq!(s["chunks_present"], 0, "{push}");
     assert_eq!(s["bytes_sent"], stash["stored_bytes"], "{push}");
+    // Offered as packs became durable (this small image makes one, at the
+    // end of the stash), uploaded before the push asked about them.
+    assert_eq!(s["chunks_sent_early"], new, "{push}");
     assert_eq!(push["manifest"], stash["manifest"]);
 
     // Another builder, empty store, same image: nothing goes up.
@@ -92,6 +95,7 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
     let (_, push) = other.stash("main/app-again", &v1_file);
     assert_eq!(push["stats"]["chunks_sent"], 0, "{push}");
     assert_eq!(push["stats"]["chunks_present"], new, "{push}");
+    assert!(push["stats"].get("chunks_sent_early").is_none(), "{push}");
 
     // v2 from the first builder: only the changed layer's chunks go up.
     let (stash2, push2) = builder.stash("main/app-v2", &v2_file);
@@ -116,6 +120,21 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
     let out = node.ferry(&["unstash", "main/app", "-"]);
     out.ok();
     assert_bytes_eq(&out.stdout, &v1.bytes, "main/app to stdout");
+
+    // Without --json: what went up while stashing, and the time after it.
+    let notes = root.path().join("notes.bin");
+    fs::write(&notes, random_bytes(77, 300_000)).unwrap();
+    let out = Node::new(&server, &token).ferry(&["stash", "main/notes", notes.to_str().unwrap()]);
+    out.ok();
+    let text = out.out();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("pushed to quic://"))
+        .unwrap_or_else(|| panic!("no push line: {text}"));
+    assert!(
+        line.contains(" while stashing), 0 already there;") && line.contains(" s after the stash"),
+        "{line}"
+    );
 
     // The server's store is whole.
     let out = run(

@@ -265,6 +265,10 @@ pub struct TransferStats {
     pub chunks_present: u64,
     /// Chunks uploaded.
     pub chunks_sent: u64,
+    /// Of those, the ones uploaded while the stash was still running
+    /// (`stash --remote`; see [`crate::push::EarlyUpload`]).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub chunks_sent_early: u64,
     /// Their stored bytes.
     pub bytes_sent: u64,
     /// Chunks downloaded.
@@ -281,11 +285,16 @@ pub struct TransferStats {
     pub seconds: f64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) chunks: AtomicU64,
     pub(crate) present: AtomicU64,
     pub(crate) sent: AtomicU64,
+    pub(crate) sent_early: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) received: AtomicU64,
     pub(crate) bytes_received: AtomicU64,
@@ -306,6 +315,7 @@ impl Counters {
             chunks: self.chunks.load(Relaxed),
             chunks_present: self.present.load(Relaxed),
             chunks_sent: self.sent.load(Relaxed),
+            chunks_sent_early: self.sent_early.load(Relaxed),
             bytes_sent: self.bytes_sent.load(Relaxed),
             chunks_received: self.received.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),

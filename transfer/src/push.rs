@@ -208,6 +208,9 @@ async fn push_after(
     let refs = Arc::new(distinct(&manifest));
     let manifest_bytes = Arc::new(manifest_bytes);
     let counters = early.counters;
+    counters
+        .sent_early
+        .store(counters.sent.load(Relaxed), Relaxed);
     counters.chunks.store(refs.len() as u64, Relaxed);
     // The first attempt continues on the early upload's connection and
     // skips what it sent; a retry starts over on a new one.

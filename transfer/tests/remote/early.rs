@@ -90,6 +90,7 @@ async fn new_chunks_reach_the_server_before_the_push_and_are_not_sent_again() {
     let s = &report.stats;
     assert_eq!(s.chunks, stash.new_chunks);
     assert_eq!(s.chunks_sent, stash.new_chunks, "{s:?}");
+    assert_eq!(s.chunks_sent_early, stash.new_chunks, "{s:?}");
     assert_eq!(s.chunks_present, 0, "{s:?}");
     assert_eq!(s.bytes_sent, stash.stored_bytes, "{s:?}");
     assert_eq!(s.attempts, 1);
@@ -141,6 +142,7 @@ async fn chunks_the_server_already_holds_are_not_uploaded_early() {
         .count() as u64;
     assert!(new_on_server > 0 && new_on_server < stash.new_chunks);
     assert_eq!(s.chunks_sent, new_on_server, "{s:?}");
+    assert_eq!(s.chunks_sent_early, new_on_server, "{s:?}");
     assert_eq!(s.chunks_present, s.chunks - new_on_server, "{s:?}");
     assert_eq!(
         server.metrics.chunks_received.load(Relaxed) - before,
