@@ -10,7 +10,9 @@
 #   split   client on CPU 0, server on CPU 1 (taskset): the server takes no
 #           CPU from the client, as when it runs on a machine of its own.
 # Each run: a fresh server store and client store, then
-# `ferry stash bench/v1 v1.tar` with --remote, timed (sync before).
+# `ferry stash bench/v1 v1.tar` with --remote, timed (sync before). The
+# server of each run is the same binary as its client, so the ratio covers
+# server-side changes between the two versions too.
 #
 # Environment:
 #   FERRY=path       the ferry to test (default: build target/release/ferry)
@@ -25,6 +27,7 @@ REPO=$(dirname "$HERE")
 DATA=$(mkdir -p "${1:-/work/bench-data}" && cd "${1:-/work/bench-data}" && pwd)
 PORT=${PORT:-47453}
 ROUNDS=${ROUNDS:-2}
+[ "$ROUNDS" -ge 1 ] 2>/dev/null || { echo "overlap.sh: ROUNDS must be 1 or more" >&2; exit 1; }
 W=$DATA/overlap-work
 die() { printf 'overlap.sh: error: %s\n' "$*" >&2; exit 1; }
 

@@ -45,6 +45,7 @@ server_start() {
     local _
     for _ in $(seq 100); do
         "$FERRY" --store "$dir/probe" ls >/dev/null 2>&1 && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || break # it exited (port taken?)
         sleep 0.1
     done
     echo "the server did not come up; see $dir/server/log" >&2

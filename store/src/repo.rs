@@ -1133,7 +1133,8 @@ impl Store {
         let mut chunks = 0u64;
         // What is damaged, to name the stashes that lose data by it.
         let mut damaged_packs: HashSet<PackId> = HashSet::new();
-        let mut damaged_chunks: HashSet<ChunkId> = HashSet::new();
+        // A chunk is damaged only in that pack: the index may use a good copy.
+        let mut damaged_chunks: HashSet<(ChunkId, PackId)> = HashSet::new();
         for p in &packs {
             if let Err(e) = pack::verify_pack(backend, p) {
                 problems.push(Problem {
@@ -1149,7 +1150,7 @@ impl Store {
                     Ok(bad) => {
                         chunks += idx.entries.len() as u64;
                         for b in bad {
-                            damaged_chunks.insert(b.id);
+                            damaged_chunks.insert((b.id, *p));
                             problems.push(Problem {
                                 subject: backend.location(Kind::Pack, &p.to_hex()),
                                 problem: format!(
@@ -1231,7 +1232,7 @@ impl Store {
                         .chunks()
                         .filter_map(|c| Some((c.id, index.get(&c.id)?.pack)))
                         .filter(|(id, pack)| {
-                            (damaged_packs.contains(pack) || damaged_chunks.contains(id))
+                            (damaged_packs.contains(pack) || damaged_chunks.contains(&(*id, *pack)))
                                 && seen.insert(*id)
                         })
                         .collect();

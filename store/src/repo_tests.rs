@@ -403,11 +403,31 @@ fn unstash_into_a_fifo_writes_into_it_and_leaves_the_node() {
 struct StoredLog<'a> {
     store: &'a Store,
     calls: std::sync::Mutex<Vec<Vec<ChunkId>>>,
+    /// Blocks read so far, and how many had been read at the first report.
+    advances: std::sync::atomic::AtomicU64,
+    first_report_at: std::sync::OnceLock<u64>,
+}
+
+impl<'a> StoredLog<'a> {
+    fn new(store: &'a Store) -> Self {
+        StoredLog {
+            store,
+            calls: Default::default(),
+            advances: Default::default(),
+            first_report_at: Default::default(),
+        }
+    }
 }
 
 impl Progress for StoredLog<'_> {
-    fn advance(&self, _bytes: u64) {}
+    fn advance(&self, _bytes: u64) {
+        self.advances
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
     fn stored(&self, new: &[ChunkId]) {
+        let _ = self
+            .first_report_at
+            .set(self.advances.load(std::sync::atomic::Ordering::SeqCst));
         for id in new {
             assert!(
                 self.store.read_stored(id).unwrap().is_some(),
@@ -430,11 +450,10 @@ fn a_stash_reports_each_new_chunk_once_as_its_pack_becomes_durable() {
         },
     )
     .unwrap();
-    let first = random(6 << 20, 7);
-    let log = StoredLog {
-        store: &store,
-        calls: Default::default(),
-    };
+    // Larger than what the packer may have queued (two jobs of up to
+    // 16 MiB): some packs must be reported while the input is still read.
+    let first = random(96 << 20, 7);
+    let log = StoredLog::new(&store);
     let report = store
         .stash(
             &name("a/one"),
@@ -442,6 +461,12 @@ fn a_stash_reports_each_new_chunk_once_as_its_pack_becomes_durable() {
             &log,
         )
         .unwrap();
+    let read = log.advances.load(std::sync::atomic::Ordering::SeqCst);
+    let first_at = *log.first_report_at.get().expect("packs were reported");
+    assert!(
+        first_at < read,
+        "the first pack was reported after all {read} blocks were read"
+    );
     let calls = log.calls.into_inner().unwrap();
     assert!(calls.len() > 2, "one report per pack, got {}", calls.len());
     let reported: Vec<ChunkId> = calls.concat();
@@ -455,10 +480,7 @@ fn a_stash_reports_each_new_chunk_once_as_its_pack_becomes_durable() {
     // A second stash sharing most bytes reports only its new chunks.
     let mut second = first.clone();
     second.extend_from_slice(&random(2 << 20, 8));
-    let log = StoredLog {
-        store: &store,
-        calls: Default::default(),
-    };
+    let log = StoredLog::new(&store);
     let report = store
         .stash(
             &name("a/two"),

@@ -85,9 +85,12 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
     assert_eq!(s["chunks_sent"], new, "{push}");
     assert_eq!(s["chunks_present"], 0, "{push}");
     assert_eq!(s["bytes_sent"], stash["stored_bytes"], "{push}");
-    // Offered as packs became durable (this small image makes one, at the
-    // end of the stash), uploaded before the push asked about them.
-    assert_eq!(s["chunks_sent_early"], new, "{push}");
+    // Of those, what the server had when the stash ended (this small image
+    // makes one pack, offered as the stash ends: maybe none yet).
+    assert!(
+        s["chunks_sent_early"].as_u64().unwrap_or(0) <= new,
+        "{push}"
+    );
     assert_eq!(push["manifest"], stash["manifest"]);
 
     // Another builder, empty store, same image: nothing goes up.
@@ -121,7 +124,7 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
     out.ok();
     assert_bytes_eq(&out.stdout, &v1.bytes, "main/app to stdout");
 
-    // Without --json: what went up while stashing, and the time after it.
+    // Without --json: one line says what went up.
     let notes = root.path().join("notes.bin");
     fs::write(&notes, random_bytes(77, 300_000)).unwrap();
     let out = Node::new(&server, &token).ferry(&["stash", "main/notes", notes.to_str().unwrap()]);
@@ -129,12 +132,9 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
     let text = out.out();
     let line = text
         .lines()
-        .find(|l| l.starts_with("pushed to quic://"))
+        .find(|l| l.starts_with(&format!("pushed to {}: ", server.remote)))
         .unwrap_or_else(|| panic!("no push line: {text}"));
-    assert!(
-        line.contains(" while stashing), 0 already there;") && line.contains(" s after the stash"),
-        "{line}"
-    );
+    assert!(line.contains(", 0 already there; "), "{line}");
 
     // The server's store is whole.
     let out = run(

@@ -44,10 +44,11 @@ pub const SERVER_CERT_ENV: &str = "FERRY_SERVER_CERT";
 /// How long a remote collection may take before the client gives up
 /// waiting for its report (the collection itself goes on on the server).
 pub const GC_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-/// While a request may be long (a collection), the client pings this often
+/// While a request may be long (a collection), or a connection waits for
+/// a stash's next pack (an early upload), the client pings this often
 /// so that neither side takes the quiet connection for a dead one (a
 /// server's idle timeout may be as short as a second).
-const KEEP_ALIVE: Duration = Duration::from_millis(500);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_millis(500);
 
 /// What went wrong talking to a server.
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +266,7 @@ pub struct TransferStats {
     pub chunks_present: u64,
     /// Chunks uploaded.
     pub chunks_sent: u64,
-    /// Of those, the ones uploaded while the stash was still running
+    /// Of those, the ones the server had acknowledged when the stash ended
     /// (`stash --remote`; see [`crate::push::EarlyUpload`]).
     #[serde(skip_serializing_if = "is_zero")]
     pub chunks_sent_early: u64,
@@ -381,7 +382,7 @@ impl Session {
         Self::connect_with(remote, opts, None).await
     }
 
-    async fn connect_with(
+    pub(crate) async fn connect_with(
         remote: &Remote,
         opts: &Options,
         keep_alive: Option<Duration>,

@@ -14,7 +14,7 @@
 
 use crate::client::{
     blocking, distinct, frame_budget, with_retries, ClientError, Counters, Options, PushReport,
-    Remote, Session,
+    Remote, Session, KEEP_ALIVE,
 };
 use crate::proto::{ErrorKind, Message, CHUNK_OVERHEAD};
 use std::collections::HashSet;
@@ -50,6 +50,8 @@ pub async fn push(
 pub struct EarlyUpload {
     tx: mpsc::UnboundedSender<Vec<ChunkId>>,
     task: tokio::task::JoinHandle<Early>,
+    /// What it has moved so far (shared with the task).
+    counters: Arc<Counters>,
     store: Arc<Store>,
     name: Name,
     remote: Remote,
@@ -76,16 +78,19 @@ impl EarlyUpload {
             streams: opts.early_streams,
             ..opts.clone()
         };
+        let counters = Arc::new(Counters::default());
         let task = tokio::spawn(run_early(
             store.clone(),
             name.clone(),
             remote.clone(),
             early_opts,
+            counters.clone(),
             rx,
         ));
         EarlyUpload {
             tx,
             task,
+            counters,
             store,
             name: name.clone(),
             remote: remote.clone(),
@@ -107,11 +112,16 @@ impl EarlyUpload {
         let EarlyUpload {
             tx,
             task,
+            counters,
             store,
             name,
             remote,
             opts,
         } = self;
+        // What went up while the stash ran; the rest is the push's time.
+        counters
+            .sent_early
+            .store(counters.sent.load(Relaxed), Relaxed);
         push_after(store, &name, &remote, &opts, progress, Some((tx, task))).await
     }
 }
@@ -121,10 +131,16 @@ async fn run_early(
     name: Name,
     remote: Remote,
     opts: Options,
+    counters: Arc<Counters>,
     mut rx: mpsc::UnboundedReceiver<Vec<ChunkId>>,
 ) -> Early {
-    let mut early = Early::default();
-    let session = match Session::connect(&remote, &opts).await {
+    let mut early = Early {
+        counters,
+        ..Early::default()
+    };
+    // Pings keep the connection open while the stash has no new pack
+    // (the server's idle timeout may be shorter than that wait).
+    let session = match Session::connect_with(&remote, &opts, Some(KEEP_ALIVE)).await {
         Ok(s) => s,
         Err(e) => {
             debug!(error = %e, "no early upload: cannot connect; the push will retry");
@@ -208,9 +224,6 @@ async fn push_after(
     let refs = Arc::new(distinct(&manifest));
     let manifest_bytes = Arc::new(manifest_bytes);
     let counters = early.counters;
-    counters
-        .sent_early
-        .store(counters.sent.load(Relaxed), Relaxed);
     counters.chunks.store(refs.len() as u64, Relaxed);
     // The first attempt continues on the early upload's connection and
     // skips what it sent; a retry starts over on a new one.

@@ -37,24 +37,14 @@ pub(crate) async fn read_message(
         Err(ReadExactError::ReadError(e)) => return Err(e.into()),
     }
     let len = proto::frame_len(header, max_frame)?;
-    // Keep the pieces as they arrive and join them once at the end: growing
-    // one buffer would copy a 4 MiB frame's bytes about twice more.
-    let mut parts = Vec::new();
-    let mut arrived = 0;
-    while arrived < len {
-        match recv.read_chunk(len - arrived, true).await? {
-            Some(chunk) => {
-                arrived += chunk.bytes.len();
-                parts.push(chunk.bytes);
-            }
+    let mut payload = Vec::with_capacity(len.min(1 << 20));
+    while payload.len() < len {
+        match recv.read_chunk(len - payload.len(), true).await? {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
             None => return Err(WireError::Truncated),
         }
     }
-    let message = match parts.as_slice() {
-        [one] => proto::decode(one)?,
-        _ => proto::decode(&parts.concat())?,
-    };
-    Ok((message, HEADER_LEN + len))
+    Ok((proto::decode(&payload)?, HEADER_LEN + len))
 }
 
 /// Writes one frame; returns its size.
