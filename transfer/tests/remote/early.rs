@@ -23,9 +23,9 @@ fn small_pack_store(dir: &std::path::Path, label: &str) -> Arc<Store> {
 }
 
 /// Offers each pack's chunks to the upload as the stash reports them.
-/// With `server`, the stash's next read after the first offer waits until
-/// the server has received a chunk (or 20 s): proof that the upload runs
-/// while the stash does.
+/// With `server`, each 4 MiB read waits 100 ms, and the first read after
+/// the first offer waits until the server has received a chunk (or 20 s):
+/// proof that the upload runs while the stash does.
 struct Offer {
     early: Arc<EarlyUpload>,
     offers: std::sync::Mutex<usize>,
@@ -36,6 +36,9 @@ struct Offer {
 impl Progress for Offer {
     fn advance(&self, _bytes: u64) {
         let Some(metrics) = &self.server else { return };
+        // Read like a `docker save` pipe, not a buffer in memory: the
+        // packer gets time to make packs durable while input remains.
+        std::thread::sleep(Duration::from_millis(100));
         if *self.offers.lock().unwrap() == 0 || self.seen_during_stash.load(Relaxed) {
             return;
         }
@@ -279,4 +282,57 @@ async fn a_server_restart_after_the_early_upload_is_ridden_out_by_the_push() {
     .unwrap();
     assert!(unstash_bytes(&node, "main/restart").await == data);
     second.stop().await;
+}
+
+/// The stash makes no new pack for longer than the server's idle timeout
+/// (a slow `docker save`, or a long run of chunks the store already holds):
+/// the early upload's connection stays open, so nothing is sent twice and
+/// the push needs no second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_longer_than_the_idle_timeout_keeps_the_early_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "127.0.0.1:0".parse().unwrap());
+    cfg.limits.idle_timeout_secs = 1;
+    let server = TestServer::start_with(cfg).await;
+    let remote = server.remote(MAIN);
+    let builder = small_pack_store(dir.path(), "builder");
+    let first = mixed_bytes(51, 3 << 20);
+    let mut second = first.clone();
+    second.extend_from_slice(&random_bytes(52, 2 << 20));
+
+    let early = Arc::new(EarlyUpload::start(
+        builder.clone(),
+        &name("main/slow"),
+        &remote,
+        &opts(),
+    ));
+    // Two stashes of the name, the second extending the first, with a
+    // pause of three idle timeouts between them; one upload serves both.
+    let (one, _) = stash_offering(&builder, "main/slow", first, &early).await;
+    wait_for(30, "the first part's upload", || {
+        server.metrics.chunks_received.load(Relaxed) == one.new_chunks
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (two, _) = stash_offering(&builder, "main/slow", second.clone(), &early).await;
+    let report = unwrap_early(early).push(none()).await.unwrap();
+    let s = &report.stats;
+    assert_eq!(s.attempts, 1, "{s:?}");
+    assert_eq!(s.chunks as usize, chunk_ids(&builder, "main/slow").len());
+    // Every new chunk of both stashes went up once (the first stash's last
+    // chunk, cut at its end, is not in the second), and the push found
+    // every chunk of the name already sent on its connection.
+    assert_eq!(s.chunks_sent, one.new_chunks + two.new_chunks, "{s:?}");
+    assert_eq!(s.chunks_present, 0, "{s:?}");
+    assert_eq!(
+        server.metrics.chunks_received.load(Relaxed),
+        s.chunks_sent,
+        "a chunk went up twice"
+    );
+    let node = client_store(dir.path(), "node");
+    pull(node.clone(), &name("main/slow"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    assert!(unstash_bytes(&node, "main/slow").await == second);
+    server.stop().await;
 }
