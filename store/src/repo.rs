@@ -1687,6 +1687,10 @@ pub struct StashReader<'a> {
     run_left: u64,
     /// Chunks from elsewhere, consulted before the packs.
     source: Option<Arc<dyn ChunkSource>>,
+    /// Decodes batches when a source may block: its waits must not hold
+    /// the threads of rayon's global pool, which others in the process
+    /// (a server verifying uploads, a packer compressing) need meanwhile.
+    pool: Option<Arc<rayon::ThreadPool>>,
     /// Keeps the collector from deleting packs this reader may read.
     _lease: Option<Lease>,
 }
@@ -1715,6 +1719,16 @@ impl<'a> StashReader<'a> {
         source: Option<Arc<dyn ChunkSource>>,
     ) -> Self {
         let run_left = manifest.layout.first().map_or(0, |r| r.1);
+        // Without a pool of its own (it could not be built) the reader
+        // still works, on the global pool.
+        let pool = source.as_ref().and_then(|_| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .thread_name(|i| format!("ferry-restore-{i}"))
+                .build()
+                .ok()
+                .map(Arc::new)
+        });
         StashReader {
             store,
             index,
@@ -1724,6 +1738,7 @@ impl<'a> StashReader<'a> {
             run: 0,
             run_left,
             source,
+            pool,
             _lease: lease,
         }
     }
@@ -1736,7 +1751,8 @@ impl<'a> StashReader<'a> {
     }
 
     /// Starts decoding the next batch of `part`'s chunks in the background
-    /// (on rayon's pool), so that decoding overlaps writing.
+    /// (on rayon's global pool, or the reader's own when its source may
+    /// block), so that decoding overlaps writing.
     fn prefetch(&mut self, part: Part) {
         let k = part as usize;
         let list = self.list(part);
@@ -1759,7 +1775,7 @@ impl<'a> StashReader<'a> {
         let backend = Arc::clone(&self.store.backend);
         let name = self.name.clone();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rayon::spawn(move || {
+        let decode = move || {
             let decoded = jobs
                 .par_iter()
                 .map(|c| {
@@ -1778,7 +1794,12 @@ impl<'a> StashReader<'a> {
                 })
                 .collect();
             let _ = tx.send(decoded);
-        });
+        };
+        // The batch's par_iter runs on the pool the job was spawned on.
+        match &self.pool {
+            Some(pool) => pool.spawn(decode),
+            None => rayon::spawn(decode),
+        }
         let cursor = &mut self.streams[k];
         cursor.pending = Some(rx);
         cursor.next = end;

@@ -502,3 +502,74 @@ fn a_stash_reports_each_new_chunk_once_as_its_pack_becomes_durable() {
         "a reused chunk was reported as new"
     );
 }
+
+/// A source whose reads wait until released (chunks still on the network).
+struct HeldSource {
+    released: std::sync::Mutex<bool>,
+    wake: std::sync::Condvar,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl ChunkSource for HeldSource {
+    fn read(&self, _chunk: &ChunkRef, _out: &mut Vec<u8>) -> Result<bool, StoreError> {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut released = self.released.lock().unwrap();
+        while !*released {
+            released = self.wake.wait(released).unwrap();
+        }
+        Ok(false) // the store holds it: read it from its pack
+    }
+}
+
+/// Reads waiting on a source must not hold the threads of rayon's global
+/// pool: in one process a server verifies uploads and packers compress on
+/// it (this once stalled requests for 30 s in the loopback tests).
+#[test]
+fn a_blocking_chunk_source_leaves_the_global_thread_pool_free() {
+    let (_d, s) = store();
+    let data = random(4 << 20, 12);
+    stash_bytes(&s, "held", &data);
+    let (_, manifest) = s.manifest(&name("held")).unwrap();
+    let source = Arc::new(HeldSource {
+        released: std::sync::Mutex::new(false),
+        wake: std::sync::Condvar::new(),
+        waiting: Default::default(),
+    });
+    let s = Arc::new(s);
+    let reader = {
+        let (s, source) = (s.clone(), source.clone());
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            s.open_manifest("held", manifest, source)
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            out
+        })
+    };
+    // Every decoding thread is now waiting on the source ...
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while source.waiting.load(std::sync::atomic::Ordering::SeqCst) < rayon::current_num_threads() {
+        assert!(
+            Instant::now() < deadline,
+            "the reader never asked the source"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // ... and work on the global pool still runs.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let sum: u64 = (0..1000u64).into_par_iter().sum();
+        let _ = tx.send(sum);
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+    *source.released.lock().unwrap() = true;
+    source.wake.notify_all();
+    assert_eq!(
+        got,
+        Ok(499_500),
+        "the global pool was blocked by the source"
+    );
+    assert!(reader.join().unwrap() == data);
+}
