@@ -244,6 +244,27 @@ fn sorted_children(full: &Path) -> Result<std::vec::IntoIter<OsString>, DirTarEr
     Ok(names.into_iter())
 }
 
+/// Append a GNU long-name ('L') or long-link ('K') record carrying `value`
+/// (NUL-terminated) for the entry that follows, as GNU tar writes it.
+fn append_gnu_long<W: Write>(
+    builder: &mut tar::Builder<W>,
+    kind: tar::EntryType,
+    value: &[u8],
+) -> io::Result<()> {
+    let mut long = tar::Header::new_gnu();
+    long.set_entry_type(kind);
+    if let Some(gnu) = long.as_gnu_mut() {
+        gnu.name[..13].copy_from_slice(b"././@LongLink");
+    }
+    long.set_mode(0o644);
+    long.set_uid(0);
+    long.set_gid(0);
+    long.set_mtime(0);
+    long.set_size(value.len() as u64 + 1);
+    long.set_cksum();
+    builder.append(&long, value.chain(&[0u8][..]))
+}
+
 /// Append a symlink entry whose target is stored byte for byte (a GNU 'K'
 /// record carries targets longer than the header field).
 fn append_symlink<W: Write>(
@@ -256,18 +277,7 @@ fn append_symlink<W: Write>(
     header.set_size(0);
     const LINKNAME_LEN: usize = 100;
     if target.len() > LINKNAME_LEN {
-        let mut long = tar::Header::new_gnu();
-        long.set_entry_type(tar::EntryType::GNULongLink);
-        if let Some(gnu) = long.as_gnu_mut() {
-            gnu.name[..13].copy_from_slice(b"././@LongLink");
-        }
-        long.set_mode(0o644);
-        long.set_uid(0);
-        long.set_gid(0);
-        long.set_mtime(0);
-        long.set_size(target.len() as u64 + 1);
-        long.set_cksum();
-        builder.append(&long, target.chain(&[0u8][..]))?;
+        append_gnu_long(builder, tar::EntryType::GNULongLink, target)?;
         header.set_link_name_literal(&target[..LINKNAME_LEN])?;
     } else {
         header.set_link_name_literal(target)?;
@@ -294,18 +304,7 @@ fn append_entry<W: Write, R: Read>(
     if tar_can {
         return builder.append_data(header, path, data);
     }
-    let mut long = tar::Header::new_gnu();
-    long.set_entry_type(tar::EntryType::GNULongName);
-    if let Some(gnu) = long.as_gnu_mut() {
-        gnu.name[..13].copy_from_slice(b"././@LongLink");
-    }
-    long.set_mode(0o644);
-    long.set_uid(0);
-    long.set_gid(0);
-    long.set_mtime(0);
-    long.set_size(bytes.len() as u64 + 1);
-    long.set_cksum();
-    builder.append(&long, bytes.chain(&[0u8][..]))?;
+    append_gnu_long(builder, tar::EntryType::GNULongName, bytes)?;
     header.as_old_mut().name.copy_from_slice(&bytes[..NAME_LEN]);
     header.set_cksum();
     builder.append(header, data)

@@ -574,6 +574,12 @@ impl Session {
         }
     }
 
+    /// Adds the connection's UDP bytes to `counters`, then closes it.
+    pub(crate) async fn close_counted(self, counters: &Counters) {
+        counters.add_wire(&self);
+        self.close().await;
+    }
+
     /// Closes the connection politely.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
@@ -782,8 +788,7 @@ pub async fn pull(
         async move {
             let session = Session::connect(remote, opts).await?;
             let r = pull_once(&session, store, name, opts, &counters, progress).await;
-            counters.add_wire(&session);
-            session.close().await;
+            session.close_counted(&counters).await;
             r
         }
     })

@@ -172,8 +172,7 @@ async fn run_early(
                 Ok(missing) => early.sent.extend(missing),
                 Err(e) => {
                     debug!(error = %e, "the early upload stopped; the push will send the rest");
-                    early.counters.add_wire(&session);
-                    session.close().await;
+                    session.close_counted(&early.counters).await;
                     early.sent.clear();
                     return early;
                 }
@@ -246,8 +245,7 @@ async fn push_after(
                 &session, store, name, &refs, &skip, &bytes, id, opts, &counters, progress,
             )
             .await;
-            counters.add_wire(&session);
-            session.close().await;
+            session.close_counted(&counters).await;
             r
         }
     })

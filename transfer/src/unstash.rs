@@ -450,8 +450,7 @@ impl Link {
 
     async fn close(&self, counters: &Counters) {
         let session = self.current.lock().await.1.clone();
-        counters.add_wire(&session);
-        session.close().await;
+        session.close_counted(counters).await;
     }
 }
 

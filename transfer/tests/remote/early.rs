@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store::repo::{Progress, Source, StashReport, Store, StoreOptions};
 use store::ChunkId;
-use transfer::client::{pull, push, ClientError, Options};
+use transfer::client::{pull, push, ClientError, Options, Remote};
 use transfer::metrics::Metrics;
 use transfer::proto::ErrorKind;
 use transfer::push::EarlyUpload;
@@ -100,6 +100,11 @@ async fn stash_watching(
     .unwrap()
 }
 
+/// An early upload of `n` from `store`, to hand to the stash's progress.
+fn start_early(store: &Arc<Store>, n: &str, remote: &Remote, o: &Options) -> Arc<EarlyUpload> {
+    Arc::new(EarlyUpload::start(store.clone(), &name(n), remote, o))
+}
+
 fn unwrap_early(early: Arc<EarlyUpload>) -> EarlyUpload {
     Arc::try_unwrap(early).unwrap_or_else(|_| panic!("the stash still holds the upload"))
 }
@@ -114,12 +119,7 @@ async fn new_chunks_reach_the_server_before_the_push_and_are_not_sent_again() {
     // packs become durable while the input is still being read.
     let data = mixed_bytes(11, 48 << 20);
 
-    let early = Arc::new(EarlyUpload::start(
-        builder.clone(),
-        &name("main/early"),
-        &remote,
-        &opts(),
-    ));
+    let early = start_early(&builder, "main/early", &remote, &opts());
     let (stash, packs, seen) = stash_watching(
         &builder,
         "main/early",
@@ -184,12 +184,7 @@ async fn chunks_the_server_already_holds_are_not_uploaded_early() {
     let mut v2 = v1.clone();
     v2.extend_from_slice(&random_bytes(22, 1 << 20));
     let second = small_pack_store(dir.path(), "second");
-    let early = Arc::new(EarlyUpload::start(
-        second.clone(),
-        &name("main/v2"),
-        &remote,
-        &opts(),
-    ));
+    let early = start_early(&second, "main/v2", &remote, &opts());
     let (stash, _) = stash_offering(&second, "main/v2", v2.clone(), &early).await;
     let report = unwrap_early(early).push(none()).await.unwrap();
     let s = &report.stats;
@@ -221,12 +216,7 @@ async fn a_token_that_may_not_write_the_name_uploads_nothing_and_the_push_says_w
     let server = TestServer::start(dir.path()).await;
     let remote = server.remote(PR);
     let builder = small_pack_store(dir.path(), "builder");
-    let early = Arc::new(EarlyUpload::start(
-        builder.clone(),
-        &name("main/x"),
-        &remote,
-        &opts(),
-    ));
+    let early = start_early(&builder, "main/x", &remote, &opts());
     stash_offering(&builder, "main/x", mixed_bytes(31, 2 << 20), &early).await;
     let e = unwrap_early(early).push(none()).await.unwrap_err();
     match &e {
@@ -253,12 +243,7 @@ async fn a_server_restart_after_the_early_upload_is_ridden_out_by_the_push() {
         retries: 5,
         ..opts()
     };
-    let early = Arc::new(EarlyUpload::start(
-        builder.clone(),
-        &name("main/restart"),
-        &remote,
-        &o,
-    ));
+    let early = start_early(&builder, "main/restart", &remote, &o);
     let (stash, _) = stash_offering(&builder, "main/restart", data.clone(), &early).await;
     wait_for(30, "the early upload", || {
         first.metrics.chunks_received.load(Relaxed) == stash.new_chunks
@@ -300,12 +285,7 @@ async fn a_pause_longer_than_the_idle_timeout_keeps_the_early_connection() {
     let mut second = first.clone();
     second.extend_from_slice(&random_bytes(52, 2 << 20));
 
-    let early = Arc::new(EarlyUpload::start(
-        builder.clone(),
-        &name("main/slow"),
-        &remote,
-        &opts(),
-    ));
+    let early = start_early(&builder, "main/slow", &remote, &opts());
     // Two stashes of the name, the second extending the first, with a
     // pause of three idle timeouts between them; one upload serves both.
     let (one, _) = stash_offering(&builder, "main/slow", first, &early).await;
