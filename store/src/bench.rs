@@ -170,8 +170,6 @@ fn best_of(runs: usize, mut f: impl FnMut()) -> Duration {
 pub fn run_on(data: &[u8], data_desc: String, cfg: &BenchConfig) -> BenchReport {
     let threads = rayon::current_num_threads();
     let chunker = Chunker::new(ChunkerParams::default()).expect("default params are valid");
-    let reference =
-        Chunker::with_kernel(ChunkerParams::default(), Kernel::Reference).expect("valid");
     let gbps = |d: Duration| data.len() as f64 / d.as_secs_f64() / 1e9;
     let mut rows = Vec::new();
     let mut row = |name: &str, threads: usize, d: Duration| {
@@ -199,12 +197,17 @@ pub fn run_on(data: &[u8], data_desc: String, cfg: &BenchConfig) -> BenchReport 
             std::hint::black_box(chunker.cuts(data));
         }),
     );
-    if chunker.kernel() != Kernel::Reference {
+    // The other kernels, for comparison with nodes that run them.
+    for &kernel in Kernel::all().iter().rev() {
+        if kernel == chunker.kernel() {
+            continue;
+        }
+        let other = Chunker::with_kernel(ChunkerParams::default(), kernel).expect("valid");
         row(
-            "chunk (reference)",
+            &format!("chunk ({})", kernel.name()),
             1,
             best_of(cfg.runs, || {
-                std::hint::black_box(reference.cuts(data));
+                std::hint::black_box(other.cuts(data));
             }),
         );
     }

@@ -8,8 +8,9 @@
 //! during stash and unstash and damaged store files (`faults`), garbage collection and the cache
 //! limit (`gc`), the guided demo (`demo`), stash and unstash through a real
 //! `ferry serve` process (`remote`), and docs/Jenkinsfile run against a
-//! real server (`jenkins`).
+//! real server (`jenkins`), `ferry bench` and the chunking kernels (`bench`).
 
+mod bench;
 mod concurrency;
 mod corruption;
 mod crash;

@@ -7,11 +7,12 @@
 //! keep the core busy. Each stretch is chunked as if a chunk started at its
 //! first byte; the stretches are then stitched where their cuts meet the
 //! real ones (see `stitch`), so the result is exactly the sequential one.
-//! The loop tests only the bits the two masks share, one test and branch
-//! per byte and lane; the rare hits are checked against the exact mask
-//! outside the loop.
+//! The loop (`roll.rs`) tests only the bits the two masks share, one test
+//! and branch per byte and lane; the rare hits are checked against the
+//! exact mask outside the loop.
 
 use super::gear::GEAR;
+use super::roll::{self, Roll4};
 use super::Chunker;
 use serde::Serialize;
 
@@ -22,30 +23,49 @@ pub enum Kernel {
     /// One byte at a time, as specified (the portable reference).
     Reference,
     /// Four interleaved FastCDC chains over four stretches of the input,
-    /// stitched. Portable Rust: it is what ARM nodes run too.
+    /// stitched. Portable Rust: it is what ARM nodes run.
     Lanes,
+    /// The lanes kernel with its inner loop in x86-64 assembly (x86-64
+    /// only; every x86-64 CPU runs it, no feature detection needed).
+    #[serde(rename = "lanes-asm")]
+    LanesAsm,
 }
 
 impl Kernel {
-    /// The kernel to use on this machine: `FERRY_CHUNKER_KERNEL=reference`
-    /// or `=lanes` overrides; the `portable` cargo feature forces the
-    /// reference; otherwise the fastest.
+    /// The kernel to use on this machine: `FERRY_CHUNKER_KERNEL` set to
+    /// `reference`, `lanes` or `lanes-asm` overrides (`lanes-asm` means
+    /// `lanes` where there is no assembly version); the `portable` cargo
+    /// feature picks `lanes`, what CPUs without an assembly version run;
+    /// otherwise the fastest.
     pub fn detect() -> Kernel {
         match std::env::var("FERRY_CHUNKER_KERNEL").as_deref() {
             Ok("reference") => return Kernel::Reference,
             Ok("lanes") => return Kernel::Lanes,
+            Ok("lanes-asm") => return Kernel::fastest_lanes(),
             _ => {}
         }
         if cfg!(feature = "portable") {
-            Kernel::Reference
+            Kernel::Lanes
+        } else {
+            Kernel::fastest_lanes()
+        }
+    }
+
+    fn fastest_lanes() -> Kernel {
+        if cfg!(target_arch = "x86_64") {
+            Kernel::LanesAsm
         } else {
             Kernel::Lanes
         }
     }
 
-    /// Every kernel, for tests and benchmarks.
+    /// Every kernel this CPU runs, for tests and benchmarks.
     pub fn all() -> &'static [Kernel] {
-        &[Kernel::Reference, Kernel::Lanes]
+        if cfg!(target_arch = "x86_64") {
+            &[Kernel::Reference, Kernel::Lanes, Kernel::LanesAsm]
+        } else {
+            &[Kernel::Reference, Kernel::Lanes]
+        }
     }
 
     /// Short lower-case name.
@@ -53,6 +73,7 @@ impl Kernel {
         match self {
             Kernel::Reference => "reference",
             Kernel::Lanes => "lanes",
+            Kernel::LanesAsm => "lanes-asm",
         }
     }
 
@@ -97,7 +118,14 @@ impl Kernel {
                 }
                 s
             }
-            Kernel::Lanes => lanes_chain(c, data, start, stop, eof, ends),
+            Kernel::Lanes => lanes_chain(c, data, start, stop, eof, ends, roll::portable),
+            Kernel::LanesAsm => {
+                #[cfg(target_arch = "x86_64")]
+                let roll: Roll4 = roll::x86_64;
+                #[cfg(not(target_arch = "x86_64"))]
+                let roll: Roll4 = roll::portable;
+                lanes_chain(c, data, start, stop, eof, ends, roll)
+            }
         }
     }
 }
@@ -249,6 +277,7 @@ fn lanes_chain(
     stop: usize,
     eof: bool,
     ends: &mut Vec<usize>,
+    roll4: Roll4,
 ) -> usize {
     const LANES: usize = 4;
     let len = data.len();
@@ -361,28 +390,4 @@ pub(super) fn stitch(
         }
     }
     next
-}
-
-/// Rolls four hashes over four equally long byte runs until some hash has
-/// no bit of `mask` set; returns how many bytes each rolled. Out of line
-/// and free of calls so that the four chains stay in registers.
-#[inline(never)]
-fn roll4(lanes: &[&[u8]; 4], hash: &mut [u64; 4], mask: u64) -> usize {
-    let [mut h0, mut h1, mut h2, mut h3] = *hash;
-    let mut rolled = 0;
-    // Zipped slice iterators share one counter: no bounds checks.
-    let bytes = lanes[0].iter().zip(lanes[1]).zip(lanes[2]).zip(lanes[3]);
-    for (((&b0, &b1), &b2), &b3) in bytes {
-        h0 = (h0 << 1).wrapping_add(GEAR[b0 as usize]);
-        h1 = (h1 << 1).wrapping_add(GEAR[b1 as usize]);
-        h2 = (h2 << 1).wrapping_add(GEAR[b2 as usize]);
-        h3 = (h3 << 1).wrapping_add(GEAR[b3 as usize]);
-        rolled += 1;
-        // Rare: about one position in 2^14 for 64 KiB chunks.
-        if h0 & mask == 0 || h1 & mask == 0 || h2 & mask == 0 || h3 & mask == 0 {
-            break;
-        }
-    }
-    *hash = [h0, h1, h2, h3];
-    rolled
 }

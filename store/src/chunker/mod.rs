@@ -24,6 +24,7 @@ mod gear;
 mod kernel;
 mod parallel;
 mod reference;
+mod roll;
 mod stream;
 
 pub use kernel::Kernel;

@@ -1,0 +1,92 @@
+//! `ferry bench` and the choice of chunking kernel, through the binary.
+
+use crate::util::{mixed_bytes, Env};
+
+/// The kernel stash picks on this machine by default.
+fn fastest() -> &'static str {
+    if cfg!(target_arch = "x86_64") {
+        "lanes-asm"
+    } else {
+        "lanes"
+    }
+}
+
+#[test]
+fn bench_reports_every_kernel_and_the_one_stash_uses() {
+    let env = Env::new();
+    let out = env.ferry(&[
+        "--json",
+        "bench",
+        "--size",
+        "2MiB",
+        "--runs",
+        "1",
+        "--threads",
+        "1",
+    ]);
+    out.ok();
+    let report = out.json();
+    assert_eq!(report["kernel"], fastest(), "{report}");
+    assert_eq!(report["size"], 2 << 20);
+    let rows = report["rows"].as_array().expect("rows");
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let mut kernels = vec!["reference", "lanes"];
+    if cfg!(target_arch = "x86_64") {
+        kernels.push("lanes-asm");
+    }
+    for k in kernels {
+        assert!(
+            names.contains(&format!("chunk ({k})").as_str()),
+            "{names:?}"
+        );
+    }
+    for r in rows {
+        let gbps = r["gb_per_s"].as_f64().expect("a number");
+        assert!(gbps.is_finite() && gbps > 0.0, "{r}");
+    }
+
+    // The human table names the kernel too.
+    let text = env.ferry(&["bench", "--size", "1MiB", "--runs", "1"]);
+    text.ok();
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        stdout.contains(&format!("kernel {}", fastest())),
+        "{stdout}"
+    );
+
+    // FERRY_CHUNKER_KERNEL picks another one.
+    let out = env
+        .cmd()
+        .env("FERRY_CHUNKER_KERNEL", "reference")
+        .args(["--json", "bench", "--size", "1MiB", "--runs", "1"])
+        .output()
+        .expect("run ferry");
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["kernel"], "reference");
+}
+
+/// Every kernel cuts the same chunks: the same data stashed into separate
+/// stores with each kernel gives the same manifest, and each unstashes.
+#[test]
+fn every_kernel_stashes_the_same_manifest() {
+    let data = mixed_bytes(11, 24 << 20);
+    let mut manifests = Vec::new();
+    for kernel in ["reference", "lanes", "lanes-asm"] {
+        let env = Env::new();
+        let out = crate::util::run(
+            env.cmd()
+                .env("FERRY_CHUNKER_KERNEL", kernel)
+                .args(["--json", "stash", "k/data", "-"]),
+            Some(&data),
+        );
+        out.ok();
+        let report = out.json();
+        assert!(report["chunks"].as_u64().unwrap() > 100, "{report}");
+        manifests.push((kernel, report["manifest"].clone()));
+        crate::util::assert_bytes_eq(&env.unstash_stdout("k/data"), &data, kernel);
+    }
+    for (kernel, m) in &manifests {
+        assert_eq!(m, &manifests[0].1, "{kernel} vs {}", manifests[0].0);
+    }
+}
