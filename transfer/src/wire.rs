@@ -47,14 +47,17 @@ pub(crate) async fn read_message(
     Ok((proto::decode(&payload)?, HEADER_LEN + len))
 }
 
-/// Writes one frame; returns its size.
+/// Writes one frame; returns its size. The encoded frame is handed to
+/// quinn as it is, not copied into its send buffer: chunk replies and
+/// uploads are frames of up to 32 MiB.
 pub(crate) async fn write_message(
     send: &mut SendStream,
     msg: &Message,
 ) -> Result<usize, WireError> {
     let frame = proto::encode(msg);
-    send.write_all(&frame).await?;
-    Ok(frame.len())
+    let len = frame.len();
+    send.write_chunk(bytes::Bytes::from(frame)).await?;
+    Ok(len)
 }
 
 /// Bytes a peer may have in flight on one connection (all streams): large,

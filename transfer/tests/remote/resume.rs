@@ -22,7 +22,10 @@ async fn a_push_cancelled_midway_resumes_where_it_stopped() {
     // Upload one batch at a time and kill the client after ~2 MiB.
     let mut o = opts();
     o.streams = 1;
-    // The progress hook kills the task itself, at once.
+    // The progress hook kills the task itself, at once. It runs inside the
+    // upload worker, which would otherwise go on sending batches until the
+    // abort of its parent reaches it (on a loaded machine, all of them):
+    // holding the worker here lets the abort land first.
     let killer: Arc<std::sync::OnceLock<tokio::task::AbortHandle>> = Arc::default();
     let trip = {
         let killer = killer.clone();
@@ -30,6 +33,7 @@ async fn a_push_cancelled_midway_resumes_where_it_stopped() {
             if let Some(k) = killer.get() {
                 k.abort();
             }
+            std::thread::sleep(Duration::from_millis(500));
         })
     };
     let task = {
