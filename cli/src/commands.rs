@@ -145,7 +145,17 @@ pub fn stash(store_args: &StoreArgs, args: StashArgs, out: &Output) -> anyhow::R
     };
     let report = store.stash(&name, source, &progress);
     progress.reporter.finish();
-    let report = report?;
+    drop(progress);
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            // Let the server free the early upload's connection now.
+            if let Some(early) = early {
+                early.abandon();
+            }
+            return Err(e.into());
+        }
+    };
     store_args.enforce_cache(&store, &name, out)?;
     out.emit(&report, |r| {
         let mut s = String::new();

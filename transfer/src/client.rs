@@ -1154,10 +1154,13 @@ pub mod blocking {
     }
 
     /// An [`crate::push::EarlyUpload`] on its own runtime: offer it chunks
-    /// from the thread that runs the stash, then push.
+    /// from the thread that runs the stash, then push. Dropped without a
+    /// push (the stash failed), it abandons the upload: see
+    /// [`EarlyUpload::abandon`].
     pub struct EarlyUpload {
         runtime: tokio::runtime::Runtime,
-        upload: crate::push::EarlyUpload,
+        /// `None` once pushed or abandoned.
+        upload: Option<crate::push::EarlyUpload>,
     }
 
     impl EarlyUpload {
@@ -1173,17 +1176,42 @@ pub mod blocking {
                 let _in = runtime.enter();
                 crate::push::EarlyUpload::start(store, name, remote, opts)
             };
-            Ok(EarlyUpload { runtime, upload })
+            Ok(EarlyUpload {
+                runtime,
+                upload: Some(upload),
+            })
         }
 
         /// See [`crate::push::EarlyUpload::offer`].
         pub fn offer(&self, ids: &[ChunkId]) {
-            self.upload.offer(ids)
+            if let Some(u) = &self.upload {
+                u.offer(ids)
+            }
         }
 
         /// See [`crate::push::EarlyUpload::push`].
-        pub fn push(self, progress: Arc<dyn Progress>) -> Result<PushReport, ClientError> {
-            self.runtime.block_on(self.upload.push(progress))
+        pub fn push(mut self, progress: Arc<dyn Progress>) -> Result<PushReport, ClientError> {
+            let upload = self.upload.take().expect("an upload is pushed once");
+            self.runtime.block_on(upload.push(progress))
+        }
+
+        /// See [`crate::push::EarlyUpload::abandon`]. Stopping the runtime
+        /// with the connection still open would leave the server holding
+        /// it until its idle timeout.
+        pub fn abandon(mut self) {
+            self.abandon_now();
+        }
+
+        fn abandon_now(&mut self) {
+            if let Some(upload) = self.upload.take() {
+                self.runtime.block_on(upload.abandon());
+            }
+        }
+    }
+
+    impl Drop for EarlyUpload {
+        fn drop(&mut self) {
+            self.abandon_now();
         }
     }
 

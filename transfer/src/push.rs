@@ -50,6 +50,8 @@ pub async fn push(
 pub struct EarlyUpload {
     tx: mpsc::UnboundedSender<Vec<ChunkId>>,
     task: tokio::task::JoinHandle<Early>,
+    /// Tells the task to stop at once and close its connection.
+    stop: Arc<tokio::sync::Notify>,
     /// What it has moved so far (shared with the task).
     counters: Arc<Counters>,
     store: Arc<Store>,
@@ -79,6 +81,7 @@ impl EarlyUpload {
             ..opts.clone()
         };
         let counters = Arc::new(Counters::default());
+        let stop = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(run_early(
             store.clone(),
             name.clone(),
@@ -86,10 +89,12 @@ impl EarlyUpload {
             early_opts,
             counters.clone(),
             rx,
+            stop.clone(),
         ));
         EarlyUpload {
             tx,
             task,
+            stop,
             counters,
             store,
             name: name.clone(),
@@ -112,6 +117,7 @@ impl EarlyUpload {
         let EarlyUpload {
             tx,
             task,
+            stop: _,
             counters,
             store,
             name,
@@ -124,6 +130,18 @@ impl EarlyUpload {
             .store(counters.sent.load(Relaxed), Relaxed);
         push_after(store, &name, &remote, &opts, progress, Some((tx, task))).await
     }
+
+    /// The stash failed: stops uploading (what arrived stays on the server
+    /// unreferenced, for its garbage collection) and closes the connection
+    /// politely, so that the server frees it now rather than after its idle
+    /// timeout.
+    pub async fn abandon(self) {
+        self.stop.notify_one();
+        drop(self.tx);
+        if let Err(e) = self.task.await {
+            debug!(error = %e, "the early upload failed");
+        }
+    }
 }
 
 async fn run_early(
@@ -133,6 +151,7 @@ async fn run_early(
     opts: Options,
     counters: Arc<Counters>,
     mut rx: mpsc::UnboundedReceiver<Vec<ChunkId>>,
+    stop: Arc<tokio::sync::Notify>,
 ) -> Early {
     let mut early = Early {
         counters,
@@ -147,20 +166,44 @@ async fn run_early(
             return early;
         }
     };
+    let uploads = upload_offered(&session, &store, &name, &opts, &mut early, &mut rx);
+    let finished = tokio::select! {
+        finished = uploads => finished,
+        () = stop.notified() => false,
+    };
+    if finished {
+        early.session = Some(session);
+    } else {
+        session.close_counted(&early.counters).await;
+        early.sent.clear();
+    }
+    early
+}
+
+/// Uploads what the server lacks of every batch offered, until the offers
+/// end; returns whether the session is still good for the push.
+async fn upload_offered(
+    session: &Session,
+    store: &Arc<Store>,
+    name: &Name,
+    opts: &Options,
+    early: &mut Early,
+    rx: &mut mpsc::UnboundedReceiver<Vec<ChunkId>>,
+) -> bool {
     // Without the right to write, leave the clear refusal to the push.
-    if session.scopes().can_write(&name) {
+    if session.scopes().can_write(name) {
         while let Some(mut ids) = rx.recv().await {
             while let Ok(more) = rx.try_recv() {
                 ids.extend(more);
             }
             let sent = async {
-                let missing = missing_on_server(&session, &name, &ids, &opts).await?;
+                let missing = missing_on_server(session, name, &ids, opts).await?;
                 upload(
-                    &session,
-                    &store,
-                    &name,
+                    session,
+                    store,
+                    name,
                     missing.clone(),
-                    &opts,
+                    opts,
                     &early.counters,
                     Arc::new(NoProgress),
                 )
@@ -172,15 +215,12 @@ async fn run_early(
                 Ok(missing) => early.sent.extend(missing),
                 Err(e) => {
                     debug!(error = %e, "the early upload stopped; the push will send the rest");
-                    session.close_counted(&early.counters).await;
-                    early.sent.clear();
-                    return early;
+                    return false;
                 }
             }
         }
     }
-    early.session = Some(session);
-    early
+    true
 }
 
 type EarlyTask = (

@@ -316,3 +316,56 @@ async fn a_pause_longer_than_the_idle_timeout_keeps_the_early_connection() {
     assert!(unstash_bytes(&node, "main/slow").await == second);
     server.stop().await;
 }
+
+/// A stash that fails after its early upload began: `abandon` (or
+/// dropping the blocking upload) stops the upload and closes the
+/// connection at once, instead of leaving the server to hold it until its
+/// idle timeout (60 s here). Nothing is named on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_early_upload_closes_its_connection_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let builder = client_store(dir.path(), "builder");
+    stash_bytes(&builder, "main/failed", &random_bytes(5, 8 << 20)).await;
+    let ids = chunk_ids(&builder, "main/failed");
+    let sessions = || server.metrics.active_sessions.load(Relaxed);
+    let received = || server.metrics.chunks_received.load(Relaxed);
+
+    for (round, abandon) in [(0, true), (1, false)] {
+        let before = received();
+        let some = ids[round * 8..round * 8 + 8].to_vec();
+        let (store, remote) = (builder.clone(), remote.clone());
+        let early = tokio::task::spawn_blocking(move || {
+            let early = transfer::client::blocking::EarlyUpload::start(
+                store,
+                &name("main/failed"),
+                &remote,
+                &opts(),
+            )
+            .unwrap();
+            early.offer(&some);
+            early
+        })
+        .await
+        .unwrap();
+        wait_for(30, "chunks on the early connection", || {
+            sessions() == 1 && received() > before
+        })
+        .await;
+        tokio::task::spawn_blocking(move || {
+            if abandon {
+                early.abandon()
+            } else {
+                drop(early)
+            }
+        })
+        .await
+        .unwrap();
+        wait_for(5, "the server to see the connection closed", || {
+            sessions() == 0
+        })
+        .await;
+    }
+    assert!(server.open_store().list(None).unwrap().is_empty());
+}
