@@ -44,10 +44,12 @@ pub const SERVER_CERT_ENV: &str = "FERRY_SERVER_CERT";
 /// How long a remote collection may take before the client gives up
 /// waiting for its report (the collection itself goes on on the server).
 pub const GC_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
-/// While a request may be long (a collection), or a connection waits for
-/// a stash's next pack (an early upload), the client pings this often
-/// so that neither side takes the quiet connection for a dead one (a
-/// server's idle timeout may be as short as a second).
+/// The client pings this often while its connection is quiet: while a
+/// request is long (a collection) or it waits for a stash's next pack (an
+/// early upload), neither side takes the connection for a dead one (a
+/// server's idle timeout may be as short as a second); and if the server
+/// restarted, the ping draws its stateless reset (see `tls::RestartKeys`),
+/// so the client reconnects at once instead of after its idle timeout.
 pub(crate) const KEEP_ALIVE: Duration = Duration::from_millis(500);
 
 /// What went wrong talking to a server.
@@ -379,14 +381,6 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Connects, checks the server's certificate and says hello.
     pub async fn connect(remote: &Remote, opts: &Options) -> Result<Session, ClientError> {
-        Self::connect_with(remote, opts, None).await
-    }
-
-    pub(crate) async fn connect_with(
-        remote: &Remote,
-        opts: &Options,
-        keep_alive: Option<Duration>,
-    ) -> Result<Session, ClientError> {
         let shown = remote.display();
         let unreachable = |detail: String| ClientError::Unreachable {
             remote: shown.clone(),
@@ -410,14 +404,14 @@ impl Session {
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         let mut transport = wire::transport(opts.request_timeout.max(Duration::from_secs(30)), 0)
             .map_err(ClientError::Config)?;
-        transport.keep_alive_interval(keep_alive);
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = wire::endpoint(bind, None)
+        let mut endpoint = wire::endpoint(bind, None, None)
             .map_err(|e| ClientError::Config(format!("cannot open a UDP socket: {e}")))?;
         endpoint.set_default_client_config(config);
         let server_name = if remote.host.parse::<std::net::IpAddr>().is_ok()
@@ -537,20 +531,29 @@ impl Session {
     /// Sends one raw frame on a new stream and reads the reply (for tools
     /// and tests that craft frames; [`Session::request`] is the normal way).
     pub async fn exchange(&self, frame: &[u8]) -> Result<Message, ClientError> {
+        self.exchange_frame(bytes::Bytes::copy_from_slice(frame))
+            .await
+    }
+
+    async fn exchange_frame(&self, frame: bytes::Bytes) -> Result<Message, ClientError> {
         let work = async {
-            let (mut send, mut recv) = self
+            let (send, mut recv) = self
                 .conn
                 .open_bi()
                 .await
                 .map_err(|e| conn_error(&self.remote, &self.verifier, e))?;
-            send.write_all(frame)
+            let mut send = ResetOnDrop(Some(send));
+            let stream = send.0.as_mut().expect("set above");
+            stream
+                .write_chunk(frame)
                 .await
                 .map_err(|e| self.wire_error(WireError::Write(e)))?;
-            let _ = send.finish();
+            let _ = stream.finish();
             let (reply, _) =
                 wire::read_message(&mut recv, self.limits.max_frame.max(proto::MIN_FRAME))
                     .await
                     .map_err(|e| self.wire_error(e))?;
+            send.0 = None; // answered: nothing to reset
             Ok(reply)
         };
         match tokio::time::timeout(self.request_timeout, work).await {
@@ -568,7 +571,7 @@ impl Session {
     /// Sends a request and returns the reply; an `Error` reply becomes
     /// [`ClientError::Refused`].
     pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
-        match self.exchange(&proto::encode(msg)).await? {
+        match self.exchange_frame(proto::encode(msg).into()).await? {
             Message::Error { kind, message } => Err(self.refused(kind, message)),
             reply => Ok(reply),
         }
@@ -580,10 +583,34 @@ impl Session {
         self.close().await;
     }
 
+    /// Closes the connection politely after a moment for the peer to
+    /// acknowledge what is in flight (see [`ResetOnDrop`]).
+    pub(crate) async fn settle_and_close(self, counters: &Counters) {
+        let settle =
+            (self.conn.rtt() * 2 + Duration::from_millis(5)).min(Duration::from_millis(250));
+        tokio::time::sleep(settle).await;
+        self.close_counted(counters).await;
+    }
+
     /// Closes the connection politely.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// A request's send stream, reset if the request is dropped before its
+/// answer (cancelled, timed out): a dropped `SendStream` would otherwise
+/// go on sending the rest of its frame, for nothing, and keep the
+/// connection's congestion window full when it is closed (quinn then never
+/// sends the close; quinn issue #2785).
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.0 {
+            let _ = s.reset(0u32.into());
+        }
     }
 }
 
@@ -1061,7 +1088,7 @@ pub async fn gc(
     let ((report, names_not_listed), _) = with_retries(opts, "gc", |_| {
         let request = request.clone();
         async move {
-            let mut session = Session::connect_with(remote, opts, Some(KEEP_ALIVE)).await?;
+            let mut session = Session::connect(remote, opts).await?;
             session.request_timeout = session.request_timeout.max(GC_TIMEOUT);
             let r = session.request(&Message::Gc { request }).await;
             session.clone().close().await;

@@ -14,7 +14,7 @@
 
 use crate::client::{
     blocking, distinct, frame_budget, with_retries, ClientError, Counters, Options, PushReport,
-    Remote, Session, KEEP_ALIVE,
+    Remote, Session,
 };
 use crate::proto::{ErrorKind, Message, CHUNK_OVERHEAD};
 use std::collections::HashSet;
@@ -137,10 +137,17 @@ impl EarlyUpload {
     /// timeout.
     pub async fn abandon(self) {
         self.stop.notify_one();
-        drop(self.tx);
-        if let Err(e) = self.task.await {
-            debug!(error = %e, "the early upload failed");
+        match self.task.await {
+            // It had finished: close its connection here.
+            Ok(Early {
+                session: Some(session),
+                counters,
+                ..
+            }) => session.close_counted(&counters).await,
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "the early upload failed"),
         }
+        drop(self.tx); // only now: a closed channel also ends the task
     }
 }
 
@@ -157,9 +164,9 @@ async fn run_early(
         counters,
         ..Early::default()
     };
-    // Pings keep the connection open while the stash has no new pack
-    // (the server's idle timeout may be shorter than that wait).
-    let session = match Session::connect_with(&remote, &opts, Some(KEEP_ALIVE)).await {
+    // The session's pings keep the connection open while the stash has no
+    // new pack (the server's idle timeout may be shorter than that wait).
+    let session = match Session::connect(&remote, &opts).await {
         Ok(s) => s,
         Err(e) => {
             debug!(error = %e, "no early upload: cannot connect; the push will retry");
@@ -168,13 +175,16 @@ async fn run_early(
     };
     let uploads = upload_offered(&session, &store, &name, &opts, &mut early, &mut rx);
     let finished = tokio::select! {
-        finished = uploads => finished,
+        biased; // a stop wins over the end of the offers
         () = stop.notified() => false,
+        finished = uploads => finished,
     };
     if finished {
         early.session = Some(session);
     } else {
-        session.close_counted(&early.counters).await;
+        // The dropped requests reset their streams; what is in flight
+        // still fills the congestion window until acknowledged.
+        session.settle_and_close(&early.counters).await;
         early.sent.clear();
     }
     early

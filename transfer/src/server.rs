@@ -357,12 +357,16 @@ impl Server {
                 .await
                 .map_err(|e| ServerError::Runtime(std::io::Error::other(e)))??
         };
-        let endpoint =
-            wire::endpoint(cfg.listen, Some(server_config)).map_err(|error| ServerError::Bind {
-                what: "QUIC (UDP)",
-                addr: cfg.listen,
-                error,
-            })?;
+        let endpoint = wire::endpoint(
+            cfg.listen,
+            Some(server_config),
+            Some(tls::RestartKeys::of(&identity)),
+        )
+        .map_err(|error| ServerError::Bind {
+            what: "QUIC (UDP)",
+            addr: cfg.listen,
+            error,
+        })?;
         let (metrics_listener, metrics_addr) = match cfg.metrics_listen {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await.map_err(|error| {

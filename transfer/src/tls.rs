@@ -115,6 +115,39 @@ impl Identity {
     }
 }
 
+/// What a server needs to tell clients of a previous run (same key file)
+/// that their connection is gone: the key it signs stateless resets with,
+/// and the key of its connection-id generator (so that it recognises the
+/// ids it handed out before the restart and answers packets for them with
+/// a reset instead of dropping them). A client then reconnects the moment
+/// it sends anything (its keep-alive) instead of waiting for its idle
+/// timeout. Both are derived from the private key, which never leaves the
+/// server; QUIC requires the reset key to stay secret.
+pub struct RestartKeys {
+    /// Signs stateless resets.
+    pub reset: Arc<dyn quinn::crypto::HmacKey>,
+    /// Keys the connection-id generator.
+    pub cid: u64,
+}
+
+impl RestartKeys {
+    /// The keys for `id`'s private key.
+    pub fn of(id: &Identity) -> RestartKeys {
+        let derive = |label: &[u8]| {
+            let mut h = Sha256::new();
+            h.update(label);
+            h.update(id.key.secret_der());
+            h.finalize()
+        };
+        let reset = derive(b"ferry: QUIC stateless reset key, v1\0");
+        let cid = derive(b"ferry: QUIC connection id key, v1\0");
+        RestartKeys {
+            reset: Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset)),
+            cid: u64::from_le_bytes(cid[..8].try_into().expect("8 of 32 bytes")),
+        }
+    }
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(io("cannot read", path))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)

@@ -106,8 +106,18 @@ const MAX_UDP_PAYLOAD: u16 = 1472;
 pub(crate) fn endpoint(
     addr: std::net::SocketAddr,
     server: Option<quinn::ServerConfig>,
+    restart: Option<crate::tls::RestartKeys>,
 ) -> std::io::Result<quinn::Endpoint> {
-    let mut config = quinn::EndpointConfig::default();
+    let mut config = match restart {
+        Some(keys) => {
+            let mut c = quinn::EndpointConfig::new(keys.reset);
+            c.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(keys.cid))
+            });
+            c
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     config
         .max_udp_payload_size(max_udp_payload())
         .map_err(|e| std::io::Error::other(e.to_string()))?;

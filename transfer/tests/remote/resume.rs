@@ -1,11 +1,13 @@
 //! Interrupted transfers resume without resending what arrived.
 
 use crate::util::*;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use transfer::client::{pull, push, Session};
 use transfer::proto::Message;
+use transfer::server::Server;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_cancelled_midway_resumes_where_it_stopped() {
@@ -165,4 +167,76 @@ async fn a_pull_interrupted_by_a_server_restart_resumes() {
     assert!(r.stats.chunks_received as usize >= total, "{:?}", r.stats);
     assert_eq!(unstash_bytes(&node2, "main/big").await, data);
     third.stop().await;
+}
+
+/// A server that dies without a word (its runtime dropped: no CONNECTION_CLOSE
+/// leaves, as after SIGKILL or a close stuck behind a full congestion window)
+/// and comes back with the same key files answers the old connection's next
+/// packet with a stateless reset: a request on it fails at once with the
+/// connection reset, not after the client's 30 s idle and request timeouts.
+#[test]
+fn a_server_back_from_a_crash_resets_the_old_connections_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let start = |rt: &tokio::runtime::Runtime, listen: SocketAddr| {
+        let cfg = config(dir.path(), listen);
+        rt.block_on(async {
+            let mut tries = 0;
+            let server = loop {
+                match Server::bind(&cfg).await {
+                    Ok(s) => break s,
+                    Err(e) if tries < 50 => {
+                        tries += 1;
+                        eprintln!("bind: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("cannot start the server: {e}"),
+                }
+            };
+            let found = (server.local_addr(), server.fingerprint().to_string());
+            tokio::spawn(async move { server.run().await.unwrap() });
+            found
+        })
+    };
+    let first = runtime();
+    let (addr, fingerprint) = start(&first, "127.0.0.1:0".parse().unwrap());
+    let client = runtime();
+    let remote = transfer::client::Remote::new(
+        &format!("quic://{addr}"),
+        transfer::tls::Trust::from_arg(&fingerprint).unwrap(),
+        Some(transfer::auth::Token::new(MAIN).unwrap()),
+    )
+    .unwrap();
+    let list = Message::List {
+        prefix: String::new(),
+    };
+    let session = client.block_on(async {
+        let s = Session::connect(&remote, &opts()).await.unwrap();
+        s.request(&list).await.unwrap();
+        s
+    });
+
+    first.shutdown_background();
+    let second = runtime();
+    start(&second, addr);
+    let answer = client.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), session.request(&list)).await
+    });
+    let err = answer
+        .expect("the old connection still waits after 10 s")
+        .expect_err("a request on the old connection cannot succeed");
+    assert!(err.to_string().contains("reset"), "{err}");
+    // A new connection works.
+    client.block_on(async {
+        let s = Session::connect(&remote, &opts()).await.unwrap();
+        s.request(&list).await.unwrap();
+        s.close().await;
+    });
+    second.shutdown_background();
 }
