@@ -11,6 +11,11 @@ the default level, on a buffer of real files from /usr. It runs the same code
 paths as `ferry stash`, so operators can compare CPU, GPU and ARM nodes
 without cargo.
 
+Every chunking kernel this CPU runs gets a row: `lanes-asm` (x86-64
+assembly, the default there), `lanes` (portable, what other CPUs such as ARM
+run) and `reference` (byte at a time). All cut at the same points;
+FERRY_CHUNKER_KERNEL=reference|lanes|lanes-asm makes ferry use another one.
+
 Examples:
   ferry bench                     # 256 MiB buffer, human table
   ferry bench --size 1GiB --json  # for scripts
