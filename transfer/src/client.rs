@@ -1183,7 +1183,8 @@ pub mod blocking {
     /// An [`crate::push::EarlyUpload`] on its own runtime: offer it chunks
     /// from the thread that runs the stash, then push. Dropped without a
     /// push (the stash failed), it abandons the upload: see
-    /// [`EarlyUpload::abandon`].
+    /// [`EarlyUpload::abandon`]. Like every blocking wrapper here, use and
+    /// drop it outside any async runtime (its drop waits on its own).
     pub struct EarlyUpload {
         runtime: tokio::runtime::Runtime,
         /// `None` once pushed or abandoned.
