@@ -1,6 +1,6 @@
 //! `ferry bench` and the choice of chunking kernel, through the binary.
 
-use crate::util::{mixed_bytes, Env};
+use crate::util::{assert_bytes_eq, mixed_bytes, run, Env};
 
 /// The kernel stash picks on this machine by default.
 fn fastest() -> &'static str {
@@ -14,7 +14,14 @@ fn fastest() -> &'static str {
 #[test]
 fn bench_reports_every_kernel_and_the_one_stash_uses() {
     let env = Env::new();
-    let out = env.ferry(&[
+    // The default kernel: no override from the environment running the tests.
+    let ferry = |args: &[&str]| {
+        run(
+            env.cmd().env_remove("FERRY_CHUNKER_KERNEL").args(args),
+            None,
+        )
+    };
+    let out = ferry(&[
         "--json",
         "bench",
         "--size",
@@ -46,7 +53,7 @@ fn bench_reports_every_kernel_and_the_one_stash_uses() {
     }
 
     // The human table names the kernel too.
-    let text = env.ferry(&["bench", "--size", "1MiB", "--runs", "1"]);
+    let text = ferry(&["bench", "--size", "1MiB", "--runs", "1"]);
     text.ok();
     let stdout = String::from_utf8_lossy(&text.stdout);
     assert!(
@@ -74,7 +81,7 @@ fn every_kernel_stashes_the_same_manifest() {
     let mut manifests = Vec::new();
     for kernel in ["reference", "lanes", "lanes-asm"] {
         let env = Env::new();
-        let out = crate::util::run(
+        let out = run(
             env.cmd()
                 .env("FERRY_CHUNKER_KERNEL", kernel)
                 .args(["--json", "stash", "k/data", "-"]),
@@ -84,7 +91,7 @@ fn every_kernel_stashes_the_same_manifest() {
         let report = out.json();
         assert!(report["chunks"].as_u64().unwrap() > 100, "{report}");
         manifests.push((kernel, report["manifest"].clone()));
-        crate::util::assert_bytes_eq(&env.unstash_stdout("k/data"), &data, kernel);
+        assert_bytes_eq(&env.unstash_stdout("k/data"), &data, kernel);
     }
     for (kernel, m) in &manifests {
         assert_eq!(m, &manifests[0].1, "{kernel} vs {}", manifests[0].0);

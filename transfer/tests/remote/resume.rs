@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use transfer::client::{pull, push, Session};
 use transfer::proto::Message;
-use transfer::server::Server;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_cancelled_midway_resumes_where_it_stopped() {
@@ -187,18 +186,7 @@ fn a_server_back_from_a_crash_resets_the_old_connections_at_once() {
     let start = |rt: &tokio::runtime::Runtime, listen: SocketAddr| {
         let cfg = config(dir.path(), listen);
         rt.block_on(async {
-            let mut tries = 0;
-            let server = loop {
-                match Server::bind(&cfg).await {
-                    Ok(s) => break s,
-                    Err(e) if tries < 50 => {
-                        tries += 1;
-                        eprintln!("bind: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    Err(e) => panic!("cannot start the server: {e}"),
-                }
-            };
+            let server = bind_retrying(&cfg).await;
             let found = (server.local_addr(), server.fingerprint().to_string());
             tokio::spawn(async move { server.run().await.unwrap() });
             found

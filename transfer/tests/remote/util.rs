@@ -66,6 +66,23 @@ pub fn config(dir: &Path, listen: SocketAddr) -> ServerConfig {
     cfg
 }
 
+/// A server bound for `cfg`; binding is retried for a while (a restarted
+/// server may wait for its predecessor's socket to close).
+pub async fn bind_retrying(cfg: &ServerConfig) -> Server {
+    let mut tries = 0;
+    loop {
+        match Server::bind(cfg).await {
+            Ok(s) => return s,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("bind: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot start the server: {e}"),
+        }
+    }
+}
+
 /// A running server.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -83,21 +100,9 @@ impl TestServer {
         Self::start_with(config(dir, "127.0.0.1:0".parse().unwrap())).await
     }
 
-    /// A server from `cfg`; binding is retried for a while (a restarted
-    /// server may wait for its predecessor's socket to close).
+    /// A server from `cfg` (see [`bind_retrying`]).
     pub async fn start_with(cfg: ServerConfig) -> TestServer {
-        let mut tries = 0;
-        let server = loop {
-            match Server::bind(&cfg).await {
-                Ok(s) => break s,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    eprintln!("bind: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("cannot start the server: {e}"),
-            }
-        };
+        let server = bind_retrying(&cfg).await;
         let addr = server.local_addr();
         let fingerprint = server.fingerprint().to_string();
         let metrics = server.metrics();
