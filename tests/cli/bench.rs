@@ -62,15 +62,14 @@ fn bench_reports_every_kernel_and_the_one_stash_uses() {
     );
 
     // FERRY_CHUNKER_KERNEL picks another one.
-    let out = env
-        .cmd()
-        .env("FERRY_CHUNKER_KERNEL", "reference")
-        .args(["--json", "bench", "--size", "1MiB", "--runs", "1"])
-        .output()
-        .expect("run ferry");
-    assert!(out.status.success());
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["kernel"], "reference");
+    let out = run(
+        env.cmd()
+            .env("FERRY_CHUNKER_KERNEL", "reference")
+            .args(["--json", "bench", "--size", "1MiB", "--runs", "1"]),
+        None,
+    );
+    out.ok();
+    assert_eq!(out.json()["kernel"], "reference");
 }
 
 /// Every kernel cuts the same chunks: the same data stashed into separate
