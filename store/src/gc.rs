@@ -836,6 +836,49 @@ mod tests {
         assert_eq!(s.gc(&quick()).unwrap().packs_deleted, 1);
     }
 
+    /// An import's sealed pack that a collection condemned before the
+    /// import's commit (nothing named it yet) is kept by the importer's
+    /// lease and counts for its commit; a writer that starts after the
+    /// mark finds the chunks missing; the next collection takes the pack
+    /// back.
+    #[test]
+    fn an_import_condemned_before_its_commit_still_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Store::open(dir.path().join("src")).unwrap();
+        let bytes = data(1 << 20, 7);
+        stash(&src, "x", &bytes);
+        let (_, manifest) = src.manifest_bytes(&n("x")).unwrap();
+        let dst = Store::open(dir.path().join("dst")).unwrap();
+        let mut importer = dst.importer().unwrap();
+        let (_, m) = src.manifest(&n("x")).unwrap();
+        let mut raw = Vec::new();
+        for c in m.chunks() {
+            let stored = src.read_stored(&c.id).unwrap().unwrap();
+            importer.add(&stored.verify(&mut raw).unwrap()).unwrap();
+        }
+        assert!(!importer.flush().unwrap().is_empty(), "a sealed pack");
+
+        let first = dst.gc(&quick()).unwrap();
+        assert_eq!(first.packs_condemned, 1, "{first:?}");
+        assert_eq!(first.packs_deleted, 0, "the import's lease keeps it");
+        match dst.commit_manifest(&n("late"), &manifest) {
+            Err(StoreError::MissingChunk { .. }) => {}
+            other => panic!("a writer after the mark reused condemned chunks: {other:?}"),
+        }
+        importer.commit(&n("x"), &manifest).unwrap();
+
+        let second = dst.gc(&quick()).unwrap();
+        assert_eq!(second.packs_uncondemned, 1, "{second:?}");
+        assert_eq!(second.packs_deleted, 0, "{second:?}");
+        let mut out = Vec::new();
+        dst.open_stash(&n("x"))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == bytes);
+        assert!(dst.fsck(true, &NoProgress).unwrap().problems.is_empty());
+    }
+
     #[test]
     fn a_new_writer_does_not_reuse_condemned_chunks() {
         let dir = tempfile::tempdir().unwrap();

@@ -8,8 +8,10 @@
 //! server that receives it), and never again on the way into a pack.
 
 use crate::lease::Lease;
+use crate::name::Name;
 use crate::repo::{verify_stored, Packer, Store, StoreError, StoredChunk};
-use crate::ChunkId;
+use crate::{ChunkId, ManifestId, PackId};
+use std::collections::HashSet;
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -60,6 +62,10 @@ pub struct Importer<S: Deref<Target = Store>> {
     open: Vec<ChunkId>,
     added: u64,
     _lease: Option<Lease>,
+    /// The packs condemned when the lease was taken. Packs condemned
+    /// later stay usable for this importer's commit: the collector deletes
+    /// none of them while the lease lives (see [`Importer::commit`]).
+    condemned_at_start: HashSet<PackId>,
 }
 
 /// What an importer did, when it finished.
@@ -88,6 +94,8 @@ impl Importer<Arc<Store>> {
 impl<S: Deref<Target = Store>> Importer<S> {
     fn new(store: S) -> Result<Self, StoreError> {
         let lease = store.lease("import")?;
+        // `lease` re-read the marks: this is the collector's view as of now.
+        let condemned_at_start = store.condemned.read().expect("condemned lock").clone();
         let packer = Packer::new(&store)?;
         Ok(Importer {
             store,
@@ -95,6 +103,7 @@ impl<S: Deref<Target = Store>> Importer<S> {
             open: Vec::new(),
             added: 0,
             _lease: lease,
+            condemned_at_start,
         })
     }
 
@@ -146,5 +155,33 @@ impl<S: Deref<Target = Store>> Importer<S> {
             added: self.added,
             durable,
         })
+    }
+
+    /// Makes everything added durable, then points `name` at the manifest
+    /// `stored` (as [`Store::commit_manifest`]), and only then lets go of
+    /// the lease.
+    ///
+    /// A chunk counts as held if the store holds it now, or if it sits in a
+    /// pack condemned after this importer took its lease: a collection that
+    /// ran while chunks were being imported condemns the packs this
+    /// importer already sealed (nothing names them yet), and no collector
+    /// deletes such a pack while the lease lives; once `name` points at
+    /// its chunks, the next collection takes the pack back. Without this, a
+    /// long upload that met a scheduled collection would be refused at its
+    /// commit and sent again.
+    pub fn commit(
+        mut self,
+        name: &Name,
+        stored: &[u8],
+    ) -> Result<(ManifestId, ImportReport), StoreError> {
+        let durable = self.flush()?;
+        let id =
+            self.store
+                .commit_manifest_keeping(name, stored, Some(&self.condemned_at_start))?;
+        let report = ImportReport {
+            added: self.added,
+            durable,
+        };
+        Ok((id, report)) // the lease goes with `self`, after the commit
     }
 }

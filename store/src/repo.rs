@@ -718,14 +718,35 @@ impl Store {
     /// store), after checking that it decodes and that every chunk it names
     /// is held here: a commit never makes a name point at missing data.
     pub fn commit_manifest(&self, name: &Name, stored: &[u8]) -> Result<ManifestId, StoreError> {
+        self.commit_manifest_keeping(name, stored, None)
+    }
+
+    /// [`Store::commit_manifest`] for a writer whose lease saw the packs
+    /// `condemned_then` condemned: a chunk in a pack condemned since then
+    /// also counts as held (see [`crate::import::Importer::commit`]). The
+    /// caller must hold that lease until this returns.
+    pub(crate) fn commit_manifest_keeping(
+        &self,
+        name: &Name,
+        stored: &[u8],
+        condemned_then: Option<&HashSet<PackId>>,
+    ) -> Result<ManifestId, StoreError> {
         let _lease = self.lease("commit")?;
         let id = ManifestId::of(stored);
         let manifest = self.decode_manifest(name.as_str(), &id, stored)?;
         let ids: Vec<ChunkId> = manifest.chunks().map(|c| c.id).collect();
-        if let Some(first) = self.missing(&ids)?.first() {
+        let missing = self.missing(&ids)?;
+        let first = match condemned_then {
+            None => missing.first().copied(),
+            Some(then) => {
+                let index = self.index()?.read().expect("index lock");
+                missing.into_iter().find(|c| !self.holds(&index, then, c))
+            }
+        };
+        if let Some(chunk) = first {
             return Err(StoreError::MissingChunk {
                 name: name.to_string(),
-                chunk: *first,
+                chunk,
             });
         }
         self.backend.put(Kind::Manifest, &id.to_hex(), stored)?;

@@ -33,6 +33,7 @@ use store::backend::Kind;
 use store::gc::{GcOptions, GcReport};
 use store::import::{verify_all, Importer, VerifiedChunk};
 use store::manifest::Manifest;
+use store::name::Name;
 use store::refs::RefError;
 use store::repo::{Store, StoreError};
 use store::ManifestId;
@@ -792,6 +793,24 @@ impl Uploads {
         Ok(importer.added() - before)
     }
 
+    /// Commits `name` → `manifest`. What this connection uploaded is made
+    /// durable first, and a collection that condemned it meanwhile (its
+    /// packs were sealed but not named yet) does not make the commit fail:
+    /// the importer's lease kept them (see `Importer::commit`). Lets go of
+    /// the importer and its lease afterwards.
+    fn commit(
+        &self,
+        store: &Store,
+        name: &Name,
+        manifest: &[u8],
+    ) -> Result<ManifestId, StoreError> {
+        let importer = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match importer {
+            Some(importer) => importer.commit(name, manifest).map(|(id, _)| id),
+            None => store.commit_manifest(name, manifest),
+        }
+    }
+
     /// Makes every uploaded chunk durable, and lets go of the importer and
     /// its lease (an idle connection must not hold the collector back).
     fn flush(&self) -> Result<(), StoreError> {
@@ -1087,12 +1106,7 @@ async fn execute(
         Action::Commit { name, manifest } => {
             let n = name.clone();
             let uploads = uploads.clone();
-            let committed = blocking(move || {
-                // What this connection uploaded is durable before a name
-                // can point at it.
-                uploads.flush()?;
-                store.commit_manifest(&n, &manifest)
-            });
+            let committed = blocking(move || uploads.commit(&store, &n, &manifest));
             match committed.await {
                 Ok(id) => {
                     metrics.commits.fetch_add(1, Relaxed);

@@ -5,9 +5,10 @@ use crate::util::*;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use store::gc::GcOptions;
 use store::repo::{Progress, Source, StashReport, Store, StoreOptions};
 use store::ChunkId;
-use transfer::client::{pull, push, ClientError, Options, Remote};
+use transfer::client::{gc, pull, push, ClientError, Options, Remote};
 use transfer::metrics::Metrics;
 use transfer::proto::ErrorKind;
 use transfer::push::EarlyUpload;
@@ -368,4 +369,52 @@ async fn an_abandoned_early_upload_closes_its_connection_at_once() {
         .await;
     }
     assert!(server.open_store().list(None).unwrap().is_empty());
+}
+
+/// A collection on the server while a long early upload runs condemns the
+/// pack the server already sealed for it (nothing names it yet). The push
+/// still commits on its first attempt and sends nothing twice; the next
+/// collection takes the pack back and deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_during_an_early_upload_costs_no_second_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let admin = server.remote(ADMIN);
+    let builder = small_pack_store(dir.path(), "builder");
+    // More than one server pack (64 MiB): one is sealed, unnamed, while
+    // the upload runs.
+    let data = random_bytes(21, 72 << 20);
+    let early = start_early(&builder, "main/long", &remote, &opts());
+    let (stash, _) = stash_offering(&builder, "main/long", data.clone(), &early).await;
+    let received = || server.metrics.chunks_received.load(Relaxed);
+    wait_for(60, "the early upload of every new chunk", || {
+        received() == stash.new_chunks
+    })
+    .await;
+
+    let collect = GcOptions {
+        grace: Duration::ZERO,
+        repack_below: 0.0,
+        ..GcOptions::default()
+    };
+    let first = gc(&admin, &collect, &opts()).await.unwrap();
+    assert!(first.report.packs_condemned >= 1, "{:?}", first.report);
+    assert_eq!(first.report.packs_deleted, 0, "{:?}", first.report);
+
+    let report = unwrap_early(early).push(none()).await.unwrap();
+    let s = &report.stats;
+    assert_eq!(s.attempts, 1, "the commit was refused once: {s:?}");
+    assert_eq!(s.chunks_sent, stash.new_chunks, "{s:?}");
+    assert_eq!(received(), stash.new_chunks, "a chunk went up twice");
+
+    let second = gc(&admin, &collect, &opts()).await.unwrap();
+    assert!(second.report.packs_uncondemned >= 1, "{:?}", second.report);
+    assert_eq!(second.report.packs_deleted, 0, "{:?}", second.report);
+    let node = client_store(dir.path(), "node");
+    pull(node.clone(), &name("main/long"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    assert!(unstash_bytes(&node, "main/long").await == data);
+    server.stop().await;
 }
