@@ -16,6 +16,10 @@ assembly, the default there), `lanes` (portable, what other CPUs such as ARM
 run) and `reference` (byte at a time). All cut at the same points;
 FERRY_CHUNKER_KERNEL=reference|lanes|lanes-asm makes ferry use another one.
 
+`chunk + blake3` is what stash does: each chunk is hashed as soon as it is
+found, while its bytes are still in the CPU's cache. `chunk, then blake3`
+hashes them all after chunking, from memory again, for comparison.
+
 Examples:
   ferry bench                     # 256 MiB buffer, human table
   ferry bench --size 1GiB --json  # for scripts

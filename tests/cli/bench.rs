@@ -47,6 +47,9 @@ fn bench_reports_every_kernel_and_the_one_stash_uses() {
             "{names:?}"
         );
     }
+    for row in ["chunk + blake3", "chunk, then blake3"] {
+        assert!(names.contains(&row), "{names:?}");
+    }
     for r in rows {
         let gbps = r["gb_per_s"].as_f64().expect("a number");
         assert!(gbps.is_finite() && gbps > 0.0, "{r}");

@@ -13,7 +13,8 @@
 
 use super::gear::GEAR;
 use super::roll::{self, Roll4};
-use super::Chunker;
+use super::{Chunk, Chunker};
+use crate::ChunkId;
 use serde::Serialize;
 
 /// Which implementation finds cut points. All give identical cuts.
@@ -118,15 +119,106 @@ impl Kernel {
                 }
                 s
             }
-            Kernel::Lanes => lanes_chain(c, data, start, stop, eof, ends, roll::portable),
+            Kernel::Lanes => {
+                lanes_chain(c, data, start, stop, eof, ends, &mut Plain(roll::portable))
+            }
             Kernel::LanesAsm => {
-                #[cfg(target_arch = "x86_64")]
-                let roll: Roll4 = roll::x86_64;
-                #[cfg(not(target_arch = "x86_64"))]
-                let roll: Roll4 = roll::portable;
-                lanes_chain(c, data, start, stop, eof, ends, roll)
+                let mut roller = Plain(self.lanes_roll());
+                lanes_chain(c, data, start, stop, eof, ends, &mut roller)
             }
         }
+    }
+
+    fn lanes_roll(self) -> Roll4 {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::LanesAsm => roll::x86_64,
+            _ => roll::portable,
+        }
+    }
+
+    /// [`Kernel::chain`] that also hashes the chunks: returns the chain's
+    /// ends and the chunks it hashed. With `eager`, the lanes kernel hashes
+    /// each chunk as soon as it finds it, while its bytes are still in the
+    /// CPU's cache (the chunker has just read them; hashing them later
+    /// reads them from memory again), and skips chunks that are only
+    /// guesses — the first one of each stretch, and of the chain unless
+    /// `start_is_cut` — so a few chunks of the chain may be missing:
+    /// [`super::assign_ids`] hashes those. Otherwise it hashes the whole
+    /// chain after chunking it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn chain_hashed(
+        self,
+        c: &Chunker,
+        data: &[u8],
+        start: usize,
+        stop: usize,
+        eof: bool,
+        start_is_cut: bool,
+        eager: bool,
+    ) -> (Vec<usize>, Vec<Chunk>) {
+        let mut ends = Vec::new();
+        if eager && self != Kernel::Reference {
+            let mut roller = Eager {
+                roll: self.lanes_roll(),
+                data,
+                chunks: Vec::new(),
+                start_is_cut,
+            };
+            lanes_chain(c, data, start, stop, eof, &mut ends, &mut roller);
+            return (ends, roller.chunks);
+        }
+        self.chain(c, data, start, stop, eof, &mut ends);
+        let mut chunks = Vec::with_capacity(ends.len());
+        super::hash_chunks(data, start, &ends, &mut chunks);
+        (ends, chunks)
+    }
+}
+
+/// How the lanes kernel rolls its four hashes, and whom it tells of the
+/// chunks it finds.
+trait Roller {
+    /// Rolls as [`Roll4`] does.
+    fn roll(&mut self, lanes: &[&[u8]; 4], hash: &mut [u64; 4], mask: u64) -> usize;
+    /// Lane `lane` found the chunk `start..end`, its `first`.
+    fn chunk(&mut self, _lane: usize, _first: bool, _start: usize, _end: usize) {}
+}
+
+/// Just rolling.
+struct Plain(Roll4);
+
+impl Roller for Plain {
+    fn roll(&mut self, lanes: &[&[u8]; 4], hash: &mut [u64; 4], mask: u64) -> usize {
+        (self.0)(lanes, hash, mask)
+    }
+}
+
+/// Rolling, and hashing every chunk as soon as it is found.
+struct Eager<'a> {
+    roll: Roll4,
+    data: &'a [u8],
+    /// The chunks hashed, in the order found.
+    chunks: Vec<Chunk>,
+    /// Whether lane 0's first chunk starts at a real cut.
+    start_is_cut: bool,
+}
+
+impl Roller for Eager<'_> {
+    fn roll(&mut self, lanes: &[&[u8]; 4], hash: &mut [u64; 4], mask: u64) -> usize {
+        (self.roll)(lanes, hash, mask)
+    }
+
+    fn chunk(&mut self, lane: usize, first: bool, start: usize, end: usize) {
+        // A stretch's first chunk starts at a guess, rarely at a real cut.
+        if first && (lane > 0 || !self.start_is_cut) {
+            return;
+        }
+        let bytes = &self.data[start..end];
+        self.chunks.push(Chunk {
+            offset: start as u64,
+            len: bytes.len() as u32,
+            id: ChunkId::of(bytes),
+        });
     }
 }
 
@@ -277,7 +369,7 @@ fn lanes_chain(
     stop: usize,
     eof: bool,
     ends: &mut Vec<usize>,
-    roll4: Roll4,
+    roller: &mut impl Roller,
 ) -> usize {
     const LANES: usize = 4;
     let len = data.len();
@@ -286,6 +378,7 @@ fn lanes_chain(
     if span < LANES * min_stretch(c) {
         let mut lane = Lane::new(c, len, start, stop, eof);
         run_single(c, data, eof, common, &mut lane);
+        report(roller, 0, start, &lane.ends, 0);
         ends.extend_from_slice(&lane.ends);
         return lane.ends.last().copied().unwrap_or(start);
     }
@@ -311,20 +404,33 @@ fn lanes_chain(
             let slices: [&[u8]; LANES] =
                 std::array::from_fn(|i| &data[lanes[i].pos..lanes[i].pos + k]);
             let mut hash: [u64; LANES] = std::array::from_fn(|i| lanes[i].hash);
-            let rolled = roll4(&slices, &mut hash, common);
+            let rolled = roller.roll(&slices, &mut hash, common);
             for (lane, h) in lanes.iter_mut().zip(hash) {
                 lane.hash = h;
                 lane.pos += rolled;
             }
         }
-        for lane in &mut lanes {
+        for (k, lane) in lanes.iter_mut().enumerate() {
+            let found = lane.ends.len();
             lane.settle(c, len, eof);
+            report(roller, k, bounds[k], &lane.ends, found);
         }
     }
-    for lane in &mut lanes {
+    for (k, lane) in lanes.iter_mut().enumerate() {
+        let found = lane.ends.len();
         run_single(c, data, eof, common, lane);
+        report(roller, k, bounds[k], &lane.ends, found);
     }
     stitch(c, data, eof, &bounds, &lanes.map(|l| l.ends), ends)
+}
+
+/// Tells `roller` of lane `k`'s chunks from `ends[from]` on; the lane
+/// started at `start`.
+fn report(roller: &mut impl Roller, k: usize, start: usize, ends: &[usize], from: usize) {
+    for i in from..ends.len() {
+        let begin = if i == 0 { start } else { ends[i - 1] };
+        roller.chunk(k, i == 0, begin, ends[i]);
+    }
 }
 
 /// Runs one lane to its stop.

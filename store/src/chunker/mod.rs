@@ -113,6 +113,8 @@ pub struct Chunker {
     mask_s: u64,
     mask_l: u64,
     kernel: Kernel,
+    /// Hash each chunk as soon as the lanes kernel finds it.
+    eager: bool,
 }
 
 impl Chunker {
@@ -157,6 +159,7 @@ impl Chunker {
             mask_s: gear::MASKS[(bits + level) as usize],
             mask_l: gear::MASKS[(bits - level) as usize],
             kernel,
+            eager: true,
         })
     }
 
@@ -168,6 +171,15 @@ impl Chunker {
     /// The kernel in use.
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// This chunker hashing each chunk as soon as it is found, while its
+    /// bytes are in the CPU's cache (`true`, the default), or all of them
+    /// after chunking (`false`; tests and benchmarks compare the two). The
+    /// ids are the same either way.
+    pub fn with_eager_hashing(mut self, eager: bool) -> Self {
+        self.eager = eager;
+        self
     }
 
     /// Largest chunk this chunker emits.
@@ -184,11 +196,10 @@ impl Chunker {
 
     /// Chunks of `data` with their BLAKE3 ids, on the calling thread.
     pub fn chunk_and_hash(&self, data: &[u8]) -> Vec<Chunk> {
-        let mut chunks = Vec::with_capacity(data.len() / self.avg + 1);
-        let mut ends = Vec::new();
-        self.kernel.cut_all(self, data, 0, true, &mut ends);
-        hash_chunks(data, 0, &ends, &mut chunks);
-        chunks
+        let (ends, hashed) =
+            self.kernel
+                .chain_hashed(self, data, 0, data.len(), true, true, self.eager);
+        assign_ids(data, 0, &ends, hashed)
     }
 
     /// Like [`Chunker::chunk_and_hash`], spread over the current rayon pool.
@@ -210,6 +221,28 @@ fn hash_chunks(data: &[u8], start: usize, ends: &[usize], out: &mut Vec<Chunk>) 
         });
         begin = end;
     }
+}
+
+/// The chunks `[start, ends[0])`, `[ends[0], ends[1])`, … of `data` with
+/// their ids: taken from `hashed` where it has the same chunk, else
+/// computed here.
+fn assign_ids(data: &[u8], start: usize, ends: &[usize], hashed: Vec<Chunk>) -> Vec<Chunk> {
+    let known: std::collections::HashMap<(u64, u32), ChunkId> = hashed
+        .into_iter()
+        .map(|c| ((c.offset, c.len), c.id))
+        .collect();
+    let mut out = Vec::with_capacity(ends.len());
+    let mut begin = start;
+    for &end in ends {
+        let (offset, len) = (begin as u64, (end - begin) as u32);
+        let id = match known.get(&(offset, len)) {
+            Some(id) => *id,
+            None => ChunkId::of(&data[begin..end]),
+        };
+        out.push(Chunk { offset, len, id });
+        begin = end;
+    }
+    out
 }
 
 #[cfg(test)]

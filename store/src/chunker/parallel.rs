@@ -9,7 +9,6 @@
 
 use super::kernel::stitch;
 use super::{Chunk, Chunker};
-use crate::ChunkId;
 use rayon::prelude::*;
 
 /// Smallest segment worth a task of its own.
@@ -28,49 +27,26 @@ pub(super) fn chunk_and_hash(c: &Chunker, data: &[u8], eof: bool) -> (Vec<Chunk>
         let (start, stop) = (bounds[k], bounds[k + 1]);
         // A segment looks one maximal chunk past its end, no further.
         let to = (stop + c.max).min(data.len());
-        let mut ends = Vec::new();
-        c.kernel.chain(
+        // Only the first segment starts at a known cut.
+        c.kernel.chain_hashed(
             c,
             &data[..to],
             start,
             stop,
             eof && to == data.len(),
-            &mut ends,
-        );
-        let mut chunks = Vec::with_capacity(ends.len());
-        super::hash_chunks(data, start, &ends, &mut chunks);
-        (ends, chunks)
+            k == 0,
+            c.eager,
+        )
     };
     let parts: Vec<(Vec<usize>, Vec<Chunk>)> = if segments == 1 {
         vec![run(0)]
     } else {
         (0..segments).into_par_iter().map(run).collect()
     };
-    let chains: Vec<Vec<usize>> = parts.iter().map(|(e, _)| e.clone()).collect();
+    let (chains, hashed): (Vec<Vec<usize>>, Vec<Vec<Chunk>>) = parts.into_iter().unzip();
     let mut ends = Vec::with_capacity(chains.iter().map(Vec::len).sum());
     let next = stitch(c, data, eof, &bounds, &chains, &mut ends);
-
-    // Reuse the segments' hashes for the chunks the real chain shares.
-    let hashed = parts.iter().flat_map(|(_, chunks)| chunks.iter());
-    let mut hashed = hashed.peekable();
-    let mut out = Vec::with_capacity(ends.len());
-    let mut start = 0usize;
-    for &end in &ends {
-        while hashed.peek().is_some_and(|h| (h.offset as usize) < start) {
-            hashed.next();
-        }
-        let len = (end - start) as u32;
-        match hashed.peek() {
-            Some(h) if h.offset as usize == start && h.len == len => {
-                out.push(*hashed.next().expect("peeked"))
-            }
-            _ => out.push(Chunk {
-                offset: start as u64,
-                len,
-                id: ChunkId::of(&data[start..end]),
-            }),
-        }
-        start = end;
-    }
+    // Chunks the real chain shares with a segment keep its hash.
+    let out = super::assign_ids(data, 0, &ends, hashed.into_iter().flatten().collect());
     (out, next)
 }

@@ -83,15 +83,18 @@ fn check_all_paths(data: &[u8], p: ChunkerParams) {
             "{kernel:?} {p:?} len {}",
             data.len()
         );
-        let hashed = c.chunk_and_hash(data);
-        let ends: Vec<usize> = hashed
-            .iter()
-            .map(|c| (c.offset + c.len as u64) as usize)
-            .collect();
-        assert_eq!(ends, expected, "{kernel:?} chunk_and_hash");
-        for ch in &hashed {
-            let bytes = &data[ch.offset as usize..][..ch.len as usize];
-            assert_eq!(ch.id, ChunkId::of(bytes));
+        // Hashing each chunk as it is found, or all after chunking.
+        for eager in [true, false] {
+            let hashed = c.with_eager_hashing(eager).chunk_and_hash(data);
+            let ends: Vec<usize> = hashed
+                .iter()
+                .map(|c| (c.offset + c.len as u64) as usize)
+                .collect();
+            assert_eq!(ends, expected, "{kernel:?} chunk_and_hash, eager {eager}");
+            for ch in &hashed {
+                let bytes = &data[ch.offset as usize..][..ch.len as usize];
+                assert_eq!(ch.id, ChunkId::of(bytes), "{kernel:?} eager {eager}");
+            }
         }
     }
 }
@@ -206,7 +209,9 @@ fn parallel_equals_sequential_for_any_thread_count() {
     };
     for &kernel in Kernel::all() {
         let c = Chunker::with_kernel(p, kernel).unwrap();
-        let expected = c.chunk_and_hash(&mixed);
+        // Hashed after chunking, on one thread: the eager, parallel path
+        // must give the same chunks and ids.
+        let expected = c.with_eager_hashing(false).chunk_and_hash(&mixed);
         for threads in [1, 2, 3, 8] {
             assert_eq!(
                 in_pool(threads, || c.par_chunk_and_hash(&mixed)),
@@ -297,7 +302,7 @@ proptest! {
         let p = small();
         let data = random_bytes(len, seed);
         let c = Chunker::new(p).unwrap();
-        let expected = c.chunk_and_hash(&data);
+        let expected = c.with_eager_hashing(false).chunk_and_hash(&data);
         prop_assert_eq!(&in_pool(threads, || c.par_chunk_and_hash(&data)), &expected);
         prop_assert_eq!(&stream_chunks(c, &data, capacity, piece), &expected);
     }
