@@ -27,14 +27,13 @@ pub(super) fn chunk_and_hash(c: &Chunker, data: &[u8], eof: bool) -> (Vec<Chunk>
         let (start, stop) = (bounds[k], bounds[k + 1]);
         // A segment looks one maximal chunk past its end, no further.
         let to = (stop + c.max).min(data.len());
-        // Only the first segment starts at a known cut.
         c.kernel.chain_hashed(
             c,
             &data[..to],
             start,
             stop,
             eof && to == data.len(),
-            k == 0,
+            k == 0, // only the first segment starts at a known cut
             c.eager,
         )
     };
