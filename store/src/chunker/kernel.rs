@@ -119,16 +119,20 @@ impl Kernel {
                 }
                 s
             }
-            Kernel::Lanes => {
-                lanes_chain(c, data, start, stop, eof, ends, &mut Plain(roll::portable))
-            }
-            Kernel::LanesAsm => {
-                let mut roller = Plain(self.lanes_roll());
-                lanes_chain(c, data, start, stop, eof, ends, &mut roller)
-            }
+            Kernel::Lanes | Kernel::LanesAsm => lanes_chain(
+                c,
+                data,
+                start,
+                stop,
+                eof,
+                ends,
+                &mut Plain(self.lanes_roll()),
+            ),
         }
     }
 
+    /// The lanes kernel's inner loop: the assembly one for `lanes-asm` on
+    /// x86-64, else the portable one.
     fn lanes_roll(self) -> Roll4 {
         match self {
             #[cfg(target_arch = "x86_64")]
