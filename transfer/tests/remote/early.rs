@@ -404,7 +404,7 @@ async fn a_collection_during_an_early_upload_costs_no_second_upload() {
 
     let report = unwrap_early(early).push(none()).await.unwrap();
     let s = &report.stats;
-    assert_eq!(s.attempts, 1, "the commit was refused once: {s:?}");
+    assert_eq!(s.attempts, 1, "{s:?}");
     assert_eq!(s.chunks_sent, stash.new_chunks, "{s:?}");
     assert_eq!(received(), stash.new_chunks, "a chunk went up twice");
 
