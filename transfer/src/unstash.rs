@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use store::import::VerifiedChunk;
+use store::import::{Importer, VerifiedChunk};
 use store::manifest::{ChunkRef, Manifest, StashKind};
 use store::name::Name;
 use store::repo::{ChunkSource, Progress, Store, StoreError, Target, UnstashReport};
@@ -221,10 +221,16 @@ pub async fn unstash(
     }
     let cache_error = match imported {
         Some(Err(e)) => Some(e.to_string()),
-        _ => {
+        imported => {
             let (s, n) = (store.clone(), name.clone());
             blocking(move || {
-                s.commit_manifest(&n, &bytes)?;
+                // With the importer's lease: a collection on this node
+                // that condemned the packs it sealed (nothing named them
+                // yet) does not make the fetched chunks count as missing.
+                match imported {
+                    Some(Ok(importer)) => importer.commit(&n, &bytes).map(|_| ())?,
+                    _ => s.commit_manifest(&n, &bytes).map(|_| ())?,
+                }
                 store::cache::touch(&s, &n);
                 Ok(())
             })
@@ -322,7 +328,9 @@ async fn download(
     }
 }
 
-type ImporterThread = std::thread::JoinHandle<Result<u64, StoreError>>;
+/// Ends with every fetched chunk durable and the importer (and its lease)
+/// still held, for the commit of the name into the node's store.
+type ImporterThread = std::thread::JoinHandle<Result<Importer<Arc<Store>>, StoreError>>;
 
 /// Raw bytes of chunks read once and wanted again that may wait in memory
 /// for their pack to be written.
@@ -336,7 +344,7 @@ fn spawn_importer(
     rx: std::sync::mpsc::Receiver<VerifiedChunk>,
 ) -> ImporterThread {
     std::thread::spawn(move || {
-        let mut importer = store.importer()?;
+        let mut importer = Importer::shared(store)?;
         for chunk in rx {
             let mut durable = importer.add(&chunk)?;
             if durable.is_empty() && board.retained() > RETAIN_LIMIT {
@@ -347,9 +355,8 @@ fn spawn_importer(
             }
             board.durable(&durable);
         }
-        let report = importer.finish()?;
-        board.durable(&report.durable);
-        Ok(report.added)
+        board.durable(&importer.flush()?);
+        Ok(importer)
     })
 }
 

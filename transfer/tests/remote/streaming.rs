@@ -382,3 +382,88 @@ async fn an_unreadable_name_is_refused_before_writing() {
     assert!(!out.exists());
     server.stop().await;
 }
+
+/// Runs a collection on the node's store once the output passes half of
+/// the stash, and keeps its report.
+struct CollectHalfway {
+    node: Arc<Store>,
+    half: u64,
+    written: Mutex<u64>,
+    report: Mutex<Option<store::gc::GcReport>>,
+}
+
+impl store::repo::Progress for CollectHalfway {
+    fn advance(&self, bytes: u64) {
+        let mut written = self.written.lock().unwrap();
+        *written += bytes;
+        let mut report = self.report.lock().unwrap();
+        if *written >= self.half && report.is_none() {
+            let opts = store::gc::GcOptions {
+                grace: std::time::Duration::ZERO,
+                ..store::gc::GcOptions::default()
+            };
+            *report = Some(self.node.gc(&opts).unwrap());
+        }
+    }
+}
+
+/// A collection on the node while an unstash runs condemns the packs the
+/// unstash already wrote into the node's store (nothing names them yet):
+/// the unstash still keeps the name in the node's store; the next
+/// collection takes the packs back, and an unstash then fetches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_on_the_node_during_an_unstash_keeps_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = random_bytes(31, 6 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+
+    let node = small_pack_store(dir.path(), "node");
+    let progress = Arc::new(CollectHalfway {
+        node: node.clone(),
+        half: data.len() as u64 / 2,
+        written: Mutex::new(0),
+        report: Mutex::new(None),
+    });
+    let sink = Sink::default();
+    let r = unstash(
+        node.clone(),
+        &name("main/big"),
+        Destination::Writer(Box::new(sink.clone())),
+        false,
+        &remote,
+        &opts(),
+        progress.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(sink.bytes() == data);
+    let report = progress
+        .report
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a collection ran");
+    assert!(report.packs_condemned >= 1, "{report:?}");
+    assert_eq!(report.packs_deleted, 0, "{report:?}");
+    assert_eq!(r.cache_error, None);
+    assert_eq!(node.list(None).unwrap().len(), 1);
+    let next = node
+        .gc(&store::gc::GcOptions {
+            grace: std::time::Duration::ZERO,
+            ..store::gc::GcOptions::default()
+        })
+        .unwrap();
+    assert!(next.packs_uncondemned >= 1, "{next:?}");
+    assert_eq!(next.packs_deleted, 0, "{next:?}");
+
+    let (out, again) = to_sink(&node, "main/big", &remote, &opts()).await;
+    assert!(out == data);
+    assert_eq!(again.transfer.chunks_received, 0, "{:?}", again.transfer);
+    server.stop().await;
+}
