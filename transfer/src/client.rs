@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::backend::Kind;
 use store::gc::{GcOptions, GcReport};
+use store::import::{verify_all, Importer};
 use store::manifest::{ChunkRef, Header, Manifest};
 use store::name::Name;
 use store::repo::{Entry, Progress, Store, StoreError, StoredChunk};
@@ -869,6 +870,8 @@ async fn pull_once(
         .store((refs.len() - needed.len()) as u64, Relaxed);
     debug!(needed = needed.len(), "chunks to download");
 
+    // The importer that wrote what arrived, for the commit.
+    let mut kept: Option<Importer<Arc<Store>>> = None;
     if !needed.is_empty() {
         let limits = session.limits();
         let streams = opts.streams.clamp(1, limits.max_streams as usize);
@@ -883,29 +886,38 @@ async fn pull_once(
         let lens = Arc::new(lens);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<StoredChunk>>(streams * 2);
         // The importer: verifies and writes received chunks in groups, and
-        // imports whatever arrived even when the download fails, so that a
-        // retry or a re-run does not fetch it again.
+        // makes whatever arrived durable even when the download fails, so
+        // that a retry or a re-run does not fetch it again. One importer
+        // (one lease) for the whole pull: the name is committed with it.
         let import_store = store.clone();
         let import_bytes = opts.import_bytes;
         let importer = tokio::spawn(async move {
             let mut buf: Vec<StoredChunk> = Vec::new();
             let mut held = 0u64;
+            let mut importer: Option<Importer<Arc<Store>>> = None;
             let mut result: Result<(), ClientError> = Ok(());
-            while let Some(chunks) = rx.recv().await {
-                held += chunks.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
-                buf.extend(chunks);
-                if held >= import_bytes && result.is_ok() {
-                    let s = import_store.clone();
+            loop {
+                let next = rx.recv().await;
+                let last = next.is_none();
+                if let Some(chunks) = next {
+                    held += chunks.iter().map(|c| c.bytes.len() as u64).sum::<u64>();
+                    buf.extend(chunks);
+                }
+                let due = held >= import_bytes || (last && !buf.is_empty());
+                if result.is_ok() && (due || (last && importer.is_some())) {
                     let group = std::mem::take(&mut buf);
+                    let (s, open) = (import_store.clone(), importer.take());
                     held = 0;
-                    result = blocking(move || s.import_chunks(&group)).await.map(|_| ());
+                    match blocking(move || import_group(s, open, group, last)).await {
+                        Ok(i) => importer = Some(i),
+                        Err(e) => result = Err(e),
+                    }
+                }
+                if last {
+                    break;
                 }
             }
-            if !buf.is_empty() && result.is_ok() {
-                let s = import_store.clone();
-                result = blocking(move || s.import_chunks(&buf)).await.map(|_| ());
-            }
-            result
+            result.map(|()| importer)
         });
         let mut workers = JoinSet::new();
         for _ in 0..streams {
@@ -953,18 +965,21 @@ async fn pull_once(
         let imported = importer
             .await
             .map_err(|e| ClientError::Config(format!("the importer failed: {e}")))?;
-        if let Err(e) = imported {
+        match imported {
+            Ok(i) => kept = i,
             // A chunk that does not verify is the server's fault.
-            return Err(match e {
-                ClientError::Store(StoreError::CorruptChunk { chunk, detail, .. }) => session
-                    .refused(
-                        ErrorKind::Corrupt,
-                        format!(
+            Err(e) => {
+                return Err(match e {
+                    ClientError::Store(StoreError::CorruptChunk { chunk, detail, .. }) => session
+                        .refused(
+                            ErrorKind::Corrupt,
+                            format!(
                             "the server sent chunk {chunk}, which does not match its id ({detail})"
                         ),
-                    ),
-                other => other,
-            });
+                        ),
+                    other => other,
+                })
+            }
         }
         if let Some(e) = first_err {
             return Err(e);
@@ -972,9 +987,44 @@ async fn pull_once(
     }
     let s = store.clone();
     let n = name.clone();
-    let committed = blocking(move || s.commit_manifest(&n, &bytes)).await?;
+    let committed = blocking(move || match kept {
+        // Under the lease that wrote the chunks: a collection meanwhile
+        // condemned their packs but could not delete them.
+        Some(importer) => importer.commit(&n, &bytes).map(|(id, _)| id),
+        None => s.commit_manifest(&n, &bytes),
+    })
+    .await?;
     debug_assert_eq!(committed, id);
     Ok(id)
+}
+
+/// Verifies `group` and adds it to `importer` (a new one if `None`); with
+/// `last`, makes everything added durable.
+fn import_group(
+    store: Arc<Store>,
+    importer: Option<Importer<Arc<Store>>>,
+    group: Vec<StoredChunk>,
+    last: bool,
+) -> Result<Importer<Arc<Store>>, StoreError> {
+    let mut importer = match importer {
+        Some(i) => i,
+        None => Importer::shared(store)?,
+    };
+    let verified = match verify_all(group) {
+        Ok(v) => v,
+        Err(e) => {
+            // What arrived before the bad chunk stays.
+            importer.flush()?;
+            return Err(e);
+        }
+    };
+    for c in &verified {
+        importer.add(c)?;
+    }
+    if last {
+        importer.flush()?;
+    }
+    Ok(importer)
 }
 
 /// Asks for chunks and checks the answer: only chunks asked for, of the

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use store::manifest::StashKind;
 use store::repo::{NoProgress, Source, Store, StoreOptions};
-use transfer::client::push;
+use transfer::client::{pull, push};
 use transfer::unstash::{unstash, Destination, RemoteUnstashReport};
 
 /// An in-memory standard output.
@@ -465,5 +465,52 @@ async fn a_collection_on_the_node_during_an_unstash_keeps_the_cache() {
     let (out, again) = to_sink(&node, "main/big", &remote, &opts()).await;
     assert!(out == data);
     assert_eq!(again.transfer.chunks_received, 0, "{:?}", again.transfer);
+    server.stop().await;
+}
+
+/// The same for a pull into the node's store (no output): a collection
+/// halfway through does not make the commit of the name fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_on_the_node_during_a_pull_does_not_fail_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = random_bytes(32, 6 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+
+    let node = small_pack_store(dir.path(), "node");
+    let progress = Arc::new(CollectHalfway {
+        node: node.clone(),
+        half: data.len() as u64 / 2,
+        written: Mutex::new(0),
+        report: Mutex::new(None),
+    });
+    // Small import groups: packs are sealed while the pull runs.
+    let o = transfer::Options {
+        import_bytes: 512 << 10,
+        ..opts()
+    };
+    pull(
+        node.clone(),
+        &name("main/big"),
+        &remote,
+        &o,
+        progress.clone(),
+    )
+    .await
+    .unwrap();
+    let report = progress
+        .report
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a collection ran");
+    assert!(report.packs_condemned >= 1, "{report:?}");
+    assert_eq!(report.packs_deleted, 0, "{report:?}");
+    assert!(unstash_bytes(&node, "main/big").await == data);
     server.stop().await;
 }
