@@ -383,6 +383,38 @@ async fn an_unreadable_name_is_refused_before_writing() {
     server.stop().await;
 }
 
+/// A collection that deletes what it may at once.
+fn collect_now() -> store::gc::GcOptions {
+    store::gc::GcOptions {
+        grace: std::time::Duration::ZERO,
+        ..store::gc::GcOptions::default()
+    }
+}
+
+/// A server holding `main/big` (6 MiB of random bytes from `seed`), a node
+/// store with small packs, and a progress that collects on the node
+/// halfway through.
+async fn collecting_node(
+    dir: &std::path::Path,
+    seed: u64,
+) -> (TestServer, Vec<u8>, Arc<Store>, Arc<CollectHalfway>) {
+    let server = TestServer::start(dir).await;
+    let a = client_store(dir, "a");
+    let data = random_bytes(seed, 6 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a, &name("main/big"), &server.remote(MAIN), &opts(), none())
+        .await
+        .unwrap();
+    let node = small_pack_store(dir, "node");
+    let progress = Arc::new(CollectHalfway {
+        node: node.clone(),
+        half: data.len() as u64 / 2,
+        written: Mutex::new(0),
+        report: Mutex::new(None),
+    });
+    (server, data, node, progress)
+}
+
 /// Runs a collection on the node's store once the output passes half of
 /// the stash, and keeps its report.
 struct CollectHalfway {
@@ -398,11 +430,7 @@ impl store::repo::Progress for CollectHalfway {
         *written += bytes;
         let mut report = self.report.lock().unwrap();
         if *written >= self.half && report.is_none() {
-            let opts = store::gc::GcOptions {
-                grace: std::time::Duration::ZERO,
-                ..store::gc::GcOptions::default()
-            };
-            *report = Some(self.node.gc(&opts).unwrap());
+            *report = Some(self.node.gc(&collect_now()).unwrap());
         }
     }
 }
@@ -414,22 +442,8 @@ impl store::repo::Progress for CollectHalfway {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_on_the_node_during_an_unstash_keeps_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let (server, data, node, progress) = collecting_node(dir.path(), 31).await;
     let remote = server.remote(MAIN);
-    let a = client_store(dir.path(), "a");
-    let data = random_bytes(31, 6 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a.clone(), &name("main/big"), &remote, &opts(), none())
-        .await
-        .unwrap();
-
-    let node = small_pack_store(dir.path(), "node");
-    let progress = Arc::new(CollectHalfway {
-        node: node.clone(),
-        half: data.len() as u64 / 2,
-        written: Mutex::new(0),
-        report: Mutex::new(None),
-    });
     let sink = Sink::default();
     let r = unstash(
         node.clone(),
@@ -453,12 +467,7 @@ async fn a_collection_on_the_node_during_an_unstash_keeps_the_cache() {
     assert_eq!(report.packs_deleted, 0, "{report:?}");
     assert_eq!(r.cache_error, None);
     assert_eq!(node.list(None).unwrap().len(), 1);
-    let next = node
-        .gc(&store::gc::GcOptions {
-            grace: std::time::Duration::ZERO,
-            ..store::gc::GcOptions::default()
-        })
-        .unwrap();
+    let next = node.gc(&collect_now()).unwrap();
     assert!(next.packs_uncondemned >= 1, "{next:?}");
     assert_eq!(next.packs_deleted, 0, "{next:?}");
 
@@ -473,22 +482,8 @@ async fn a_collection_on_the_node_during_an_unstash_keeps_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_on_the_node_during_a_pull_does_not_fail_it() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let (server, data, node, progress) = collecting_node(dir.path(), 32).await;
     let remote = server.remote(MAIN);
-    let a = client_store(dir.path(), "a");
-    let data = random_bytes(32, 6 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a.clone(), &name("main/big"), &remote, &opts(), none())
-        .await
-        .unwrap();
-
-    let node = small_pack_store(dir.path(), "node");
-    let progress = Arc::new(CollectHalfway {
-        node: node.clone(),
-        half: data.len() as u64 / 2,
-        written: Mutex::new(0),
-        report: Mutex::new(None),
-    });
     // Small import groups: packs are sealed while the pull runs.
     let o = transfer::Options {
         import_bytes: 512 << 10,
