@@ -52,6 +52,12 @@ pub const GC_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 /// restarted, the ping draws its stateless reset (see `tls::RestartKeys`),
 /// so the client reconnects at once instead of after its idle timeout.
 pub(crate) const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// The client's QUIC idle timeout: a live server answers the keep-alives
+/// within milliseconds, so 20 unanswered ones mean it is gone (a server
+/// that stopped at once, or whose CONNECTION_CLOSE was lost, quinn #2785),
+/// and the retry or the error should come now, not after minutes. Long
+/// requests are bounded by the request timeout, not by this.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What went wrong talking to a server.
 #[derive(Debug, thiserror::Error)]
@@ -403,8 +409,7 @@ impl Session {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ClientError::Config(format!("TLS: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        let mut transport = wire::transport(opts.request_timeout.max(Duration::from_secs(30)), 0)
-            .map_err(ClientError::Config)?;
+        let mut transport = wire::transport(IDLE_TIMEOUT, 0).map_err(ClientError::Config)?;
         transport.keep_alive_interval(Some(KEEP_ALIVE));
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if addr.is_ipv6() {
