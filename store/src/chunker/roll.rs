@@ -43,13 +43,13 @@ pub(super) fn portable(lanes: &[&[u8]; 4], hash: &mut [u64; 4], mask: u64) -> us
 }
 
 /// Bytes per lane that one pass of the assembly loop rolls.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 const UNROLL: usize = 8;
 
 /// One byte position `$j` of the assembly loop: the four lanes' bytes,
 /// their gear values, the four shift-and-adds, then the four tests, each
 /// leaving for exit `3$j` on a hit.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 macro_rules! roll_slot {
     ($j:literal) => {
         concat!(
@@ -94,7 +94,7 @@ macro_rules! roll_slot {
 }
 
 /// Exit `3$j`: a hit at byte `$j` of the pass; count it as rolled.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 macro_rules! roll_exit {
     ($j:literal) => {
         concat!("3", $j, ":\n", "add {idx}, ", $j, " + 1\n", "jmp 9f\n")
@@ -102,7 +102,7 @@ macro_rules! roll_exit {
 }
 
 /// The portable loop's x86-64 twin: same arguments, same result.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(fuzzing)))]
 #[inline(never)]
 pub(super) fn x86_64(lanes: &[&[u8]; 4], hash: &mut [u64; 4], mask: u64) -> usize {
     let n = lanes.iter().map(|l| l.len()).min().unwrap_or(0);
@@ -180,12 +180,12 @@ mod tests {
 
     /// Every implementation this CPU runs besides the portable one, which
     /// the tests compare them with (none on CPUs without an assembly loop).
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(fuzzing)))]
     fn others() -> Vec<(&'static str, Roll4)> {
         vec![("x86_64", x86_64)]
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", not(fuzzing))))]
     fn others() -> Vec<(&'static str, Roll4)> {
         Vec::new()
     }
