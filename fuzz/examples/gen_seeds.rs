@@ -303,7 +303,7 @@ fn stored_chunk(data: &[u8]) -> StoredChunk {
         id: ChunkId::of(data),
         codec,
         raw_len: data.len() as u32,
-        bytes,
+        bytes: bytes.into(),
     }
 }
 

@@ -686,7 +686,7 @@ impl Store {
             id: *id,
             codec: loc.codec,
             raw_len: loc.raw_len,
-            bytes,
+            bytes: bytes.into(),
         }))
     }
 
@@ -1305,8 +1305,9 @@ pub struct StoredChunk {
     pub codec: Codec,
     /// Length of the raw chunk.
     pub raw_len: u32,
-    /// The stored bytes.
-    pub bytes: Vec<u8>,
+    /// The stored bytes: shared, so that a chunk received in a frame or
+    /// read from a pack moves between stores and connections uncopied.
+    pub bytes: bytes::Bytes,
 }
 
 /// Largest chunk accepted from elsewhere (the chunker's maximum maximum).

@@ -362,7 +362,9 @@ fn chunks_and_manifests_move_between_stores() {
         .collect();
     // A tampered chunk is rejected, and nothing of the batch is imported.
     let mut bad = stored.clone();
-    bad[0].bytes[0] ^= 1;
+    let mut tampered = bad[0].bytes.to_vec();
+    tampered[0] ^= 1;
+    bad[0].bytes = tampered.into();
     assert!(dst.import_chunks(&bad).is_err());
     assert_eq!(dst.missing(&ids).unwrap().len(), missing.len());
     assert_eq!(dst.import_chunks(&stored).unwrap(), missing.len() as u64);

@@ -537,11 +537,11 @@ impl Session {
     /// Sends one raw frame on a new stream and reads the reply (for tools
     /// and tests that craft frames; [`Session::request`] is the normal way).
     pub async fn exchange(&self, frame: &[u8]) -> Result<Message, ClientError> {
-        self.exchange_frame(bytes::Bytes::copy_from_slice(frame))
+        self.exchange_frame(vec![bytes::Bytes::copy_from_slice(frame)])
             .await
     }
 
-    async fn exchange_frame(&self, frame: bytes::Bytes) -> Result<Message, ClientError> {
+    async fn exchange_frame(&self, mut frame: Vec<bytes::Bytes>) -> Result<Message, ClientError> {
         let work = async {
             let (send, mut recv) = self
                 .conn
@@ -550,8 +550,7 @@ impl Session {
                 .map_err(|e| conn_error(&self.remote, &self.verifier, e))?;
             let mut send = ResetOnDrop(Some(send));
             let stream = send.0.as_mut().expect("set above");
-            stream
-                .write_chunk(frame)
+            wire::write_frame(stream, &mut frame)
                 .await
                 .map_err(|e| self.wire_error(WireError::Write(e)))?;
             let _ = stream.finish();
@@ -577,7 +576,7 @@ impl Session {
     /// Sends a request and returns the reply; an `Error` reply becomes
     /// [`ClientError::Refused`].
     pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
-        match self.exchange_frame(proto::encode(msg).into()).await? {
+        match self.exchange_frame(proto::encode_shared(msg)).await? {
             Message::Error { kind, message } => Err(self.refused(kind, message)),
             reply => Ok(reply),
         }

@@ -34,6 +34,7 @@
 //! ```
 
 use crate::auth::{Grant, Scopes, TokenTable};
+use bytes::Bytes;
 use std::collections::HashSet;
 use std::time::Duration;
 use store::compress::Codec;
@@ -565,38 +566,99 @@ pub enum ProtoError {
 
 // ----------------------------------------------------------------- encoding
 
-fn put_u16(out: &mut Vec<u8>, v: u16) {
+/// Where an encoder writes: one buffer ([`encode_into`]), or pieces that
+/// share the chunks' bytes instead of copying them ([`encode_shared`]).
+trait Out {
+    fn push(&mut self, b: u8);
+    fn extend_from_slice(&mut self, b: &[u8]);
+    /// Bytes that may be passed on as they are.
+    fn shared(&mut self, b: &Bytes);
+}
+
+impl Out for Vec<u8> {
+    fn push(&mut self, b: u8) {
+        Vec::push(self, b);
+    }
+    fn extend_from_slice(&mut self, b: &[u8]) {
+        Vec::extend_from_slice(self, b);
+    }
+    fn shared(&mut self, b: &Bytes) {
+        Vec::extend_from_slice(self, b);
+    }
+}
+
+/// A frame as pieces: small fields gathered into buffers, chunk bytes
+/// referenced where they already are.
+#[derive(Default)]
+struct Pieces {
+    done: Vec<Bytes>,
+    open: Vec<u8>,
+}
+
+impl Pieces {
+    /// Below this a chunk is copied: a piece of its own costs more.
+    const SHARE_FROM: usize = 1024;
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.open.is_empty() {
+            self.done.push(std::mem::take(&mut self.open).into());
+        }
+        self.done
+    }
+}
+
+impl Out for Pieces {
+    fn push(&mut self, b: u8) {
+        self.open.push(b);
+    }
+    fn extend_from_slice(&mut self, b: &[u8]) {
+        self.open.extend_from_slice(b);
+    }
+    fn shared(&mut self, b: &Bytes) {
+        if b.len() < Self::SHARE_FROM {
+            self.open.extend_from_slice(b);
+            return;
+        }
+        if !self.open.is_empty() {
+            self.done.push(std::mem::take(&mut self.open).into());
+        }
+        self.done.push(b.clone());
+    }
+}
+
+fn put_u16(out: &mut impl Out, v: u16) {
     out.extend_from_slice(&v.to_le_bytes());
 }
-fn put_u32(out: &mut Vec<u8>, v: u32) {
+fn put_u32(out: &mut impl Out, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
-fn put_len(out: &mut Vec<u8>, n: usize) {
+fn put_len(out: &mut impl Out, n: usize) {
     put_u32(out, u32::try_from(n).unwrap_or(u32::MAX));
 }
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+fn put_bytes(out: &mut impl Out, b: &[u8]) {
     put_len(out, b.len());
     out.extend_from_slice(b);
 }
-fn put_ids(out: &mut Vec<u8>, ids: &[ChunkId]) {
+fn put_ids(out: &mut impl Out, ids: &[ChunkId]) {
     put_len(out, ids.len());
     for id in ids {
         out.extend_from_slice(&id.0);
     }
 }
-fn put_strings(out: &mut Vec<u8>, v: &[String]) {
+fn put_strings(out: &mut impl Out, v: &[String]) {
     put_len(out, v.len());
     for s in v {
         put_bytes(out, s.as_bytes());
     }
 }
-fn put_chunks(out: &mut Vec<u8>, chunks: &[StoredChunk]) {
+fn put_chunks(out: &mut impl Out, chunks: &[StoredChunk]) {
     put_len(out, chunks.len());
     for c in chunks {
         out.extend_from_slice(&c.id.0);
         out.push(c.codec.code());
         put_u32(out, c.raw_len);
-        put_bytes(out, &c.bytes);
+        put_len(out, c.bytes.len());
+        out.shared(&c.bytes);
     }
 }
 
@@ -688,9 +750,21 @@ pub fn encoded_len(msg: &Message) -> usize {
 
 /// Encodes `msg` as a frame (header and payload) appended to `out`.
 pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
-    let start = out.len();
     out.reserve(encoded_len(msg));
-    put_u32(out, 0);
+    encode_to(msg, out);
+}
+
+/// Encodes `msg` as a frame in pieces whose concatenation is
+/// [`encode`]`(msg)`: chunks' bytes are shared, not copied, so a frame of
+/// 32 MiB of chunks costs a few small buffers.
+pub fn encode_shared(msg: &Message) -> Vec<Bytes> {
+    let mut out = Pieces::default();
+    encode_to(msg, &mut out);
+    out.finish()
+}
+
+fn encode_to(msg: &Message, out: &mut impl Out) {
+    put_len(out, encoded_len(msg) - HEADER_LEN);
     match msg {
         Message::Hello { version, token } => {
             out.push(tag::HELLO);
@@ -847,9 +921,6 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             }
         }
     }
-    let payload = out.len() - start - HEADER_LEN;
-    let len = u32::try_from(payload).unwrap_or(u32::MAX).to_le_bytes();
-    out[start..start + HEADER_LEN].copy_from_slice(&len);
 }
 
 /// Encodes `msg` as a frame.
@@ -879,6 +950,8 @@ pub fn frame_len(header: [u8; HEADER_LEN], max_frame: u32) -> Result<usize, Prot
 struct Reader<'a> {
     buf: &'a [u8],
     what: &'static str,
+    /// What `buf` is part of, when chunks may share it instead of copying.
+    shared: Option<&'a Bytes>,
 }
 
 impl<'a> Reader<'a> {
@@ -973,11 +1046,15 @@ impl<'a> Reader<'a> {
             if bytes.len() > MAX_CHUNK as usize + 4096 {
                 return Err(self.bad(format!("chunk {id}: {} stored bytes", bytes.len())));
             }
+            let bytes = match self.shared {
+                Some(frame) => frame.slice_ref(bytes),
+                None => Bytes::copy_from_slice(bytes),
+            };
             out.push(StoredChunk {
                 id,
                 codec,
                 raw_len,
-                bytes: bytes.to_vec(),
+                bytes,
             });
         }
         Ok(out)
@@ -1094,6 +1171,17 @@ impl<'a> Reader<'a> {
 
 /// Decodes one payload (the bytes after the frame header).
 pub fn decode(payload: &[u8]) -> Result<Message, ProtoError> {
+    decode_from(payload, None)
+}
+
+/// [`decode`], with the chunks of [`Message::PutChunks`] and
+/// [`Message::Chunks`] sharing `payload` instead of copying it: they keep
+/// the whole payload alive until the last of them is dropped.
+pub fn decode_shared(payload: &Bytes) -> Result<Message, ProtoError> {
+    decode_from(payload, Some(payload))
+}
+
+fn decode_from(payload: &[u8], shared: Option<&Bytes>) -> Result<Message, ProtoError> {
     let (&t, body) = payload.split_first().ok_or(ProtoError::Empty)?;
     let what = match t {
         tag::HELLO => "hello",
@@ -1118,7 +1206,11 @@ pub fn decode(payload: &[u8]) -> Result<Message, ProtoError> {
         tag::REMOVED => "removed",
         other => return Err(ProtoError::UnknownType(other)),
     };
-    let mut r = Reader { buf: body, what };
+    let mut r = Reader {
+        buf: body,
+        what,
+        shared,
+    };
     let msg = match t {
         tag::HELLO => {
             let version = r.u16()?;

@@ -23,8 +23,13 @@ pub(crate) enum WireError {
     Write(#[from] WriteError),
 }
 
-/// Reads one frame. Memory grows only as bytes actually arrive, so a peer
-/// cannot make us reserve `max_frame` by announcing it.
+/// What a frame gets before its bytes arrive: a peer cannot make us
+/// reserve `max_frame` by announcing it, only by sending the first part.
+const FIRST_RESERVE: usize = 1 << 20;
+
+/// Reads one frame. Up to its first MiB only that much is reserved, so a
+/// peer cannot make us reserve `max_frame` by announcing it; the rest is
+/// reserved once, and its pages are touched only as bytes arrive.
 pub(crate) async fn read_message(
     recv: &mut RecvStream,
     max_frame: u32,
@@ -37,27 +42,44 @@ pub(crate) async fn read_message(
         Err(ReadExactError::ReadError(e)) => return Err(e.into()),
     }
     let len = proto::frame_len(header, max_frame)?;
-    let mut payload = Vec::with_capacity(len.min(1 << 20));
+    let mut payload = Vec::with_capacity(len.min(FIRST_RESERVE));
     while payload.len() < len {
         match recv.read_chunk(len - payload.len(), true).await? {
-            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            Some(chunk) => {
+                if payload.len() + chunk.bytes.len() > payload.capacity() {
+                    // The peer did send the first MiB: reserve the rest at
+                    // once. Growing by doubling instead copied and faulted
+                    // in most of every large frame a second time.
+                    payload.reserve_exact(len - payload.len());
+                }
+                payload.extend_from_slice(&chunk.bytes);
+            }
             None => return Err(WireError::Truncated),
         }
     }
-    Ok((proto::decode(&payload)?, HEADER_LEN + len))
+    // Chunks share the payload (one copy from quinn's buffers, no second).
+    Ok((proto::decode_shared(&payload.into())?, HEADER_LEN + len))
 }
 
-/// Writes one frame; returns its size. The encoded frame is handed to
-/// quinn as it is, not copied into its send buffer: chunk replies and
-/// uploads are frames of up to 32 MiB.
+/// Writes one frame; returns its size.
 pub(crate) async fn write_message(
     send: &mut SendStream,
     msg: &Message,
 ) -> Result<usize, WireError> {
-    let frame = proto::encode(msg);
-    let len = frame.len();
-    send.write_chunk(bytes::Bytes::from(frame)).await?;
+    let mut frame = proto::encode_shared(msg);
+    let len = frame.iter().map(|b| b.len()).sum();
+    write_frame(send, &mut frame).await?;
     Ok(len)
+}
+
+/// Hands a frame's pieces to quinn as they are: chunk replies and uploads
+/// are frames of up to 32 MiB whose chunks are neither copied into one
+/// buffer nor into quinn's send buffer (only into packets).
+pub(crate) async fn write_frame(
+    send: &mut SendStream,
+    frame: &mut [bytes::Bytes],
+) -> Result<(), WriteError> {
+    send.write_all_chunks(frame).await
 }
 
 /// Bytes a peer may have in flight on one connection (all streams): large,

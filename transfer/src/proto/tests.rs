@@ -13,7 +13,7 @@ fn chunk(data: &[u8]) -> StoredChunk {
         id: ChunkId::of(data),
         codec: Codec::Raw,
         raw_len: data.len() as u32,
-        bytes: data.to_vec(),
+        bytes: bytes::Bytes::copy_from_slice(data),
     }
 }
 
@@ -119,7 +119,7 @@ fn samples() -> Vec<Message> {
         Message::MissingReply { ids: vec![] },
         Message::PutChunks {
             name: "pr/1/x".into(),
-            chunks: vec![chunk(b"hello"), chunk(b"world!")],
+            chunks: vec![chunk(b"hello"), chunk(&[7; 5000]), chunk(b"world!")],
         },
         Message::PutReply {
             received: 2,
@@ -147,7 +147,7 @@ fn samples() -> Vec<Message> {
         },
         Message::GetChunks { ids: vec![id(3)] },
         Message::Chunks {
-            chunks: vec![chunk(b"x")],
+            chunks: vec![chunk(&[9; 70_000]), chunk(b"x")],
             not_found: vec![id(4)],
         },
         Message::List { prefix: "".into() },
@@ -170,14 +170,48 @@ fn samples() -> Vec<Message> {
     ]
 }
 
+/// Every way to encode and decode `msg` agrees: one buffer or pieces,
+/// copying or sharing chunks; sharing chunks really points into the frame.
+fn check_encodings(msg: &Message) {
+    let frame = encode(msg);
+    assert_eq!(frame.len(), encoded_len(msg), "{msg:?}");
+    let pieces = encode_shared(msg);
+    assert_eq!(pieces.concat(), frame, "{msg:?}");
+    assert_eq!(&decode(&frame[4..]).unwrap(), msg);
+    let payload = Bytes::copy_from_slice(&frame[4..]);
+    let shared = decode_shared(&payload).unwrap();
+    assert_eq!(&shared, msg);
+    if let Message::PutChunks { chunks, .. } | Message::Chunks { chunks, .. } = &shared {
+        let range = payload.as_ptr_range();
+        for c in chunks.iter().filter(|c| !c.bytes.is_empty()) {
+            assert!(
+                range.contains(&c.bytes.as_ptr()),
+                "chunk {} was copied",
+                c.id
+            );
+        }
+    }
+    if let Message::PutChunks { chunks, .. } | Message::Chunks { chunks, .. } = msg {
+        // Large chunks travel as pieces of their own, the very same bytes.
+        for c in chunks.iter().filter(|c| c.bytes.len() >= 1024) {
+            assert!(
+                pieces
+                    .iter()
+                    .any(|p| p.as_ptr() == c.bytes.as_ptr() && p.len() == c.bytes.len()),
+                "chunk {} was copied into the frame",
+                c.id
+            );
+        }
+    }
+}
+
 #[test]
 fn every_message_round_trips_and_reports_its_length() {
     for msg in samples() {
+        check_encodings(&msg);
         let frame = encode(&msg);
-        assert_eq!(frame.len(), encoded_len(&msg), "{msg:?}");
         let len = frame_len(frame[..4].try_into().unwrap(), DEFAULT_MAX_FRAME).unwrap();
         assert_eq!(len, frame.len() - 4);
-        assert_eq!(decode(&frame[4..]).unwrap(), msg);
     }
 }
 
@@ -458,13 +492,17 @@ fn arb_chunk() -> impl Strategy<Value = StoredChunk> {
         any::<[u8; 32]>(),
         prop::bool::ANY,
         1u32..MAX_CHUNK,
-        prop::collection::vec(any::<u8>(), 0..64),
+        // Both sides of `Pieces::SHARE_FROM`.
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..64),
+            prop::collection::vec(any::<u8>(), 1000..1100),
+        ],
     )
         .prop_map(|(id, z, raw_len, bytes)| StoredChunk {
             id: ChunkId(id),
             codec: if z { Codec::Zstd } else { Codec::Raw },
             raw_len,
-            bytes,
+            bytes: bytes.into(),
         })
 }
 
@@ -607,9 +645,7 @@ proptest! {
 
     #[test]
     fn round_trip(msg in arb_message()) {
-        let frame = encode(&msg);
-        prop_assert_eq!(frame.len(), encoded_len(&msg));
-        prop_assert_eq!(decode(&frame[4..]).unwrap(), msg);
+        check_encodings(&msg);
     }
 
     #[test]

@@ -1042,12 +1042,14 @@ async fn mismatched_uploads_and_commits_of_missing_chunks_change_nothing() {
 
     let mut flipped = good.clone();
     let at = flipped.bytes.len() / 2;
-    flipped.bytes[at] ^= 0x40;
+    let mut bytes = flipped.bytes.to_vec();
+    bytes[at] ^= 0x40;
+    flipped.bytes = bytes.into();
     let mut swapped = other.clone();
     swapped.id = good.id;
     let mut bad_zstd = good.clone();
     bad_zstd.codec = Codec::Zstd;
-    bad_zstd.bytes = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3];
+    bad_zstd.bytes = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3].into();
     let mut longer = good.clone();
     longer.raw_len += 1;
     // A zstd bomb: 64 MiB of zeros in a few KiB, claiming 1 KiB.
@@ -1055,11 +1057,11 @@ async fn mismatched_uploads_and_commits_of_missing_chunks_change_nothing() {
     let mut bomb = good.clone();
     bomb.codec = Codec::Zstd;
     bomb.raw_len = 1024;
-    bomb.bytes = zstd::bulk::compress(&zeros, 19).unwrap();
+    bomb.bytes = zstd::bulk::compress(&zeros, 19).unwrap().into();
     bomb.id = store::ChunkId::of(&zeros[..1024]);
     let mut raw_lie = good.clone();
     raw_lie.codec = Codec::Raw;
-    raw_lie.bytes = vec![1; 100];
+    raw_lie.bytes = vec![1; 100].into();
     raw_lie.raw_len = 100;
 
     for (what, bad) in [

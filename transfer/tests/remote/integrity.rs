@@ -23,12 +23,14 @@ async fn tampered_chunk_uploads_are_rejected() {
 
     let mut flipped = good.clone();
     let at = flipped.bytes.len() / 2;
-    flipped.bytes[at] ^= 1;
+    let mut bytes = flipped.bytes.to_vec();
+    bytes[at] ^= 1;
+    flipped.bytes = bytes.into();
     let mut swapped = other.clone();
     swapped.id = good.id; // someone else's bytes under this id
     let mut bad_zstd = good.clone();
     bad_zstd.codec = Codec::Zstd;
-    bad_zstd.bytes = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3];
+    bad_zstd.bytes = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3].into();
     let mut wrong_len = good.clone();
     wrong_len.raw_len += 1;
 
