@@ -123,6 +123,25 @@ fn max_udp_payload() -> u16 {
 /// Largest UDP payload accepted and probed for.
 const MAX_UDP_PAYLOAD: u16 = 1472;
 
+/// UDP socket buffer asked for on both ends, each way. With the kernel's
+/// default (208 KiB on Linux) a server receiving uploads at full speed on
+/// loopback dropped 1.7 % of the datagrams (11,000 of 633,000 for one 2.5 GB
+/// stash), which QUIC then resent and took for congestion.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Asks for `size`-byte receive and send buffers; returns what the kernel
+/// granted (Linux caps the request at `net.core.rmem_max` / `wmem_max`).
+fn socket_buffers(socket: &std::net::UdpSocket, size: usize) -> (usize, usize) {
+    let sock = socket2::SockRef::from(socket);
+    // Best effort: a smaller buffer costs retransmissions, not correctness.
+    let _ = sock.set_recv_buffer_size(size);
+    let _ = sock.set_send_buffer_size(size);
+    (
+        sock.recv_buffer_size().unwrap_or(0),
+        sock.send_buffer_size().unwrap_or(0),
+    )
+}
+
 /// A QUIC endpoint on `addr` (a server if `server` is given) that accepts
 /// datagrams up to [`max_udp_payload`].
 pub(crate) fn endpoint(
@@ -144,7 +163,41 @@ pub(crate) fn endpoint(
         .max_udp_payload_size(max_udp_payload())
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let socket = std::net::UdpSocket::bind(addr)?;
+    let (recv_buf, send_buf) = socket_buffers(&socket, SOCKET_BUFFER);
+    tracing::debug!(%addr, recv_buf, send_buf, "UDP socket buffers");
+    if server.is_some() && recv_buf < SOCKET_BUFFER / 2 {
+        tracing::warn!(
+            recv_buf,
+            wanted = SOCKET_BUFFER,
+            "the UDP receive buffer is small: datagrams arriving in bursts are dropped \
+             and sent again; raise net.core.rmem_max (Linux) to {SOCKET_BUFFER} or more"
+        );
+    }
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
     quinn::Endpoint::new(config, server, socket, runtime)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn sysctl(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The kernel grants what it allows (Linux doubles the request for
+    /// its bookkeeping and caps it at `rmem_max` / `wmem_max`), never less
+    /// than that: the request is made.
+    #[test]
+    fn socket_buffers_are_as_large_as_the_kernel_allows() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (recv, send) = socket_buffers(&socket, SOCKET_BUFFER);
+        assert_eq!(recv, 2 * SOCKET_BUFFER.min(sysctl("rmem_max")));
+        assert_eq!(send, 2 * SOCKET_BUFFER.min(sysctl("wmem_max")));
+    }
 }
