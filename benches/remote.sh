@@ -19,6 +19,12 @@
 #   PORT=47443     UDP port of the server (TCP PORT+1: nginx)
 #   KEEP=1         keep DATA_DIR/remote-work afterwards
 #   ROUNDS=2       rounds of the two comparisons with the status quo
+#   PLACEMENT=shared  client and server share every core (the default), or
+#                  split: every client command (ferry, curl | zstd) on CPU 0,
+#                  ferry serve and nginx on CPU 1 -- the same client core for
+#                  both contenders, the server's work on a core of its own
+#                  (a stand-in for a server on another host); results then go
+#                  to DATA_DIR/remote-split-results.json
 #
 # The two comparisons with the status quo run ROUNDS times (default 2), the
 # contenders alternating (A B B A ...), and the best time of each counts:
@@ -40,6 +46,16 @@ PORT=${PORT:-47443}
 ROUNDS=${ROUNDS:-2}
 HTTP_PORT=$((PORT + 1))
 W=$DATA/remote-work
+PLACEMENT=${PLACEMENT:-shared}
+CLIENT=() SERVER_CPU= NGINX_PIN=() RESULTS=remote-results.json
+case $PLACEMENT in
+shared) ;;
+split)
+    (($(nproc) >= 2)) || { echo "remote.sh: PLACEMENT=split needs two CPUs" >&2; exit 1; }
+    CLIENT=(taskset -c 0) SERVER_CPU=1 NGINX_PIN=(taskset -c 1) RESULTS=remote-split-results.json
+    ;;
+*) echo "remote.sh: PLACEMENT must be shared or split, not $PLACEMENT" >&2; exit 1 ;;
+esac
 
 say() { printf '\n== %s\n' "$*" >&2; }
 die() { printf 'remote.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -88,7 +104,7 @@ timed() {
     # Each timed command starts with no dirty pages left by the one before:
     # otherwise it pays for their writeback (sync is outside the timing).
     sync
-    /usr/bin/time -f '%e %M' -o "$W/$key.time" "$@"
+    /usr/bin/time -f '%e %M' -o "$W/$key.time" "${CLIENT[@]}" "$@"
 }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 rec loadavg_start "$(loadavg)"
@@ -110,7 +126,7 @@ cat "$V1" "$V2" >/dev/null
 mkdir -p "$W/stores" "$W/out"
 server_configure "$W" "$PORT"
 say "starting ferry serve on 127.0.0.1:$PORT"
-server_start "$W" || die "no server"
+server_start "$W" "$SERVER_CPU" || die "no server"
 
 # --- stash -------------------------------------------------------------------
 local_cold() {
@@ -122,7 +138,7 @@ remote_cold() {
     say "round $1: remote cold stash of v1 (local stash into an empty cache, then push to an empty server)"
     server_stop
     rm -rf "$W/server/store" "$W/stores/builder"
-    server_start "$W" || die "no server"
+    server_start "$W" "$SERVER_CPU" || die "no server"
     timed "remote_cold_$1" "$FERRY" --json --store "$W/stores/builder" stash bench/v1 "$V1" >"$W/remote_cold_$1.json"
 }
 for r in $(seq "$ROUNDS"); do
@@ -155,7 +171,7 @@ http {
     }
 }
 EOF
-"$NGINX" -c "$W/nginx/nginx.conf" -p "$W/nginx" &
+"${NGINX_PIN[@]}" "$NGINX" -c "$W/nginx/nginx.conf" -p "$W/nginx" &
 NGINX_PID=$!
 for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v1.tar.zst" -r 0-0 && break; sleep 0.1; done
 cat "$W/www/v1.tar.zst" >/dev/null
@@ -190,7 +206,7 @@ rm -f "$W/out/v2.tar"
 rec loadavg_end "$(loadavg)"
 
 # --- report ------------------------------------------------------------------
-W=$W DATA=$DATA ROUNDS=$ROUNDS python3 - <<'PY'
+W=$W DATA=$DATA ROUNDS=$ROUNDS PLACEMENT=$PLACEMENT RESULTS=$RESULTS python3 - <<'PY'
 import json, os
 
 W, DATA = os.environ["W"], os.environ["DATA"]
@@ -237,7 +253,7 @@ wire_v2 = v2_pull["stats"]["wire_bytes_received"] + v2_pull["stats"]["wire_bytes
 limit_v2 = 1.05 * v2_new_stored + (1 << 20)
 res = {
     "env": {"loadavg_start": tsv["loadavg_start"], "loadavg_end": tsv["loadavg_end"],
-            "nproc": os.cpu_count()},
+            "nproc": os.cpu_count(), "placement": os.environ["PLACEMENT"]},
     "v1_bytes": v1,
     "seconds": t,
     "rounds": times,
@@ -260,7 +276,7 @@ res = {
     "second_unstash_wire_bytes": again_pull["stats"]["wire_bytes_received"]
                                  + again_pull["stats"]["wire_bytes_sent"],
 }
-json.dump(res, open(f"{DATA}/remote-results.json", "w"), indent=1)
+json.dump(res, open(f"{DATA}/{os.environ['RESULTS']}", "w"), indent=1)
 
 mb = lambda b: f"{b / 2**20:.1f} MiB"
 rows = [
@@ -298,5 +314,6 @@ for what, v, target, ok in checks:
     print(f"{'PASS' if ok else 'MISS'}  {what}: {v:.3f} (target {target})" if isinstance(v, float)
           else f"{'PASS' if ok else 'MISS'}  {what}: {v} (target {target})")
 print(f"\nload average {res['env']['loadavg_start']} -> {res['env']['loadavg_end']} "
-      f"on {res['env']['nproc']} cores; results in {DATA}/remote-results.json")
+      f"on {res['env']['nproc']} cores, placement {os.environ['PLACEMENT']}; "
+      f"results in {DATA}/{os.environ['RESULTS']}")
 PY
