@@ -1040,18 +1040,6 @@ async fn mismatched_uploads_and_commits_of_missing_chunks_change_nothing() {
     let good = c.read_stored(&ids[0]).unwrap().unwrap();
     let other = c.read_stored(&ids[1]).unwrap().unwrap();
 
-    let mut flipped = good.clone();
-    let at = flipped.bytes.len() / 2;
-    let mut bytes = flipped.bytes.to_vec();
-    bytes[at] ^= 0x40;
-    flipped.bytes = bytes.into();
-    let mut swapped = other.clone();
-    swapped.id = good.id;
-    let mut bad_zstd = good.clone();
-    bad_zstd.codec = Codec::Zstd;
-    bad_zstd.bytes = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3].into();
-    let mut longer = good.clone();
-    longer.raw_len += 1;
     // A zstd bomb: 64 MiB of zeros in a few KiB, claiming 1 KiB.
     let zeros = vec![0u8; 64 << 20];
     let mut bomb = good.clone();
@@ -1064,14 +1052,10 @@ async fn mismatched_uploads_and_commits_of_missing_chunks_change_nothing() {
     raw_lie.bytes = vec![1; 100].into();
     raw_lie.raw_len = 100;
 
-    for (what, bad) in [
-        ("a flipped bit", flipped),
-        ("another chunk's bytes", swapped),
-        ("bytes that are not zstd", bad_zstd),
-        ("a wrong length", longer),
-        ("a zstd bomb", bomb),
-        ("raw bytes of another id", raw_lie),
-    ] {
+    let mut spoiled = tampered(&good, &other);
+    spoiled.push(("a zstd bomb", bomb));
+    spoiled.push(("raw bytes of another id", raw_lie));
+    for (what, bad) in spoiled {
         let s = Session::connect(&remote, &opts()).await.unwrap();
         let e = s
             .request(&Message::PutChunks {

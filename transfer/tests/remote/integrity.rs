@@ -2,7 +2,6 @@
 //! stashes only, and peers within the limits.
 
 use crate::util::*;
-use store::compress::Codec;
 use transfer::client::{list, push, ClientError, Session};
 use transfer::proto::{self, ErrorKind, Message};
 
@@ -21,25 +20,7 @@ async fn tampered_chunk_uploads_are_rejected() {
     let good = c.read_stored(&ids[0]).unwrap().unwrap();
     let other = c.read_stored(&ids[1]).unwrap().unwrap();
 
-    let mut flipped = good.clone();
-    let at = flipped.bytes.len() / 2;
-    let mut bytes = flipped.bytes.to_vec();
-    bytes[at] ^= 1;
-    flipped.bytes = bytes.into();
-    let mut swapped = other.clone();
-    swapped.id = good.id; // someone else's bytes under this id
-    let mut bad_zstd = good.clone();
-    bad_zstd.codec = Codec::Zstd;
-    bad_zstd.bytes = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3].into();
-    let mut wrong_len = good.clone();
-    wrong_len.raw_len += 1;
-
-    for (what, bad) in [
-        ("flipped bit", flipped),
-        ("other bytes", swapped),
-        ("bad zstd", bad_zstd),
-        ("wrong length", wrong_len),
-    ] {
+    for (what, bad) in tampered(&good, &other) {
         let s = Session::connect(&remote, &opts()).await.unwrap();
         // A good chunk in the same upload is not stored either.
         let e = s

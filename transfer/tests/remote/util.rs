@@ -242,6 +242,33 @@ pub fn chunk_ids(store: &Store, n: &str) -> Vec<store::ChunkId> {
         .collect()
 }
 
+/// `good` spoiled in the ways an upload must be refused for: a flipped
+/// bit, `other`'s bytes under `good`'s id, bytes that are not zstd, and a
+/// raw length one too long.
+pub fn tampered(
+    good: &store::repo::StoredChunk,
+    other: &store::repo::StoredChunk,
+) -> Vec<(&'static str, store::repo::StoredChunk)> {
+    let mut flipped = good.clone();
+    let mut bytes = flipped.bytes.to_vec();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    flipped.bytes = bytes.into();
+    let mut swapped = other.clone();
+    swapped.id = good.id;
+    let mut bad_zstd = good.clone();
+    bad_zstd.codec = store::compress::Codec::Zstd;
+    bad_zstd.bytes = vec![0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3].into();
+    let mut longer = good.clone();
+    longer.raw_len += 1;
+    vec![
+        ("a flipped bit", flipped),
+        ("another chunk's bytes", swapped),
+        ("bytes that are not zstd", bad_zstd),
+        ("a wrong length", longer),
+    ]
+}
+
 /// Progress that counts bytes and runs `hook` once `threshold` is passed.
 pub struct Trip {
     pub done: AtomicU64,
