@@ -8,6 +8,7 @@ mod bench;
 mod commands;
 mod demo;
 mod gc;
+mod malloc;
 mod output;
 mod progress;
 mod remote;
@@ -83,6 +84,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts; a refusal only costs speed.
+    malloc::tune();
     let cli = Cli::parse();
     let out = output::Output::new(cli.json, cli.quiet);
     let result = match cli.command {
