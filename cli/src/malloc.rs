@@ -9,9 +9,9 @@
 //! UTC, client and server both tuned, rounds alternating): a remote
 //! unstash of v1 took 61,000 minor page faults instead of 138,000–155,000
 //! and 3.88–3.99 s instead of 3.97–4.47 s (the same thresholds set
-//! through `GLIBC_TUNABLES`: 3.62–3.90 s against 3.81–3.96 s), peak RSS
-//! +50–70 MiB; the server's CPU for a remote cold stash 3.59 / 3.62 s
-//! against 3.78 / 3.81 s.
+//! through `GLIBC_TUNABLES`: 3.62–3.90 s against 3.81–3.96 s); the
+//! server's CPU for a remote cold stash 3.59 / 3.62 s against 3.78 /
+//! 3.81 s. Peak RSS grows by 12–54 MiB (BENCHMARKS.md, remote memory).
 
 /// Blocks below this size come from the heap, not from `mmap`: every
 /// chunk (at most 16 MiB) and every frame up to the default
@@ -19,9 +19,11 @@
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 
-/// Free memory kept at the top of a heap before it is returned.
+/// Free memory kept at the top of a heap before it is returned: 32, 64 and
+/// 256 MiB gave the same page faults and times (2026-11-30, 22:20 UTC);
+/// the smaller keeps less memory.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const TRIM_THRESHOLD: libc::c_int = 256 << 20;
+const TRIM_THRESHOLD: libc::c_int = 64 << 20;
 
 /// Sets the thresholds; `false` if glibc refused one. Elsewhere (musl,
 /// other systems) there is nothing to tune.
