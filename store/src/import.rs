@@ -185,3 +185,18 @@ impl<S: Deref<Target = Store>> Importer<S> {
         Ok((id, report)) // the lease goes with `self`, after the commit
     }
 }
+
+/// Points `name` at the manifest `stored`: under `importer`'s lease when
+/// the chunks were just imported with it ([`Importer::commit`]), else as
+/// [`Store::commit_manifest`].
+pub fn commit<S: Deref<Target = Store>>(
+    store: &Store,
+    importer: Option<Importer<S>>,
+    name: &Name,
+    stored: &[u8],
+) -> Result<ManifestId, StoreError> {
+    match importer {
+        Some(importer) => importer.commit(name, stored).map(|(id, _)| id),
+        None => store.commit_manifest(name, stored),
+    }
+}

@@ -991,13 +991,9 @@ async fn pull_once(
     }
     let s = store.clone();
     let n = name.clone();
-    let committed = blocking(move || match kept {
-        // Under the lease that wrote the chunks: a collection meanwhile
-        // condemned their packs but could not delete them.
-        Some(importer) => importer.commit(&n, &bytes).map(|(id, _)| id),
-        None => s.commit_manifest(&n, &bytes),
-    })
-    .await?;
+    // Under the lease that wrote the chunks: a collection meanwhile
+    // condemned their packs but could not delete them.
+    let committed = blocking(move || store::import::commit(&s, kept, &n, &bytes)).await?;
     debug_assert_eq!(committed, id);
     Ok(id)
 }

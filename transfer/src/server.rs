@@ -805,10 +805,7 @@ impl Uploads {
         manifest: &[u8],
     ) -> Result<ManifestId, StoreError> {
         let importer = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match importer {
-            Some(importer) => importer.commit(name, manifest).map(|(id, _)| id),
-            None => store.commit_manifest(name, manifest),
-        }
+        store::import::commit(store, importer, name, manifest)
     }
 
     /// Makes every uploaded chunk durable, and lets go of the importer and

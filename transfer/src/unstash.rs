@@ -227,10 +227,7 @@ pub async fn unstash(
                 // With the importer's lease: a collection on this node
                 // that condemned the packs it sealed (nothing named them
                 // yet) does not make the fetched chunks count as missing.
-                match imported {
-                    Some(Ok(importer)) => importer.commit(&n, &bytes).map(|_| ())?,
-                    _ => s.commit_manifest(&n, &bytes).map(|_| ())?,
-                }
+                store::import::commit(&s, imported.and_then(Result::ok), &n, &bytes)?;
                 store::cache::touch(&s, &n);
                 Ok(())
             })

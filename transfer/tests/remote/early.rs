@@ -394,9 +394,8 @@ async fn a_collection_during_an_early_upload_costs_no_second_upload() {
     .await;
 
     let collect = GcOptions {
-        grace: Duration::ZERO,
         repack_below: 0.0,
-        ..GcOptions::default()
+        ..collect_now()
     };
     let first = gc(&admin, &collect, &opts()).await.unwrap();
     assert!(first.report.packs_condemned >= 1, "{:?}", first.report);

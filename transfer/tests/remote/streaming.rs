@@ -383,14 +383,6 @@ async fn an_unreadable_name_is_refused_before_writing() {
     server.stop().await;
 }
 
-/// A collection that deletes what it may at once.
-fn collect_now() -> store::gc::GcOptions {
-    store::gc::GcOptions {
-        grace: std::time::Duration::ZERO,
-        ..store::gc::GcOptions::default()
-    }
-}
-
 /// A server holding `main/big` (6 MiB of random bytes from `seed`), a node
 /// store with small packs, and a progress that collects on the node
 /// halfway through.

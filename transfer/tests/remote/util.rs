@@ -232,6 +232,14 @@ pub async fn unstash_to(store: &Arc<Store>, n: &str, target: Target) {
     .unwrap()
 }
 
+/// A collection that deletes what it may at once (no grace period).
+pub fn collect_now() -> store::gc::GcOptions {
+    store::gc::GcOptions {
+        grace: Duration::ZERO,
+        ..store::gc::GcOptions::default()
+    }
+}
+
 /// Distinct chunk ids of a local stash.
 pub fn chunk_ids(store: &Store, n: &str) -> Vec<store::ChunkId> {
     let (_, m) = store.manifest(&name(n)).unwrap();
