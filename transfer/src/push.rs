@@ -110,6 +110,11 @@ impl EarlyUpload {
         let _ = self.tx.send(ids.to_vec());
     }
 
+    /// Chunks the server has acknowledged so far.
+    pub fn chunks_sent(&self) -> u64 {
+        self.counters.sent.load(Relaxed)
+    }
+
     /// Waits for the chunks offered so far, then pushes the stash (which
     /// must now be committed locally): uploads what is still missing and
     /// commits. The report counts the early uploads too.

@@ -246,10 +246,17 @@ async fn a_server_restart_after_the_early_upload_is_ridden_out_by_the_push() {
     };
     let early = start_early(&builder, "main/restart", &remote, &o);
     let (stash, _) = stash_offering(&builder, "main/restart", data.clone(), &early).await;
+    // Until the client has every answer: a stop before the last one would
+    // break the early upload itself, and the push would start afresh on a
+    // new connection instead of finding its connection gone.
     wait_for(30, "the early upload", || {
-        first.metrics.chunks_received.load(Relaxed) == stash.new_chunks
+        early.chunks_sent() == stash.new_chunks
     })
     .await;
+    assert_eq!(
+        first.metrics.chunks_received.load(Relaxed),
+        stash.new_chunks
+    );
     // A graceful stop keeps what the connection uploaded (flushed at its end).
     first.stop().await;
     let second = TestServer::start_with(config(dir.path(), addr)).await;
