@@ -24,6 +24,7 @@ pub mod proto;
 pub mod push;
 pub mod server;
 pub mod tls;
+mod udp;
 pub mod unstash;
 mod wire;
 

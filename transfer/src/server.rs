@@ -769,7 +769,17 @@ async fn handle_incoming(
     if let Err(e) = flushed {
         error!(error = %e, "could not write the chunks a connection uploaded");
     }
-    info!(token = %label, "session ended");
+    // The path as QUIC saw it: losses and small datagrams are what slow a
+    // transfer down (docs/remote.md, "UDP").
+    let path = conn.stats().path;
+    info!(
+        token = %label,
+        mtu = path.current_mtu,
+        lost_packets = path.lost_packets,
+        congestion_events = path.congestion_events,
+        rtt_us = conn.rtt().as_micros() as u64,
+        "session ended"
+    );
 }
 
 /// Chunks uploaded on one connection: verified, appended to one pack of
