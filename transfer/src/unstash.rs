@@ -501,6 +501,9 @@ struct Board {
     window: u64,
     failed: Option<String>,
     stopped: bool,
+    /// Chunks restore threads are waiting for (how many threads each): an
+    /// arrival wakes them only if it is one of these, not at every chunk.
+    waiting: HashMap<ChunkId, u32>,
 }
 
 struct Ready {
@@ -658,8 +661,11 @@ impl Arrivals {
             },
         );
         let last = b.missing.is_empty();
+        let awaited = b.waiting.contains_key(&id);
         drop(b);
-        self.arrived.notify_all();
+        if awaited {
+            self.arrived.notify_all();
+        }
         if last {
             // Ends the downloaders' waiting: nothing is left to fetch.
             self.work.notify_waiters();
@@ -775,11 +781,18 @@ impl ChunkSource for Arrivals {
                 board.demand.push_back(chunk.id);
                 self.work.notify_waiters();
             }
+            *board.waiting.entry(chunk.id).or_default() += 1;
             b = self
                 .arrived
                 .wait_timeout(b, Duration::from_millis(500))
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
+            if let Some(n) = b.waiting.get_mut(&chunk.id) {
+                *n -= 1;
+                if *n == 0 {
+                    b.waiting.remove(&chunk.id);
+                }
+            }
         }
     }
 }
