@@ -30,7 +30,9 @@
 # contenders alternating (A B B A ...), and the best time of each counts:
 # on this VM, page-cache writes cost what the host makes them cost (freed
 # guest memory is handed back to the host and is slow to touch again), and
-# a single run of each can land either one on the slow side.
+# a single run of each can land either one on the slow side. The client
+# command's user and system CPU of every round are printed too: the system
+# time is where that cost shows.
 #
 # Writes DATA_DIR/remote-results.json and prints a table with the ratios the
 # targets in issue 4 name. Every input is read once untimed first (the page
@@ -104,7 +106,7 @@ timed() {
     # Each timed command starts with no dirty pages left by the one before:
     # otherwise it pays for their writeback (sync is outside the timing).
     sync
-    /usr/bin/time -f '%e %M' -o "$W/$key.time" "${CLIENT[@]}" "$@"
+    /usr/bin/time -f '%e %M %U %S' -o "$W/$key.time" "${CLIENT[@]}" "$@"
 }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 rec loadavg_start "$(loadavg)"
@@ -228,6 +230,11 @@ def secs(key):
 def rss_mib(key):
     return int(open(f"{W}/{key}.time").read().split()[1]) / 1024
 
+def cpu(key):
+    """User and system CPU seconds of the timed client command."""
+    user, system = open(f"{W}/{key}.time").read().split()[2:4]
+    return float(user), float(system)
+
 tsv = dict(l.rstrip("\n").split("\t", 1) for l in open(f"{W}/results.tsv"))
 v1 = os.path.getsize(f"{DATA}/v1.tar")
 rounds = int(os.environ["ROUNDS"])
@@ -257,6 +264,8 @@ res = {
     "v1_bytes": v1,
     "seconds": t,
     "rounds": times,
+    # Client command only (ferry serve and nginx are not in it).
+    "rounds_user_sys_cpu": {k: [cpu(f"{k}_{r}") for r in range(1, rounds + 1)] for k in paired},
     "peak_rss_mib": {k: rss_mib(f"{k}_{best[k]}" if k in best else k) for k in t},
     "local_cold_stash_mb_s": v1 / t["local_cold"] / 1e6,
     "remote_cold_stash_mb_s": v1 / t["remote_cold"] / 1e6,
@@ -299,6 +308,10 @@ for a, b, c in rows:
     print(f"{a:<{w}}  {b:>9}  {c}")
 print("\nevery round, s (the best counts): " + "; ".join(
     f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in times.items()))
+# System time is where this VM's page-cache cost shows (see the header).
+print("client CPU user+sys, s: " + "; ".join(
+    f"{k} " + " ".join(f"{u:.1f}+{y:.1f}" for u, y in v)
+    for k, v in res["rounds_user_sys_cpu"].items()))
 print()
 checks = [
     ("remote cold stash >= 0.7x local throughput", res["remote_vs_local_stash_throughput"], ">= 0.7",
