@@ -289,6 +289,12 @@ pub struct TransferStats {
     pub wire_bytes_sent: u64,
     /// UDP payload bytes received.
     pub wire_bytes_received: u64,
+    /// UDP datagrams sent: their average size shows what MTU discovery
+    /// found on the path (about 1.4 KB on Ethernet, up to 16 KiB on
+    /// loopback or jumbo frames).
+    pub datagrams_sent: u64,
+    /// UDP datagrams received.
+    pub datagrams_received: u64,
     /// Connections made (1 without retries).
     pub attempts: u32,
     /// Wall time, seconds.
@@ -310,6 +316,8 @@ pub(crate) struct Counters {
     pub(crate) bytes_received: AtomicU64,
     pub(crate) wire_sent: AtomicU64,
     pub(crate) wire_received: AtomicU64,
+    pub(crate) datagrams_sent: AtomicU64,
+    pub(crate) datagrams_received: AtomicU64,
 }
 
 impl Counters {
@@ -318,6 +326,9 @@ impl Counters {
         let (tx, rx) = session.wire_bytes();
         self.wire_sent.fetch_add(tx, Relaxed);
         self.wire_received.fetch_add(rx, Relaxed);
+        let (tx, rx) = session.datagrams();
+        self.datagrams_sent.fetch_add(tx, Relaxed);
+        self.datagrams_received.fetch_add(rx, Relaxed);
     }
 
     pub(crate) fn stats(&self, attempts: u32, started: Instant) -> TransferStats {
@@ -331,6 +342,8 @@ impl Counters {
             bytes_received: self.bytes_received.load(Relaxed),
             wire_bytes_sent: self.wire_sent.load(Relaxed),
             wire_bytes_received: self.wire_received.load(Relaxed),
+            datagrams_sent: self.datagrams_sent.load(Relaxed),
+            datagrams_received: self.datagrams_received.load(Relaxed),
             attempts,
             seconds: started.elapsed().as_secs_f64(),
         }
@@ -484,6 +497,12 @@ impl Session {
     pub fn wire_bytes(&self) -> (u64, u64) {
         let s = self.conn.stats();
         (s.udp_tx.bytes, s.udp_rx.bytes)
+    }
+
+    /// UDP datagrams (sent, received) on this connection so far.
+    pub fn datagrams(&self) -> (u64, u64) {
+        let s = self.conn.stats();
+        (s.udp_tx.datagrams, s.udp_rx.datagrams)
     }
 
     pub(crate) fn refused(&self, kind: ErrorKind, message: String) -> ClientError {

@@ -294,3 +294,45 @@ async fn uploads_fill_packs_and_are_durable_by_the_commit() {
     assert_eq!(packs(&server_store), 2);
     server.stop().await;
 }
+
+/// On loopback MTU discovery finds datagrams far larger than Ethernet's
+/// (up to 16 KiB), and batches of them reach the peer: a push and a pull
+/// of 16 MiB carry more than 2 KiB per datagram on average, where
+/// 1472-byte datagrams (or batches the kernel refuses, see
+/// `transfer/src/udp.rs`) would carry less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_transfers_use_large_datagrams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let b = client_store(dir.path(), "b");
+    let data = random_bytes(21, 16 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    let pushed = push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let pulled = pull(b.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    for (what, bytes, datagrams) in [
+        (
+            "push",
+            pushed.stats.wire_bytes_sent,
+            pushed.stats.datagrams_sent,
+        ),
+        (
+            "pull",
+            pulled.stats.wire_bytes_received,
+            pulled.stats.datagrams_received,
+        ),
+    ] {
+        assert!(bytes >= 16 << 20, "{what}: {bytes} B on the wire");
+        assert!(
+            bytes > 2048 * datagrams,
+            "{what}: {bytes} B in {datagrams} datagrams"
+        );
+    }
+    assert_eq!(unstash_bytes(&b, "main/big").await, data);
+    server.stop().await;
+}
