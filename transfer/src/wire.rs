@@ -29,9 +29,12 @@ pub(crate) enum WireError {
 /// sending it.
 const FIRST_RESERVE: usize = 1 << 20;
 
-/// Reads one frame. Its first MiB is kept as quinn hands it over; then the
-/// whole frame is reserved once and copied into (a reserve of 1 MiB grown
-/// later copied that MiB again: a quarter of every 4 MiB reply).
+/// Most pieces of a frame's first MiB kept as quinn hands them over (each
+/// holds on to the datagram buffer it came in): 1 MiB in Ethernet-sized
+/// packets is about 750. A peer sending smaller pieces gets them copied.
+const FIRST_PIECES: usize = 1024;
+
+/// Reads one frame (its payload gathered by an [`Assembly`]).
 pub(crate) async fn read_message(
     recv: &mut RecvStream,
     max_frame: u32,
@@ -44,28 +47,78 @@ pub(crate) async fn read_message(
         Err(ReadExactError::ReadError(e)) => return Err(e.into()),
     }
     let len = proto::frame_len(header, max_frame)?;
-    let mut first = Vec::new();
-    let mut payload = Vec::new();
-    let mut got = 0;
-    while got < len {
-        let Some(chunk) = recv.read_chunk(len - got, true).await? else {
-            return Err(WireError::Truncated);
-        };
-        got += chunk.bytes.len();
-        if payload.capacity() == 0 {
-            first.push(chunk.bytes);
-            if got >= len.min(FIRST_RESERVE) {
-                payload.reserve_exact(len);
-                for piece in first.drain(..) {
-                    payload.extend_from_slice(&piece);
-                }
-            }
-        } else {
-            payload.extend_from_slice(&chunk.bytes);
+    let mut payload = Assembly::new(len);
+    while payload.missing() > 0 {
+        match recv.read_chunk(payload.missing(), true).await? {
+            Some(chunk) => payload.push(chunk.bytes),
+            None => return Err(WireError::Truncated),
         }
     }
     // Chunks share the payload (one copy from quinn's buffers, no second).
-    Ok((proto::decode_shared(&payload.into())?, HEADER_LEN + len))
+    Ok((proto::decode_shared(&payload.finish())?, HEADER_LEN + len))
+}
+
+/// A frame's payload, gathered from the pieces quinn hands over. Its first
+/// MiB is kept as those pieces; then the whole frame is reserved once and
+/// copied into. (A 1 MiB reserve grown later copied that MiB again: a
+/// quarter of every 4 MiB reply.)
+struct Assembly {
+    len: usize,
+    got: usize,
+    first: Vec<bytes::Bytes>,
+    payload: Vec<u8>,
+}
+
+impl Assembly {
+    fn new(len: usize) -> Assembly {
+        Assembly {
+            len,
+            got: 0,
+            first: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
+    /// Bytes still to come.
+    fn missing(&self) -> usize {
+        self.len - self.got
+    }
+
+    /// Adds the next piece (anything beyond the frame's length is ignored).
+    fn push(&mut self, mut piece: bytes::Bytes) {
+        piece.truncate(self.missing());
+        self.got += piece.len();
+        if self.payload.capacity() == 0 && self.first.len() < FIRST_PIECES {
+            self.first.push(piece);
+            if self.got >= self.len.min(FIRST_RESERVE) {
+                self.payload.reserve_exact(self.len);
+                self.take_first();
+            }
+            return;
+        }
+        if self.payload.capacity() == 0 {
+            // Many small pieces: the first MiB is gathered by copying.
+            self.payload.reserve_exact(self.len.min(FIRST_RESERVE));
+            self.take_first();
+        }
+        if self.payload.len() + piece.len() > self.payload.capacity() {
+            // The first MiB is there: the rest is reserved at once.
+            self.payload.reserve_exact(self.len - self.payload.len());
+        }
+        self.payload.extend_from_slice(&piece);
+    }
+
+    fn take_first(&mut self) {
+        for piece in self.first.drain(..) {
+            self.payload.extend_from_slice(&piece);
+        }
+    }
+
+    /// The payload (all of it once [`missing`](Self::missing) is 0).
+    fn finish(mut self) -> bytes::Bytes {
+        self.take_first();
+        self.payload.into()
+    }
 }
 
 /// Writes one frame; returns its size.
@@ -202,6 +255,81 @@ pub(crate) fn endpoint(
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
     let socket = Arc::new(crate::udp::BoundedBatches(runtime.wrap_udp_socket(socket)?));
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+#[cfg(test)]
+mod assembly_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `frame` cut into pieces of the given sizes (cycled).
+    fn assemble(frame: &[u8], sizes: &[usize]) -> (bytes::Bytes, usize, usize) {
+        let mut a = Assembly::new(frame.len());
+        let (mut most_kept, mut early_reserve) = (0, 0);
+        let mut at = 0;
+        for size in sizes.iter().cycle() {
+            if a.missing() == 0 {
+                break;
+            }
+            let n = (*size).clamp(1, a.missing());
+            a.push(bytes::Bytes::copy_from_slice(&frame[at..at + n]));
+            at += n;
+            most_kept = most_kept.max(a.first.len());
+            if a.got < FIRST_RESERVE.min(a.len) {
+                early_reserve = early_reserve.max(a.payload.capacity());
+            }
+        }
+        (a.finish(), most_kept, early_reserve)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Any cut gives the frame back; before its first MiB has arrived
+        /// no more than that is reserved, and never more pieces are kept
+        /// than FIRST_PIECES.
+        #[test]
+        fn any_cut_gives_the_frame_back(
+            len in 0usize..(3 << 20),
+            sizes in proptest::collection::vec(
+                prop_oneof![1usize..64, 1000usize..1500, 10_000usize..70_000], 1..8),
+        ) {
+            let frame: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let (payload, most_kept, early_reserve) = assemble(&frame, &sizes);
+            prop_assert_eq!(&payload[..], &frame[..]);
+            prop_assert!(most_kept <= FIRST_PIECES);
+            prop_assert!(early_reserve <= FIRST_RESERVE);
+        }
+    }
+
+    /// Tiny pieces are copied once FIRST_PIECES are kept: a peer cannot
+    /// make us hold a receive buffer per byte.
+    #[test]
+    fn tiny_pieces_are_copied_not_kept() {
+        let frame: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
+        let (payload, most_kept, early_reserve) = assemble(&frame, &[100]);
+        assert_eq!(most_kept, FIRST_PIECES);
+        assert_eq!(early_reserve, FIRST_RESERVE);
+        assert_eq!(&payload[..], &frame[..]);
+    }
+
+    /// A 4 MiB frame in 16 KiB pieces is copied into one buffer reserved
+    /// once, of the frame's size.
+    #[test]
+    fn large_pieces_are_reserved_once() {
+        let frame = vec![7u8; 4 << 20];
+        let mut a = Assembly::new(frame.len());
+        let mut buffers = std::collections::HashSet::new();
+        for piece in frame.chunks(16 << 10) {
+            a.push(bytes::Bytes::copy_from_slice(piece));
+            if a.payload.capacity() > 0 {
+                buffers.insert(a.payload.as_ptr());
+            }
+        }
+        assert_eq!(buffers.len(), 1, "the buffer moved");
+        assert_eq!(a.payload.capacity(), frame.len());
+        assert_eq!(&a.finish()[..], &frame[..]);
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]
