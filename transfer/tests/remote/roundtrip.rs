@@ -197,10 +197,10 @@ async fn node_cache_fetches_only_what_is_new() {
         "answers {answered} B, manifest {} B",
         manifest.len()
     );
-    // On the wire besides: the handshake and QUIC's MTU probes (four
-    // padded datagrams of up to 16 KiB).
+    // On the wire besides: the handshake and QUIC's MTU probes (about ten
+    // padded datagrams of up to 16 KiB: 150 KB on loopback).
     assert!(
-        again.stats.wire_bytes_received < 96 << 10,
+        again.stats.wire_bytes_received < 256 << 10,
         "{:?}",
         again.stats
     );
@@ -232,7 +232,7 @@ async fn node_cache_fetches_only_what_is_new() {
         v2p.stats
     );
     assert!(
-        v2p.stats.wire_bytes_received - answered < 96 << 10,
+        v2p.stats.wire_bytes_received - answered < 256 << 10,
         "answers {answered} B, {:?}",
         v2p.stats
     );
