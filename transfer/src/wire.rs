@@ -224,19 +224,7 @@ pub(crate) fn endpoint(
     server: Option<quinn::ServerConfig>,
     restart: Option<crate::tls::RestartKeys>,
 ) -> std::io::Result<quinn::Endpoint> {
-    let mut config = match restart {
-        Some(keys) => {
-            let mut c = quinn::EndpointConfig::new(keys.reset);
-            c.cid_generator(move || {
-                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(keys.cid))
-            });
-            c
-        }
-        None => quinn::EndpointConfig::default(),
-    };
-    config
-        .max_udp_payload_size(max_udp_payload())
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let config = endpoint_config(restart)?;
     let socket = std::net::UdpSocket::bind(addr)?;
     let (recv_buf, send_buf) = socket_buffers(&socket, SOCKET_BUFFER);
     tracing::debug!(%addr, recv_buf, send_buf, "UDP socket buffers");
@@ -252,6 +240,27 @@ pub(crate) fn endpoint(
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
     let socket = Arc::new(crate::udp::BoundedBatches(runtime.wrap_udp_socket(socket)?));
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
+}
+
+/// The endpoint settings: datagrams up to [`max_udp_payload`], and for a
+/// server the keys that let it recognise a previous run's connections.
+fn endpoint_config(
+    restart: Option<crate::tls::RestartKeys>,
+) -> std::io::Result<quinn::EndpointConfig> {
+    let mut config = match restart {
+        Some(keys) => {
+            let mut c = quinn::EndpointConfig::new(keys.reset);
+            c.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(keys.cid))
+            });
+            c
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    config
+        .max_udp_payload_size(max_udp_payload())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -422,12 +431,6 @@ mod mtu_tests {
             &["localhost".to_string()],
         )
         .unwrap();
-        let runtime = quinn::default_runtime().unwrap();
-        let endpoint_config = || {
-            let mut c = quinn::EndpointConfig::default();
-            c.max_udp_payload_size(max_udp_payload()).unwrap();
-            c
-        };
         let transport = || Arc::new(transport(Duration::from_secs(10), 4).unwrap());
 
         let crypto = crate::tls::server_config(&id).unwrap();
@@ -435,13 +438,8 @@ mod mtu_tests {
             quinn::crypto::rustls::QuicServerConfig::try_from(crypto).unwrap(),
         ));
         server_config.transport_config(transport());
-        let server = quinn::Endpoint::new(
-            endpoint_config(),
-            Some(server_config),
-            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
-            runtime.clone(),
-        )
-        .unwrap();
+        let loopback = "127.0.0.1:0".parse().unwrap();
+        let server = endpoint(loopback, Some(server_config), None).unwrap();
         let server_addr = server.local_addr().unwrap();
         let sink = tokio::spawn(async move {
             let conn = server.accept().await.unwrap().await.unwrap();
@@ -456,16 +454,19 @@ mod mtu_tests {
             quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap(),
         ));
         client_config.transport_config(transport());
+        // The client as wire::endpoint makes it, with the narrow path
+        // between quinn and the socket.
+        let runtime = quinn::default_runtime().unwrap();
         let socket = runtime
-            .wrap_udp_socket(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .wrap_udp_socket(std::net::UdpSocket::bind(loopback).unwrap())
             .unwrap();
         let socket = Arc::new(Narrow {
             inner: Arc::new(crate::udp::BoundedBatches(socket)),
             mtu: path_mtu,
         });
+        let config = endpoint_config(None).unwrap();
         let client =
-            quinn::Endpoint::new_with_abstract_socket(endpoint_config(), None, socket, runtime)
-                .unwrap();
+            quinn::Endpoint::new_with_abstract_socket(config, None, socket, runtime).unwrap();
         let conn = client
             .connect_with(client_config, server_addr, "localhost")
             .unwrap()
