@@ -64,6 +64,10 @@ stashes; its report is logged and counted in the metrics (ferry_gc_*).
 SIGTERM or Ctrl-C: stop accepting, let in-flight requests and a running
 collection finish (up to shutdown_grace_secs), exit.
 Logs go to stderr (FERRY_LOG=error|warn|info|debug|trace, default info).
+UDP: 8 MiB socket buffers are asked for (Linux caps them at
+net.core.rmem_max / wmem_max: raise those on a busy server); QUIC datagrams
+grow to 16 KiB where the path carries them (FERRY_QUIC_MAX_UDP_PAYLOAD,
+1200-65527, on both sides). See docs/remote.md, section UDP.
 
 Examples:
   ferry serve --config /etc/ferry/server.toml
