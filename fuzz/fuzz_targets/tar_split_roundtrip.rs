@@ -5,37 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use store::tarsplit::{Collected, Part, TarSplitter};
+use store::tarsplit::{Part, TarSplitter};
 
 type Runs = Vec<(Part, Vec<u8>)>;
-
-/// Split `input`, fed in pieces of the given sizes (cycled; whole if empty),
-/// merging adjacent runs of the same part as the stash pipeline does.
-fn split(input: &[u8], pieces: &[usize]) -> (Runs, Collected) {
-    let mut runs: Runs = Vec::new();
-    let mut sink = |part: Part, bytes: &[u8]| {
-        assert!(!bytes.is_empty(), "the splitter emitted an empty run");
-        match runs.last_mut() {
-            Some((p, buf)) if *p == part => buf.extend_from_slice(bytes),
-            _ => runs.push((part, bytes.to_vec())),
-        }
-    };
-    let mut s = TarSplitter::new();
-    let mut rest = input;
-    let mut i = 0;
-    while !rest.is_empty() {
-        let n = if pieces.is_empty() {
-            rest.len()
-        } else {
-            pieces[i % pieces.len()].clamp(1, rest.len())
-        };
-        s.feed(&rest[..n], &mut sink);
-        rest = &rest[n..];
-        i += 1;
-    }
-    s.finish(&mut sink);
-    (runs, s.into_collected())
-}
 
 /// Rebuild the input the way an unstash does: two streams and the run
 /// lengths that interleave them.
@@ -86,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
 
-    let (runs, collected) = split(input, &[]);
+    let (runs, collected) = TarSplitter::split_all(input, &[]);
     assert_eq!(
         rebuild(&runs),
         input,
@@ -96,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
         assert_ne!(w[0].0, w[1].0, "merged runs alternate");
     }
 
-    let (runs2, collected2) = split(input, &pieces);
+    let (runs2, collected2) = TarSplitter::split_all(input, &pieces);
     assert_eq!(runs, runs2, "the split depends on how the input was fed");
     assert_eq!(
         collected, collected2,

@@ -304,6 +304,37 @@ impl TarSplitter {
         c
     }
 
+    /// Splits a whole input held in memory, fed in pieces of the given
+    /// sizes (cycled; the whole input at once if none), into runs with
+    /// adjacent runs of the same part merged, as the stash pipeline sees
+    /// them; and what was collected. For tests and tools: the stash itself
+    /// feeds a stream.
+    pub fn split_all(input: &[u8], feed_sizes: &[usize]) -> (Vec<(Part, Vec<u8>)>, Collected) {
+        let mut runs: Vec<(Part, Vec<u8>)> = Vec::new();
+        let mut sink = |part: Part, bytes: &[u8]| {
+            debug_assert!(!bytes.is_empty(), "the splitter emitted an empty run");
+            match runs.last_mut() {
+                Some((p, buf)) if *p == part => buf.extend_from_slice(bytes),
+                _ => runs.push((part, bytes.to_vec())),
+            }
+        };
+        let mut s = TarSplitter::new();
+        let mut rest = input;
+        let mut i = 0;
+        while !rest.is_empty() {
+            let n = feed_sizes
+                .get(i % feed_sizes.len().max(1))
+                .copied()
+                .unwrap_or(rest.len())
+                .clamp(1, rest.len());
+            s.feed(&rest[..n], &mut sink);
+            rest = &rest[n..];
+            i += 1;
+        }
+        s.finish(&mut sink);
+        (runs, s.into_collected())
+    }
+
     fn feed_level(
         &mut self,
         idx: usize,
@@ -856,36 +887,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Split `input` fed in pieces of the given sizes (cycled); return the
-    /// merged runs and what was collected.
-    fn split_with(input: &[u8], pieces: &[usize]) -> (Vec<(Part, Vec<u8>)>, Collected) {
-        let mut runs: Vec<(Part, Vec<u8>)> = Vec::new();
-        let mut sink = |part: Part, bytes: &[u8]| {
-            assert!(!bytes.is_empty(), "empty run");
-            match runs.last_mut() {
-                Some((p, buf)) if *p == part => buf.extend_from_slice(bytes),
-                _ => runs.push((part, bytes.to_vec())),
-            }
-        };
-        let mut s = TarSplitter::new();
-        let mut rest = input;
-        let mut i = 0;
-        while !rest.is_empty() {
-            let n = pieces
-                .get(i % pieces.len().max(1))
-                .copied()
-                .unwrap_or(rest.len())
-                .clamp(1, rest.len());
-            s.feed(&rest[..n], &mut sink);
-            rest = &rest[n..];
-            i += 1;
-        }
-        s.finish(&mut sink);
-        (runs, s.into_collected())
-    }
-
     fn split(input: &[u8]) -> (Vec<(Part, Vec<u8>)>, Collected) {
-        split_with(input, &[])
+        TarSplitter::split_all(input, &[])
     }
 
     fn concat(runs: &[(Part, Vec<u8>)]) -> Vec<u8> {
@@ -1044,7 +1047,7 @@ mod tests {
             input in proptest::collection::vec(any::<u8>(), 0..5000),
             pieces in proptest::collection::vec(1usize..1200, 0..8),
         ) {
-            let (runs, _) = split_with(&input, &pieces);
+            let (runs, _) = TarSplitter::split_all(&input, &pieces);
             prop_assert_eq!(concat(&runs), input);
         }
 
@@ -1055,7 +1058,7 @@ mod tests {
             cut in any::<prop::sample::Index>(),
         ) {
             let tar = build(&items, 0);
-            let (runs, collected) = split_with(&tar, &pieces);
+            let (runs, collected) = TarSplitter::split_all(&tar, &pieces);
             prop_assert_eq!(concat(&runs), tar.clone());
             prop_assert_eq!(stream(&runs, Part::Content), expected_content(&items, 0));
             prop_assert_eq!(collected.is_tar, !items.is_empty());
@@ -1064,7 +1067,7 @@ mod tests {
 
             // Any truncation still replays exactly.
             let cut = cut.index(tar.len() + 1);
-            let (runs, _) = split_with(&tar[..cut], &pieces);
+            let (runs, _) = TarSplitter::split_all(&tar[..cut], &pieces);
             prop_assert_eq!(concat(&runs), &tar[..cut]);
         }
 
@@ -1081,7 +1084,7 @@ mod tests {
                     tar[i] = byte;
                 }
             }
-            let (runs, _) = split_with(&tar, &pieces);
+            let (runs, _) = TarSplitter::split_all(&tar, &pieces);
             prop_assert_eq!(concat(&runs), tar.clone());
             prop_assert_eq!(&split(&tar).0, &runs);
         }
@@ -1117,7 +1120,7 @@ mod tests {
                 input.extend_from_slice(&block);
                 input.extend_from_slice(&data);
             }
-            let (runs, _) = split_with(&input, &pieces);
+            let (runs, _) = TarSplitter::split_all(&input, &pieces);
             prop_assert_eq!(concat(&runs), input.clone());
             prop_assert_eq!(&split(&input).0, &runs);
         }
