@@ -24,7 +24,7 @@ use std::process::ExitCode;
     about = "Move container images, files and directories between CI stages as deduplicated chunks",
     long_about = None,
     propagate_version = true,
-    after_help = "Examples:\n  docker save img | ferry stash main/ci_gpu -\n  ferry unstash main/ci_gpu - | docker load\n  ferry demo        # a guided first run\n\nThe store is --store DIR, else $FERRY_STORE, else ~/.cache/ferry."
+    after_help = "Examples:\n  docker save img | ferry stash main/ci_gpu -\n  ferry unstash main/ci_gpu - | docker load\n  ferry demo        # a guided first run\n\nThe store is --store DIR, else $FERRY_STORE, else ~/.cache/ferry. Packs are\nwritten with O_DIRECT, past the page cache; FERRY_DIRECT_IO=0 writes them\nbuffered."
 )]
 struct Cli {
     /// Print machine-readable JSON instead of text.

@@ -68,6 +68,8 @@ UDP: 8 MiB socket buffers are asked for (Linux caps them at
 net.core.rmem_max / wmem_max: raise those on a busy server); QUIC datagrams
 grow to 16 KiB where the path carries them (FERRY_QUIC_MAX_UDP_PAYLOAD,
 1200-65527, on both sides). See docs/remote.md, section UDP.
+Packs are written with O_DIRECT, past the page cache (FERRY_DIRECT_IO=0:
+buffered); see docs/remote.md, section Disk.
 
 Examples:
   ferry serve --config /etc/ferry/server.toml

@@ -26,11 +26,12 @@
 //! assert!(store.get(Kind::Manifest, "cd34").unwrap_err().is_not_found());
 //! ```
 
+use crate::direct::{self, BlockWriter};
 use crate::name::Name;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -240,7 +241,7 @@ pub trait Backend: Send + Sync {
 ///
 /// Dropping it uncommitted deletes the file; a crash leaves it in `tmp/`.
 pub struct TempObject {
-    file: BufWriter<File>,
+    file: BlockWriter,
     path: PathBuf,
     written: u64,
     committed: bool,
@@ -249,8 +250,10 @@ pub struct TempObject {
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl TempObject {
-    /// Creates a new uniquely named temporary file in `dir`.
-    pub fn create_in(dir: &Path) -> Result<TempObject, BackendError> {
+    /// Creates a new uniquely named temporary file in `dir`. With `direct`,
+    /// whole 1 MiB blocks are written past the page cache (`O_DIRECT`) where
+    /// the file system allows it; the rest goes through it.
+    pub fn create_in(dir: &Path, direct: bool) -> Result<TempObject, BackendError> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -261,7 +264,7 @@ impl TempObject {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(file) => {
                     return Ok(TempObject {
-                        file: BufWriter::with_capacity(256 * 1024, file),
+                        file: BlockWriter::new(file, direct),
                         path,
                         written: 0,
                         committed: false,
@@ -288,10 +291,10 @@ impl TempObject {
         self.written == 0
     }
 
-    /// Flushes buffers and fsyncs the file.
+    /// Writes what is buffered and fsyncs the file.
     pub fn sync(&mut self) -> Result<(), BackendError> {
         self.file
-            .flush()
+            .finish()
             .and_then(|()| self.file.get_ref().sync_all())
             .map_err(io_err("flush and fsync", &self.path))
     }
@@ -353,6 +356,7 @@ pub struct LocalDir {
     root: PathBuf,
     open_files: Mutex<FileCache>,
     read_only: bool,
+    direct_writes: bool,
 }
 
 impl fmt::Debug for LocalDir {
@@ -405,7 +409,7 @@ impl LocalDir {
         let writable = subs
             .iter()
             .try_for_each(|sub| fs::create_dir_all(root.join(sub)))
-            .and_then(|()| match TempObject::create_in(&root.join("tmp")) {
+            .and_then(|()| match TempObject::create_in(&root.join("tmp"), false) {
                 // Probe: creating (and dropping) a temporary file proves we can write.
                 Ok(probe) => {
                     drop(probe);
@@ -433,7 +437,16 @@ impl LocalDir {
             root,
             open_files: Mutex::new(FileCache::default()),
             read_only,
+            direct_writes: direct::wanted(),
         })
+    }
+
+    /// Whether large objects (packs) are written past the page cache:
+    /// yes by default, unless `FERRY_DIRECT_IO=0` is set. Worth turning off
+    /// where each pack is read back right after it is written: those reads
+    /// would go to the disk.
+    pub fn set_direct_writes(&mut self, on: bool) {
+        self.direct_writes = on;
     }
 
     /// The store's root directory.
@@ -679,7 +692,7 @@ impl Backend for LocalDir {
     }
 
     fn create_temp(&self) -> Result<TempObject, BackendError> {
-        TempObject::create_in(&self.tmp_dir())
+        TempObject::create_in(&self.tmp_dir(), self.direct_writes)
     }
 
     fn get(&self, kind: Kind, name: &str) -> Result<Vec<u8>, BackendError> {
@@ -860,24 +873,12 @@ impl Backend for LocalDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::files_under;
 
     fn store() -> (tempfile::TempDir, LocalDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalDir::open(dir.path().join("store")).unwrap();
         (dir, store)
-    }
-
-    fn files_under(dir: &Path) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                out.extend(files_under(&path));
-            } else {
-                out.push(path);
-            }
-        }
-        out
     }
 
     #[test]

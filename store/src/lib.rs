@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cache;
 pub mod chunker;
 pub mod compress;
+mod direct;
 pub mod dirtar;
 pub mod gc;
 pub mod id;

@@ -43,6 +43,10 @@ pub struct StoreOptions {
     pub level: i32,
     /// Target size of a pack file.
     pub pack_size: u64,
+    /// Write packs past the page cache (`O_DIRECT`; see
+    /// [`LocalDir::set_direct_writes`]). Default: yes, unless
+    /// `FERRY_DIRECT_IO=0` is set.
+    pub direct_writes: bool,
 }
 
 impl Default for StoreOptions {
@@ -51,6 +55,7 @@ impl Default for StoreOptions {
             chunker: ChunkerParams::default(),
             level: compress::DEFAULT_LEVEL,
             pack_size: pack::DEFAULT_TARGET_SIZE,
+            direct_writes: crate::direct::wanted(),
         }
     }
 }
@@ -177,6 +182,16 @@ pub trait Progress: Send + Sync {
     /// call per pack, on the stash's thread), so they may be read back, e.g.
     /// to upload them to a server before the stash ends.
     fn stored(&self, _new: &[ChunkId]) {}
+    /// Whether a stash should call [`Progress::compressed`].
+    fn wants_compressed(&self) -> bool {
+        false
+    }
+    /// During a stash, if [`Progress::wants_compressed`]: new chunks, just
+    /// compressed, on their way into a pack (on the stash's thread). Not
+    /// durable yet, so not to be read back from the store; their bytes are
+    /// shared with the pack writer, not copied, and whoever keeps them
+    /// keeps that memory.
+    fn compressed(&self, _new: &[StoredChunk]) {}
 }
 
 /// Where a [`StashReader`] gets chunks it does not take from the store's
@@ -386,10 +401,11 @@ impl Store {
     /// Opens the store in `root` with `opts`.
     pub fn open_with(root: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
-        let backend = LocalDir::open(&root).map_err(|source| StoreError::Open {
+        let mut backend = LocalDir::open(&root).map_err(|source| StoreError::Open {
             path: root.clone(),
             error: source,
         })?;
+        backend.set_direct_writes(opts.direct_writes);
         let backend: Arc<dyn Backend> = Arc::new(backend);
         let condemned = crate::gc::condemned_packs(backend.as_ref())?;
         let chunker = Chunker::new(opts.chunker)?;
@@ -483,7 +499,7 @@ impl Store {
             }
         };
 
-        let mut writer = ChunkWriter::new(self)?;
+        let mut writer = ChunkWriter::new(self, progress.wants_compressed())?;
         let (size, sha256, collected, layout) = {
             let mut splitter = TarSplitter::new();
             let mut meta = StreamChunker::new(self.chunker, 4 << 20);
@@ -1481,6 +1497,8 @@ pub(crate) struct Packer {
     pack: Option<PackWriter>,
     /// Told the ids of each pack's chunks once the pack is durable.
     stored: Option<std::sync::mpsc::Sender<Vec<ChunkId>>>,
+    /// Handed each job's chunks once compressed, if wanted.
+    compressed: Option<std::sync::mpsc::Sender<Vec<StoredChunk>>>,
     new_chunks: u64,
     new_bytes: u64,
     stored_bytes: u64,
@@ -1495,6 +1513,7 @@ impl Packer {
             pack_size: store.opts.pack_size,
             pack: None,
             stored: None,
+            compressed: None,
             new_chunks: 0,
             new_bytes: 0,
             stored_bytes: 0,
@@ -1515,8 +1534,21 @@ impl Packer {
                 (codec, buf.clone())
             })
             .collect();
-        for ((id, raw), (codec, stored)) in job.iter().zip(&compressed) {
-            self.append(*id, *codec, raw.len() as u32, stored)?;
+        let chunks: Vec<StoredChunk> = job
+            .iter()
+            .zip(compressed)
+            .map(|((id, raw), (codec, stored))| StoredChunk {
+                id: *id,
+                codec,
+                raw_len: raw.len() as u32,
+                bytes: stored.into(),
+            })
+            .collect();
+        if let Some(tx) = &self.compressed {
+            let _ = tx.send(chunks.clone()); // shares the bytes
+        }
+        for c in &chunks {
+            self.append(c.id, c.codec, c.raw_len, &c.bytes)?;
         }
         Ok(())
     }
@@ -1581,15 +1613,22 @@ struct ChunkWriter<'a> {
     packer: Option<std::thread::JoinHandle<Result<Packer, StoreError>>>,
     /// Ids of the chunks of each pack the packer made durable.
     stored: std::sync::mpsc::Receiver<Vec<ChunkId>>,
+    /// Each job's chunks once compressed (if the progress wants them).
+    compressed: Option<std::sync::mpsc::Receiver<Vec<StoredChunk>>>,
 }
 
 impl<'a> ChunkWriter<'a> {
-    fn new(store: &'a Store) -> Result<Self, StoreError> {
+    fn new(store: &'a Store, wants_compressed: bool) -> Result<Self, StoreError> {
         // Two jobs (up to 32 MiB of new chunks) may wait: memory stays bounded.
         let (tx, rx) = std::sync::mpsc::sync_channel::<PackJob>(2);
         let (stored_tx, stored) = std::sync::mpsc::channel();
         let mut packer = Packer::new(store)?;
         packer.stored = Some(stored_tx);
+        let compressed = wants_compressed.then(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            packer.compressed = Some(tx);
+            rx
+        });
         let thread = std::thread::Builder::new()
             .name("ferry-packer".into())
             .spawn(move || {
@@ -1610,11 +1649,18 @@ impl<'a> ChunkWriter<'a> {
             jobs: Some(tx),
             packer: Some(thread),
             stored,
+            compressed,
         })
     }
 
-    /// Tells `progress` which new chunks became durable since the last call.
+    /// Tells `progress` which new chunks were compressed and which became
+    /// durable since the last call.
     fn report_stored(&self, progress: &dyn Progress) {
+        if let Some(rx) = &self.compressed {
+            while let Ok(chunks) = rx.try_recv() {
+                progress.compressed(&chunks);
+            }
+        }
         while let Ok(ids) = self.stored.try_recv() {
             progress.stored(&ids);
         }

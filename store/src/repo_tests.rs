@@ -575,3 +575,43 @@ fn a_blocking_chunk_source_leaves_the_global_thread_pool_free() {
     );
     assert!(reader.join().unwrap() == data);
 }
+
+/// Packs go past the page cache unless the options say otherwise (for a
+/// caller that reads each pack back at once, which would then read the
+/// disk).
+#[cfg(target_os = "linux")]
+#[test]
+fn direct_writes_keep_packs_out_of_the_page_cache_unless_turned_off() {
+    let probe = tempfile::tempdir().unwrap();
+    if !crate::direct::tests::takes_o_direct(probe.path()) {
+        eprintln!("the temp directory's file system refuses O_DIRECT; skipped");
+        return;
+    }
+    let data = random(6 << 20, 7);
+    let mut cached = Vec::new();
+    for direct_writes in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let opts = StoreOptions {
+            direct_writes,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(&root, opts).unwrap();
+        stash_bytes(&store, "main/x", &data);
+        let packs = crate::testutil::files_under(&root.join("packs"));
+        assert_eq!(packs.len(), 1, "{packs:?}");
+        let pages = crate::direct::tests::resident(&packs[0]);
+        // Random data does not compress: the pack holds 6 MiB, so its
+        // first five 1 MiB blocks were written whole.
+        cached.push(pages[..5 * 256].iter().filter(|&&r| r).count());
+        assert_eq!(unstash_bytes(&store, "main/x"), data);
+    }
+    assert_eq!(
+        cached[0], 0,
+        "direct_writes left pack pages in the page cache"
+    );
+    assert!(
+        cached[1] > 0,
+        "without direct_writes the pack should be cached"
+    );
+}
