@@ -117,8 +117,9 @@ pub fn start_upload(
     )?)
 }
 
-/// A stash's progress: drawn by the reporter; each pack of new chunks
-/// offered to the early upload as soon as it is durable.
+/// A stash's progress: drawn by the reporter; new chunks offered to the
+/// early upload as soon as they are compressed (their bytes, within the
+/// upload's budget) and again once their pack is durable (their ids).
 pub struct StashProgress<'a> {
     pub reporter: Reporter,
     pub early: Option<&'a blocking::EarlyUpload>,
@@ -134,6 +135,14 @@ impl store::repo::Progress for StashProgress<'_> {
     fn stored(&self, new: &[store::ChunkId]) {
         if let Some(early) = self.early {
             early.offer(new);
+        }
+    }
+    fn wants_compressed(&self) -> bool {
+        self.early.is_some()
+    }
+    fn compressed(&self, new: &[store::repo::StoredChunk]) {
+        if let Some(early) = self.early {
+            early.offer_compressed(new);
         }
     }
 }

@@ -23,16 +23,17 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// `ferry --store <its store>`, pointed at the server.
+    fn cmd(&self) -> std::process::Command {
+        let mut cmd = self.env.cmd();
+        cmd.env("FERRY_REMOTE", &self.server.remote)
+            .env("FERRY_SERVER_CERT", &self.server.cert)
+            .env("FERRY_TOKEN_FILE", self.token);
+        cmd
+    }
+
     fn ferry(&self, args: &[&str]) -> Out {
-        run(
-            self.env
-                .cmd()
-                .env("FERRY_REMOTE", &self.server.remote)
-                .env("FERRY_SERVER_CERT", &self.server.cert)
-                .env("FERRY_TOKEN_FILE", self.token)
-                .args(args),
-            None,
-        )
+        run(self.cmd().args(args), None)
     }
 
     /// `--json` output of several documents, in order.
@@ -55,17 +56,24 @@ impl<'a> Node<'a> {
     }
 }
 
-#[test]
-fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lack() {
-    let root = tempfile::tempdir().unwrap();
-    let token = root.path().join("ci.token");
+/// A `ferry serve` in `root` with one token that reads and writes every
+/// name; the token's file.
+fn ci_server(root: &Path) -> (Serve, std::path::PathBuf) {
+    let token = root.join("ci.token");
     let hash = new_token(&token);
     let server = serve(
-        root.path(),
+        root,
         &format!(
             "[[token]]\nname = \"ci\"\nsha256 = \"{hash}\"\nread = [\"*\"]\nwrite = [\"*\"]\n"
         ),
     );
+    (server, token)
+}
+
+#[test]
+fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lack() {
+    let root = tempfile::tempdir().unwrap();
+    let (server, token) = ci_server(root.path());
     let layers: Vec<Vec<LayerFile>> = (1..=3).map(|i| layer_files(i, 8, 400_000)).collect();
     let v1 = image_archive(Layout::DockerOci, &layers, "ci/app:v1", 1_700_000_000);
     let mut layers2 = layers.clone();
@@ -145,4 +153,137 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
         None,
     );
     out.ok();
+}
+
+/// Packs are written past the page cache (O_DIRECT) by a local stash, the
+/// server and a node cache filled by an unstash; a remote stash hands its
+/// chunks to the upload, so it reads none of its packs back from the disk.
+#[cfg(target_os = "linux")]
+#[test]
+fn packs_bypass_the_page_cache_and_a_remote_stash_reads_none_back() {
+    let root = tempfile::tempdir().unwrap();
+    if !takes_o_direct(root.path()) {
+        eprintln!("the temp directory's file system refuses O_DIRECT; skipped");
+        return;
+    }
+    let (server, token) = ci_server(root.path());
+    // Incompressible: each store's one pack holds 6 MiB, so its first five
+    // 1 MiB blocks are written whole.
+    let file = root.path().join("blob.bin");
+    let data = random_bytes(31, 6 << 20);
+    fs::write(&file, &data).unwrap();
+    let whole_blocks = 5 * 256;
+    let cached = |store: &Path| {
+        let mut packs = Vec::new();
+        walk_files(&store.join("packs"), &mut |p| packs.push(p.to_path_buf()));
+        assert_eq!(packs.len(), 1, "{packs:?}");
+        resident_pages(&packs[0])[..whole_blocks]
+            .iter()
+            .filter(|&&r| r)
+            .count()
+    };
+
+    let local = Env::new();
+    local
+        .ferry(&["stash", "main/blob", file.to_str().unwrap()])
+        .ok();
+    assert_eq!(cached(&local.store), 0, "a local stash's pack");
+
+    // The builder's pack goes direct too; its upload takes the chunks from
+    // the stash, not from the disk (the input was just written, so reading
+    // it costs no disk read either).
+    let builder = Node::new(&server, &token);
+    let read = disk_reads(
+        builder
+            .cmd()
+            .args(["stash", "main/blob", file.to_str().unwrap()]),
+    );
+    assert!(
+        read < 3 << 20,
+        "a remote stash read {read} bytes from the disk"
+    );
+    assert_eq!(cached(&server.store), 0, "the server's pack");
+
+    let node = Node::new(&server, &token);
+    let out = root.path().join("out.bin");
+    node.ferry(&["unstash", "main/blob", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(cached(&node.env.store), 0, "the node cache's pack");
+    assert_bytes_eq(&fs::read(&out).unwrap(), &data, "main/blob");
+}
+
+/// Runs `cmd` to a successful end; returns the bytes it read from the
+/// disk, not from the page cache (its rusage).
+#[cfg(target_os = "linux")]
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
+fn disk_reads(cmd: &mut std::process::Command) -> u64 {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain integers, for which all zeroes is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; both pointers are valid for writes.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed: status {status:#x}"
+    );
+    usage.ru_inblock as u64 * 512
+}
+
+/// Whether the file system under `dir` takes an `O_DIRECT` write.
+#[cfg(target_os = "linux")]
+fn takes_o_direct(dir: &Path) -> bool {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("o_direct_probe");
+    let Ok(mut file) = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+    else {
+        return false;
+    };
+    let buf = vec![7u8; 8192];
+    let at = buf.as_ptr().align_offset(4096);
+    let ok = file.write_all(&buf[at..at + 4096]).is_ok();
+    drop(file);
+    fs::remove_file(&path).unwrap();
+    ok
+}
+
+/// Which 4 KiB pages of the file at `path` are in the page cache.
+#[cfg(target_os = "linux")]
+fn resident_pages(path: &Path) -> Vec<bool> {
+    use std::os::fd::AsRawFd;
+    let file = fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh read-only shared mapping of the whole file; nothing
+    // reads through it, it is only passed to mincore and unmapped.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap {}", path.display());
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `map` spans `len` bytes and `vec` has a byte per page of it.
+    let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(map, len) };
+    assert_eq!(rc, 0, "mincore {}", path.display());
+    vec.iter().map(|b| b & 1 == 1).collect()
 }

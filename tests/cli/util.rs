@@ -283,7 +283,9 @@ impl Env {
     }
 }
 
-fn walk_files(dir: &Path, f: &mut dyn FnMut(&Path)) {
+/// Calls `f` with every file below `dir`, recursively (none if `dir` is
+/// missing).
+pub fn walk_files(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd {
         let p = e.unwrap().path();

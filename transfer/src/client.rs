@@ -226,6 +226,10 @@ pub struct Options {
     /// Parallel streams of an [`crate::push::EarlyUpload`]: it only has to
     /// keep up with the stash it overlaps, and should leave the CPU to it.
     pub early_streams: usize,
+    /// Bytes of chunks handed over by a running stash that an
+    /// [`crate::push::EarlyUpload`] keeps waiting at most (see
+    /// [`crate::push::EARLY_HELD_BYTES`]).
+    pub early_held_bytes: u64,
     /// Bytes of chunks per upload or download request.
     pub batch_bytes: u64,
     /// A pull imports received chunks into the local store in groups of
@@ -252,6 +256,7 @@ impl Default for Options {
             streams: 8,
             // Measured on 2 cores (BENCHMARKS.md §4): 2 beat 8.
             early_streams: 2,
+            early_held_bytes: crate::push::EARLY_HELD_BYTES,
             // Small enough that every stream has work and memory stays
             // bounded (a batch is held twice: as chunks and as a frame).
             batch_bytes: 4 << 20,
@@ -1283,6 +1288,13 @@ pub mod blocking {
         pub fn offer(&self, ids: &[ChunkId]) {
             if let Some(u) = &self.upload {
                 u.offer(ids)
+            }
+        }
+
+        /// See [`crate::push::EarlyUpload::offer_compressed`].
+        pub fn offer_compressed(&self, chunks: &[store::repo::StoredChunk]) {
+            if let Some(u) = &self.upload {
+                u.offer_compressed(chunks)
             }
         }
 

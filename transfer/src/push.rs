@@ -5,20 +5,23 @@
 //! parallel streams, and commits the manifest and name last.
 //!
 //! An [`EarlyUpload`] starts that work while the stash is still being
-//! written: the stash reports each pack of new chunks as it becomes durable
-//! ([`store::repo::Progress::stored`]), and the upload sends what the server
-//! lacks of them at once, overlapping chunking and compression with the
-//! network. The push at the end then asks only about the chunks not sent
-//! yet, on the same connection, and commits. Early uploading is only an
-//! optimisation: if it fails, the push sends whatever is still missing.
+//! written: the stash hands over its new chunks as they are compressed
+//! ([`store::repo::Progress::compressed`]; their bytes, kept up to
+//! [`EARLY_HELD_BYTES`]) and reports each pack as it becomes durable
+//! ([`store::repo::Progress::stored`]; ids, read back from the store if not
+//! held), and the upload sends what the server lacks of them at once,
+//! overlapping chunking and compression with the network. The push at the
+//! end then asks only about the chunks not sent yet, on the same
+//! connection, and commits. Early uploading is only an optimisation: if it
+//! fails, the push sends whatever is still missing.
 
 use crate::client::{
     blocking, distinct, frame_budget, with_retries, ClientError, Counters, Options, PushReport,
     Remote, Session,
 };
 use crate::proto::{ErrorKind, Message, CHUNK_OVERHEAD};
-use std::collections::HashSet;
-use std::sync::atomic::Ordering::Relaxed;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 use store::manifest::{ChunkRef, Manifest};
@@ -41,14 +44,33 @@ pub async fn push(
     push_after(store, name, remote, opts, progress, None).await
 }
 
+/// How many bytes of handed-over chunks an early upload keeps waiting at
+/// most, by default ([`Options::early_held_bytes`]). Beyond that a chunk
+/// waits until its pack is durable and is then read back from the store:
+/// memory stays bounded when the network is slower than the stash.
+pub const EARLY_HELD_BYTES: u64 = 64 << 20;
+
+/// What a stash offers an early upload.
+enum Offer {
+    /// Durable in the store: read them back unless held.
+    Durable(Vec<ChunkId>),
+    /// Just compressed, with their bytes (counted in `held_bytes`).
+    Held(Vec<StoredChunk>),
+}
+
 /// Uploads the new chunks of a stash that is still running, so that the
 /// push at its end has (almost) nothing left to send.
 ///
-/// Feed it what [`Progress::stored`] reports, then call
-/// [`EarlyUpload::push`] once the stash has finished. Errors here are not
-/// reported: the push re-checks every chunk and sends what is missing.
+/// Feed it what [`Progress::compressed`] and [`Progress::stored`] report,
+/// then call [`EarlyUpload::push`] once the stash has finished. Errors here
+/// are not reported: the push re-checks every chunk and sends what is
+/// missing.
 pub struct EarlyUpload {
-    tx: mpsc::UnboundedSender<Vec<ChunkId>>,
+    tx: mpsc::UnboundedSender<Offer>,
+    /// Bytes of held chunks offered and not yet uploaded (shared with the
+    /// task), and how many it may be.
+    held_bytes: Arc<AtomicU64>,
+    held_limit: u64,
     task: tokio::task::JoinHandle<Early>,
     /// Tells the task to stop at once and close its connection.
     stop: Arc<tokio::sync::Notify>,
@@ -82,17 +104,20 @@ impl EarlyUpload {
         };
         let counters = Arc::new(Counters::default());
         let stop = Arc::new(tokio::sync::Notify::new());
+        let held_bytes = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run_early(
             store.clone(),
             name.clone(),
             remote.clone(),
             early_opts,
             counters.clone(),
-            rx,
+            (rx, held_bytes.clone()),
             stop.clone(),
         ));
         EarlyUpload {
             tx,
+            held_bytes,
+            held_limit: opts.early_held_bytes,
             task,
             stop,
             counters,
@@ -107,7 +132,19 @@ impl EarlyUpload {
     /// lacks. Never blocks.
     pub fn offer(&self, ids: &[ChunkId]) {
         // A stopped upload is not an error: the push sends the rest.
-        let _ = self.tx.send(ids.to_vec());
+        let _ = self.tx.send(Offer::Durable(ids.to_vec()));
+    }
+
+    /// These chunks were just compressed (not durable yet): upload those
+    /// the server lacks from the bytes given, which it keeps meanwhile —
+    /// unless that would hold more than [`Options::early_held_bytes`]; then
+    /// they wait for [`EarlyUpload::offer`]. Never blocks.
+    pub fn offer_compressed(&self, chunks: &[StoredChunk]) {
+        let bytes: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
+        let held = self.held_bytes.fetch_add(bytes, Relaxed) + bytes;
+        if held > self.held_limit || self.tx.send(Offer::Held(chunks.to_vec())).is_err() {
+            self.held_bytes.fetch_sub(bytes, Relaxed);
+        }
     }
 
     /// Chunks the server has acknowledged so far.
@@ -121,6 +158,8 @@ impl EarlyUpload {
     pub async fn push(self, progress: Arc<dyn Progress>) -> Result<PushReport, ClientError> {
         let EarlyUpload {
             tx,
+            held_bytes: _,
+            held_limit: _,
             task,
             stop: _,
             counters,
@@ -162,7 +201,7 @@ async fn run_early(
     remote: Remote,
     opts: Options,
     counters: Arc<Counters>,
-    mut rx: mpsc::UnboundedReceiver<Vec<ChunkId>>,
+    mut offers: (mpsc::UnboundedReceiver<Offer>, Arc<AtomicU64>),
     stop: Arc<tokio::sync::Notify>,
 ) -> Early {
     let mut early = Early {
@@ -178,7 +217,7 @@ async fn run_early(
             return early;
         }
     };
-    let uploads = upload_offered(&session, &store, &name, &opts, &mut early, &mut rx);
+    let uploads = upload_offered(&session, &store, &name, &opts, &mut early, &mut offers);
     let finished = tokio::select! {
         biased; // a stop wins over the end of the offers
         () = stop.notified() => false,
@@ -203,13 +242,39 @@ async fn upload_offered(
     name: &Name,
     opts: &Options,
     early: &mut Early,
-    rx: &mut mpsc::UnboundedReceiver<Vec<ChunkId>>,
+    (rx, held_bytes): &mut (mpsc::UnboundedReceiver<Offer>, Arc<AtomicU64>),
 ) -> bool {
     // Without the right to write, leave the clear refusal to the push.
     if session.scopes().can_write(name) {
-        while let Some(mut ids) = rx.recv().await {
+        while let Some(first) = rx.recv().await {
+            // Everything offered meanwhile, once: ids not sent yet, and the
+            // bytes of those that were handed over.
+            let mut offers = vec![first];
             while let Ok(more) = rx.try_recv() {
-                ids.extend(more);
+                offers.push(more);
+            }
+            let mut ids = Vec::new();
+            let mut seen = HashSet::new();
+            let mut held = HashMap::new();
+            let mut held_total = 0u64;
+            for offer in offers {
+                let offered: Vec<ChunkId> = match offer {
+                    Offer::Durable(ids) => ids,
+                    Offer::Held(chunks) => chunks
+                        .into_iter()
+                        .map(|c| {
+                            held_total += c.bytes.len() as u64;
+                            let id = c.id;
+                            held.insert(id, c);
+                            id
+                        })
+                        .collect(),
+                };
+                ids.extend(
+                    offered
+                        .into_iter()
+                        .filter(|id| !early.sent.contains(id) && seen.insert(*id)),
+                );
             }
             let sent = async {
                 let missing = missing_on_server(session, name, &ids, opts).await?;
@@ -218,6 +283,7 @@ async fn upload_offered(
                     store,
                     name,
                     missing.clone(),
+                    std::mem::take(&mut held),
                     opts,
                     &early.counters,
                     Arc::new(NoProgress),
@@ -226,6 +292,7 @@ async fn upload_offered(
                 Ok::<_, ClientError>(missing)
             }
             .await;
+            held_bytes.fetch_sub(held_total, Relaxed);
             match sent {
                 Ok(missing) => early.sent.extend(missing),
                 Err(e) => {
@@ -238,10 +305,7 @@ async fn upload_offered(
     true
 }
 
-type EarlyTask = (
-    mpsc::UnboundedSender<Vec<ChunkId>>,
-    tokio::task::JoinHandle<Early>,
-);
+type EarlyTask = (mpsc::UnboundedSender<Offer>, tokio::task::JoinHandle<Early>);
 
 async fn push_after(
     store: Arc<Store>,
@@ -358,6 +422,7 @@ async fn push_once(
             &store,
             name,
             missing,
+            HashMap::new(),
             opts,
             counters,
             progress.clone(),
@@ -426,13 +491,16 @@ async fn missing_on_server(
     Ok(results.into_iter().flatten().flatten().collect())
 }
 
-/// Uploads `missing` from the store: a reader thread groups stored chunks
-/// into batches; parallel workers send them, one request per batch.
+/// Uploads `missing`, from `held` where it has them and else from the
+/// store: a reader thread groups stored chunks into batches; parallel
+/// workers send them, one request per batch.
+#[allow(clippy::too_many_arguments)]
 async fn upload(
     session: &Session,
     store: &Arc<Store>,
     name: &Name,
     missing: Vec<ChunkId>,
+    mut held: HashMap<ChunkId, StoredChunk>,
     opts: &Options,
     counters: &Arc<Counters>,
     progress: Arc<dyn Progress>,
@@ -451,12 +519,15 @@ async fn upload(
         let mut batch = Vec::new();
         let mut bytes = 0u64;
         for id in missing {
-            let c = reader_store
-                .read_stored(&id)?
-                .ok_or_else(|| StoreError::MissingChunk {
-                    name: "(push)".into(),
-                    chunk: id,
-                })?;
+            let c = match held.remove(&id) {
+                Some(c) => c,
+                None => reader_store
+                    .read_stored(&id)?
+                    .ok_or_else(|| StoreError::MissingChunk {
+                        name: "(push)".into(),
+                        chunk: id,
+                    })?,
+            };
             let cost = (CHUNK_OVERHEAD + c.bytes.len()) as u64;
             if !batch.is_empty() && (bytes + cost > budget || batch.len() >= max_ids) {
                 if tx.blocking_send(std::mem::take(&mut batch)).is_err() {

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use store::gc::GcOptions;
-use store::repo::{Progress, Source, StashReport, Store, StoreOptions};
+use store::repo::{Progress, Source, StashReport, Store, StoreOptions, StoredChunk};
 use store::ChunkId;
-use transfer::client::{gc, pull, push, ClientError, Options, Remote};
+use transfer::client::{gc, pull, push, ClientError, Options, Remote, TransferStats};
 use transfer::metrics::Metrics;
 use transfer::proto::ErrorKind;
 use transfer::push::EarlyUpload;
@@ -43,19 +43,26 @@ impl Progress for Offer {
         if *self.offers.lock().unwrap() == 0 || self.seen_during_stash.load(Relaxed) {
             return;
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if metrics.chunks_received.load(Relaxed) > 0 {
-                self.seen_during_stash.store(true, Relaxed);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if server_received_a_chunk_within_20s(metrics) {
+            self.seen_during_stash.store(true, Relaxed);
         }
     }
     fn stored(&self, new: &[ChunkId]) {
         *self.offers.lock().unwrap() += 1;
         self.early.offer(new);
     }
+}
+
+/// Waits (on the stash's thread) until the server has received a chunk.
+fn server_received_a_chunk_within_20s(metrics: &Metrics) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if metrics.chunks_received.load(Relaxed) > 0 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// Stashes `data` under `n` while `early` uploads; returns the report and
@@ -79,23 +86,35 @@ async fn stash_watching(
     early: &Arc<EarlyUpload>,
     server: Option<Arc<Metrics>>,
 ) -> (StashReport, usize, bool) {
-    let (s, n, early) = (store.clone(), name(n), early.clone());
+    let offer = Offer {
+        early: early.clone(),
+        offers: Default::default(),
+        server,
+        seen_during_stash: AtomicBool::new(false),
+    };
+    let (r, offer) = stash_with(store, n, data, offer).await;
+    let seen = offer.seen_during_stash.load(Relaxed);
+    (r, offer.offers.into_inner().unwrap(), seen)
+}
+
+/// Stashes `data` under `n` on a blocking thread with `progress`; returns
+/// the report and the progress, to look at.
+async fn stash_with<P: Progress + 'static>(
+    store: &Arc<Store>,
+    n: &str,
+    data: Vec<u8>,
+    progress: P,
+) -> (StashReport, P) {
+    let (s, n) = (store.clone(), name(n));
     tokio::task::spawn_blocking(move || {
-        let offer = Offer {
-            early,
-            offers: Default::default(),
-            server,
-            seen_during_stash: AtomicBool::new(false),
-        };
         let r = s
             .stash(
                 &n,
                 Source::Reader(Box::new(std::io::Cursor::new(data))),
-                &offer,
+                &progress,
             )
             .unwrap();
-        let seen = offer.seen_during_stash.load(Relaxed);
-        (r, offer.offers.into_inner().unwrap(), seen)
+        (r, progress)
     })
     .await
     .unwrap()
@@ -163,6 +182,133 @@ async fn new_chunks_reach_the_server_before_the_push_and_are_not_sent_again() {
         .await
         .unwrap();
     assert!(unstash_bytes(&node, "main/early").await == data);
+    server.stop().await;
+}
+
+/// Hands the upload each job's chunks as they are compressed and each
+/// pack's ids once durable, as `ferry stash --remote` does. Reads slowly
+/// like [`Offer`]; after the first hand-over, the next read waits until
+/// the server has received a chunk (or 20 s).
+struct HandOver {
+    early: Arc<EarlyUpload>,
+    handed: AtomicBool,
+    /// Set once a wait ran out: no more waiting.
+    waited: AtomicBool,
+    server: Arc<Metrics>,
+    seen_during_stash: AtomicBool,
+}
+
+impl Progress for HandOver {
+    fn advance(&self, _bytes: u64) {
+        std::thread::sleep(Duration::from_millis(100));
+        // Waits once: `handed` is cleared for good after the wait.
+        if !self.handed.swap(false, Relaxed) || self.seen_during_stash.load(Relaxed) {
+            return;
+        }
+        if server_received_a_chunk_within_20s(&self.server) {
+            self.seen_during_stash.store(true, Relaxed);
+        } else {
+            self.waited.store(true, Relaxed);
+        }
+    }
+    fn wants_compressed(&self) -> bool {
+        true
+    }
+    fn compressed(&self, new: &[StoredChunk]) {
+        if !self.waited.load(Relaxed) {
+            self.handed.store(true, Relaxed);
+        }
+        self.early.offer_compressed(new);
+    }
+    fn stored(&self, new: &[ChunkId]) {
+        self.early.offer(new);
+    }
+}
+
+/// Stashes `data` under `n`, handing chunks over to `early`; returns the
+/// report and whether `server` received chunks while the stash still read
+/// its input.
+async fn stash_handing_over(
+    store: &Arc<Store>,
+    n: &str,
+    data: Vec<u8>,
+    early: &Arc<EarlyUpload>,
+    server: Arc<Metrics>,
+) -> (StashReport, bool) {
+    let progress = HandOver {
+        early: early.clone(),
+        handed: AtomicBool::new(false),
+        waited: AtomicBool::new(false),
+        server,
+        seen_during_stash: AtomicBool::new(false),
+    };
+    let (r, progress) = stash_with(store, n, data, progress).await;
+    (r, progress.seen_during_stash.load(Relaxed))
+}
+
+/// Stashes `data` under `n` from `builder`, handing its chunks to an early
+/// upload with options `o`, and pushes; checks that every new chunk went
+/// up exactly once and that a node pulls the stash back byte-exact.
+/// Returns the stash report, the push's statistics and whether chunks
+/// reached the server while the stash still read its input.
+async fn hand_over_and_push(
+    server: &TestServer,
+    dir: &std::path::Path,
+    builder: &Arc<Store>,
+    n: &str,
+    data: Vec<u8>,
+    o: &Options,
+) -> (StashReport, TransferStats, bool) {
+    let remote = server.remote(MAIN);
+    let early = start_early(builder, n, &remote, o);
+    let (stash, seen) =
+        stash_handing_over(builder, n, data.clone(), &early, server.metrics.clone()).await;
+    let stats = unwrap_early(early).push(none()).await.unwrap().stats;
+    assert_eq!(stats.chunks_sent, stash.new_chunks, "{stats:?}");
+    assert_eq!(
+        server.metrics.chunks_received.load(Relaxed),
+        stash.new_chunks,
+        "a chunk went up twice"
+    );
+    let node = client_store(dir, &format!("node-{}", n.replace('/', "-")));
+    pull(node.clone(), &name(n), &remote, &opts(), none())
+        .await
+        .unwrap();
+    assert!(unstash_bytes(&node, n).await == data);
+    (stash, stats, seen)
+}
+
+/// With the default 64 MiB packs no pack of this stash is durable before
+/// it ends, so chunks that reach the server while it reads its input came
+/// from the hand-over, not from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_handed_over_as_compressed_go_up_before_any_pack_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let builder = client_store(dir.path(), "builder");
+    let data = mixed_bytes(12, 40 << 20);
+    let (stash, s, seen) =
+        hand_over_and_push(&server, dir.path(), &builder, "main/handed", data, &opts()).await;
+    assert!(seen, "no chunk reached the server while the stash ran");
+    assert!(s.chunks_sent_early > 0, "{s:?}");
+    assert_eq!(s.bytes_sent, stash.stored_bytes, "{s:?}");
+    server.stop().await;
+}
+
+/// Beyond its budget the upload keeps no handed-over bytes: those chunks
+/// go up once their pack is durable, read back from the store, and every
+/// chunk still arrives exactly once (checked by the helper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_over_chunks_beyond_the_budget_go_up_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let builder = small_pack_store(dir.path(), "builder");
+    let data = mixed_bytes(13, 8 << 20);
+    let o = Options {
+        early_held_bytes: 256 << 10,
+        ..opts()
+    };
+    hand_over_and_push(&server, dir.path(), &builder, "main/budget", data, &o).await;
     server.stop().await;
 }
 

@@ -167,6 +167,7 @@ pub fn opts() -> Options {
     Options {
         streams: 4,
         early_streams: 2,
+        early_held_bytes: transfer::push::EARLY_HELD_BYTES,
         batch_bytes: 256 << 10,
         import_bytes: 1 << 20,
         read_ahead: 2 << 20,
