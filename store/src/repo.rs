@@ -893,7 +893,7 @@ impl Store {
                             .write(true)
                             .open(&path)
                             .map_err(output_err(&shown))?;
-                        let mut w = io::BufWriter::with_capacity(64 << 10, &mut out);
+                        let mut w = io::BufWriter::with_capacity(OUTPUT_BUFFER, &mut out);
                         reader.copy_to(&mut w, progress)?;
                         w.flush().map_err(output_err(&shown))?;
                         drop(w);
@@ -910,8 +910,7 @@ impl Store {
                 let mut tmp = tempfile_for(&path, &dir).map_err(output_err(&shown))?;
                 // Not fsynced: a restore is scratch data for the job at hand,
                 // and the rename already keeps a partial file from its name.
-                // Small buffer: it gathers tar headers; whole chunks bypass it.
-                let mut file = io::BufWriter::with_capacity(64 << 10, tmp.as_file_mut());
+                let mut file = io::BufWriter::with_capacity(OUTPUT_BUFFER, tmp.as_file_mut());
                 reader.copy_to(&mut file, progress)?;
                 file.flush().map_err(output_err(&shown))?;
                 drop(file);
@@ -1776,6 +1775,13 @@ struct Cursor {
 
 /// Decode at most this many raw bytes per parallel batch.
 const BATCH_BYTES: u64 = 16 << 20;
+
+/// Buffer of an unstash's output: it gathers tar headers and small files;
+/// any piece at least this long (most chunks: the chunker's minimum is
+/// 16 KiB) is written straight from the decoded chunk, without a copy
+/// into the buffer (with 64 KiB, chunks below that were copied: about 1.3 %
+/// of a remote unstash's CPU).
+const OUTPUT_BUFFER: usize = 8 << 10;
 
 impl<'a> StashReader<'a> {
     fn new(
