@@ -21,34 +21,26 @@ use std::task::{Context, Poll};
 /// and UDP headers); over IPv6 the limit is a little higher.
 const MAX_SEND: usize = 65_507;
 
-/// A quinn socket whose batched sends stay within [`MAX_SEND`].
-#[derive(Debug)]
-pub(crate) struct BoundedBatches(pub(crate) Arc<dyn AsyncUdpSocket>);
+/// How a [`PolicySocket`] sends: with the socket it wraps.
+pub(crate) trait SendPolicy: std::fmt::Debug + Send + Sync + 'static {
+    fn send(&self, inner: &dyn AsyncUdpSocket, transmit: &Transmit) -> io::Result<()>;
+}
 
-impl AsyncUdpSocket for BoundedBatches {
+/// A quinn socket that sends as its policy says and does everything else
+/// as the socket it wraps.
+#[derive(Debug)]
+pub(crate) struct PolicySocket<P> {
+    pub(crate) inner: Arc<dyn AsyncUdpSocket>,
+    pub(crate) policy: P,
+}
+
+impl<P: SendPolicy> AsyncUdpSocket for PolicySocket<P> {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        self.0.clone().create_io_poller()
+        self.inner.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let Some(segment) = transmit.segment_size.filter(|&s| s > 0) else {
-            return self.0.try_send(transmit);
-        };
-        if transmit.contents.len() <= MAX_SEND {
-            return self.0.try_send(transmit);
-        }
-        // Whole datagrams per send. Should a later send find the socket
-        // full, the error makes quinn send the whole batch again: the
-        // receiver discards the datagrams it already has as duplicates.
-        let per_send = (MAX_SEND / segment).max(1) * segment;
-        for piece in transmit.contents.chunks(per_send) {
-            self.0.try_send(&Transmit {
-                contents: piece,
-                segment_size: (piece.len() > segment).then_some(segment),
-                ..*transmit
-            })?;
-        }
-        Ok(())
+        self.policy.send(self.inner.as_ref(), transmit)
     }
 
     fn poll_recv(
@@ -57,23 +49,59 @@ impl AsyncUdpSocket for BoundedBatches {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        self.0.poll_recv(cx, bufs, meta)
+        self.inner.poll_recv(cx, bufs, meta)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.inner.local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.0.max_transmit_segments()
+        self.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.0.max_receive_segments()
+        self.inner.max_receive_segments()
     }
 
+    // quinn runs MTU discovery only on sockets that do not fragment.
     fn may_fragment(&self) -> bool {
-        self.0.may_fragment()
+        self.inner.may_fragment()
+    }
+}
+
+/// `inner`, with batched sends that stay within [`MAX_SEND`].
+pub(crate) fn bounded_batches(inner: Arc<dyn AsyncUdpSocket>) -> PolicySocket<BoundedBatches> {
+    PolicySocket {
+        inner,
+        policy: BoundedBatches,
+    }
+}
+
+/// Sends a batch larger than [`MAX_SEND`] as several sends.
+#[derive(Debug)]
+pub(crate) struct BoundedBatches;
+
+impl SendPolicy for BoundedBatches {
+    fn send(&self, inner: &dyn AsyncUdpSocket, transmit: &Transmit) -> io::Result<()> {
+        let Some(segment) = transmit.segment_size.filter(|&s| s > 0) else {
+            return inner.try_send(transmit);
+        };
+        if transmit.contents.len() <= MAX_SEND {
+            return inner.try_send(transmit);
+        }
+        // Whole datagrams per send. Should a later send find the socket
+        // full, the error makes quinn send the whole batch again: the
+        // receiver discards the datagrams it already has as duplicates.
+        let per_send = (MAX_SEND / segment).max(1) * segment;
+        for piece in transmit.contents.chunks(per_send) {
+            inner.try_send(&Transmit {
+                contents: piece,
+                segment_size: (piece.len() > segment).then_some(segment),
+                ..*transmit
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -98,7 +126,7 @@ mod tests {
             eprintln!("skipped: this kernel does not batch sends (no UDP GSO)");
             return;
         }
-        let socket = Arc::new(BoundedBatches(inner));
+        let socket = Arc::new(bounded_batches(inner));
         let mut writable = socket.clone().create_io_poller();
         let contents: Vec<u8> = (0..90_000u32).map(|i| (i / 9000) as u8).collect();
         let transmit = Transmit {

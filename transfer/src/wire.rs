@@ -238,7 +238,9 @@ pub(crate) fn endpoint(
     }
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime found"))?;
-    let socket = Arc::new(crate::udp::BoundedBatches(runtime.wrap_udp_socket(socket)?));
+    let socket = Arc::new(crate::udp::bounded_batches(
+        runtime.wrap_udp_socket(socket)?,
+    ));
     quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
 
@@ -367,57 +369,24 @@ mod tests {
 #[cfg(test)]
 mod mtu_tests {
     use super::*;
-    use quinn::udp::{RecvMeta, Transmit};
-    use quinn::{AsyncUdpSocket, UdpPoller};
-    use std::io::{self, IoSliceMut};
-    use std::net::SocketAddr;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
+    use crate::udp::{PolicySocket, SendPolicy};
+    use quinn::udp::Transmit;
+    use quinn::AsyncUdpSocket;
+    use std::io;
     use std::time::{Duration, Instant};
 
     /// A path that loses every datagram larger than `mtu` bytes.
     #[derive(Debug)]
     struct Narrow {
-        inner: Arc<dyn AsyncUdpSocket>,
         mtu: usize,
     }
 
-    impl AsyncUdpSocket for Narrow {
-        fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-            self.inner.clone().create_io_poller()
-        }
-
-        fn try_send(&self, t: &Transmit) -> io::Result<()> {
+    impl SendPolicy for Narrow {
+        fn send(&self, inner: &dyn AsyncUdpSocket, t: &Transmit) -> io::Result<()> {
             if t.segment_size.unwrap_or(t.contents.len()) > self.mtu {
                 return Ok(()); // lost on the way
             }
-            self.inner.try_send(t)
-        }
-
-        fn poll_recv(
-            &self,
-            cx: &mut Context,
-            bufs: &mut [IoSliceMut<'_>],
-            meta: &mut [RecvMeta],
-        ) -> Poll<io::Result<usize>> {
-            self.inner.poll_recv(cx, bufs, meta)
-        }
-
-        fn local_addr(&self) -> io::Result<SocketAddr> {
-            self.inner.local_addr()
-        }
-
-        fn max_transmit_segments(&self) -> usize {
-            self.inner.max_transmit_segments()
-        }
-
-        fn max_receive_segments(&self) -> usize {
-            self.inner.max_receive_segments()
-        }
-
-        // quinn runs MTU discovery only on sockets that do not fragment.
-        fn may_fragment(&self) -> bool {
-            self.inner.may_fragment()
+            inner.try_send(t)
         }
     }
 
@@ -460,9 +429,9 @@ mod mtu_tests {
         let socket = runtime
             .wrap_udp_socket(std::net::UdpSocket::bind(loopback).unwrap())
             .unwrap();
-        let socket = Arc::new(Narrow {
-            inner: Arc::new(crate::udp::BoundedBatches(socket)),
-            mtu: path_mtu,
+        let socket = Arc::new(PolicySocket {
+            inner: Arc::new(crate::udp::bounded_batches(socket)),
+            policy: Narrow { mtu: path_mtu },
         });
         let config = endpoint_config(None).unwrap();
         let client =
