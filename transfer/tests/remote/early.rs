@@ -43,7 +43,7 @@ impl Progress for Offer {
         if *self.offers.lock().unwrap() == 0 || self.seen_during_stash.load(Relaxed) {
             return;
         }
-        if server_received_a_chunk_within_20s(metrics) {
+        if server_received_a_chunk_within(metrics, Duration::from_secs(20)) {
             self.seen_during_stash.store(true, Relaxed);
         }
     }
@@ -53,9 +53,10 @@ impl Progress for Offer {
     }
 }
 
-/// Waits (on the stash's thread) until the server has received a chunk.
-fn server_received_a_chunk_within_20s(metrics: &Metrics) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Waits (on the stash's thread) until the server has received a chunk,
+/// at most `wait`.
+fn server_received_a_chunk_within(metrics: &Metrics, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
         if metrics.chunks_received.load(Relaxed) > 0 {
             return true;
@@ -185,84 +186,67 @@ async fn new_chunks_reach_the_server_before_the_push_and_are_not_sent_again() {
     server.stop().await;
 }
 
-/// Hands the upload each job's chunks as they are compressed and each
-/// pack's ids once durable, as `ferry stash --remote` does. Reads slowly
-/// like [`Offer`]; after the first hand-over, the next read waits until
-/// the server has received a chunk (or 20 s).
+/// Hands the upload each job's chunks as they are compressed, as `ferry
+/// stash --remote` does, but keeps the ids of durable packs back until the
+/// stash has ended: while it runs, only handed-over bytes can reach the
+/// server. The first hand-over waits (on the stash's thread) up to `wait`
+/// for the server to receive a chunk.
 struct HandOver {
     early: Arc<EarlyUpload>,
-    handed: AtomicBool,
-    /// Set once a wait ran out: no more waiting.
-    waited: AtomicBool,
     server: Arc<Metrics>,
+    wait: Duration,
+    waited: AtomicBool,
     seen_during_stash: AtomicBool,
+    durable: std::sync::Mutex<Vec<ChunkId>>,
 }
 
 impl Progress for HandOver {
-    fn advance(&self, _bytes: u64) {
-        std::thread::sleep(Duration::from_millis(100));
-        // Waits once: `handed` is cleared for good after the wait.
-        if !self.handed.swap(false, Relaxed) || self.seen_during_stash.load(Relaxed) {
-            return;
-        }
-        if server_received_a_chunk_within_20s(&self.server) {
-            self.seen_during_stash.store(true, Relaxed);
-        } else {
-            self.waited.store(true, Relaxed);
-        }
-    }
+    fn advance(&self, _bytes: u64) {}
     fn wants_compressed(&self) -> bool {
         true
     }
     fn compressed(&self, new: &[StoredChunk]) {
-        if !self.waited.load(Relaxed) {
-            self.handed.store(true, Relaxed);
-        }
         self.early.offer_compressed(new);
+        if !self.waited.swap(true, Relaxed)
+            && server_received_a_chunk_within(&self.server, self.wait)
+        {
+            self.seen_during_stash.store(true, Relaxed);
+        }
     }
     fn stored(&self, new: &[ChunkId]) {
-        self.early.offer(new);
+        self.durable.lock().unwrap().extend_from_slice(new);
     }
-}
-
-/// Stashes `data` under `n`, handing chunks over to `early`; returns the
-/// report and whether `server` received chunks while the stash still read
-/// its input.
-async fn stash_handing_over(
-    store: &Arc<Store>,
-    n: &str,
-    data: Vec<u8>,
-    early: &Arc<EarlyUpload>,
-    server: Arc<Metrics>,
-) -> (StashReport, bool) {
-    let progress = HandOver {
-        early: early.clone(),
-        handed: AtomicBool::new(false),
-        waited: AtomicBool::new(false),
-        server,
-        seen_during_stash: AtomicBool::new(false),
-    };
-    let (r, progress) = stash_with(store, n, data, progress).await;
-    (r, progress.seen_during_stash.load(Relaxed))
 }
 
 /// Stashes `data` under `n` from `builder`, handing its chunks to an early
-/// upload with options `o`, and pushes; checks that every new chunk went
-/// up exactly once and that a node pulls the stash back byte-exact.
-/// Returns the stash report, the push's statistics and whether chunks
-/// reached the server while the stash still read its input.
+/// upload with options `o` (see [`HandOver`]), offers the durable ones,
+/// and pushes; checks that every new chunk went up exactly once and that a
+/// node pulls the stash back byte-exact. Returns the stash report, the
+/// push's statistics and whether a chunk reached the server within `wait`
+/// of the first hand-over.
 async fn hand_over_and_push(
     server: &TestServer,
     dir: &std::path::Path,
     builder: &Arc<Store>,
     n: &str,
     data: Vec<u8>,
-    o: &Options,
+    (o, wait): (&Options, Duration),
 ) -> (StashReport, TransferStats, bool) {
     let remote = server.remote(MAIN);
     let early = start_early(builder, n, &remote, o);
-    let (stash, seen) =
-        stash_handing_over(builder, n, data.clone(), &early, server.metrics.clone()).await;
+    let progress = HandOver {
+        early: early.clone(),
+        server: server.metrics.clone(),
+        wait,
+        waited: AtomicBool::new(false),
+        seen_during_stash: AtomicBool::new(false),
+        durable: Default::default(),
+    };
+    let (stash, progress) = stash_with(builder, n, data.clone(), progress).await;
+    assert!(progress.waited.load(Relaxed), "nothing was handed over");
+    let seen = progress.seen_during_stash.load(Relaxed);
+    early.offer(&progress.durable.lock().unwrap());
+    drop(progress);
     let stats = unwrap_early(early).push(none()).await.unwrap().stats;
     assert_eq!(stats.chunks_sent, stash.new_chunks, "{stats:?}");
     assert_eq!(
@@ -278,26 +262,27 @@ async fn hand_over_and_push(
     (stash, stats, seen)
 }
 
-/// With the default 64 MiB packs no pack of this stash is durable before
-/// it ends, so chunks that reach the server while it reads its input came
-/// from the hand-over, not from the store.
+/// No pack's ids are offered while the stash runs (see [`HandOver`]), so a
+/// chunk that reaches the server then went up from the bytes handed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunks_handed_over_as_compressed_go_up_before_any_pack_is_durable() {
+async fn chunks_handed_over_as_compressed_go_up_before_their_packs_are_offered() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let builder = client_store(dir.path(), "builder");
     let data = mixed_bytes(12, 40 << 20);
+    let o = (&opts(), Duration::from_secs(20));
     let (stash, s, seen) =
-        hand_over_and_push(&server, dir.path(), &builder, "main/handed", data, &opts()).await;
-    assert!(seen, "no chunk reached the server while the stash ran");
+        hand_over_and_push(&server, dir.path(), &builder, "main/handed", data, o).await;
+    assert!(seen, "no handed-over chunk reached the server");
     assert!(s.chunks_sent_early > 0, "{s:?}");
     assert_eq!(s.bytes_sent, stash.stored_bytes, "{s:?}");
     server.stop().await;
 }
 
-/// Beyond its budget the upload keeps no handed-over bytes: those chunks
-/// go up once their pack is durable, read back from the store, and every
-/// chunk still arrives exactly once (checked by the helper).
+/// Each job's chunks are more than the 256 KiB budget: the upload keeps
+/// none of their bytes, so nothing reaches the server before the packs'
+/// ids are offered; then every chunk goes up once, read back from the
+/// store (checked by the helper).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handed_over_chunks_beyond_the_budget_go_up_from_the_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -308,7 +293,20 @@ async fn handed_over_chunks_beyond_the_budget_go_up_from_the_store() {
         early_held_bytes: 256 << 10,
         ..opts()
     };
-    hand_over_and_push(&server, dir.path(), &builder, "main/budget", data, &o).await;
+    let (stash, _, seen) = hand_over_and_push(
+        &server,
+        dir.path(),
+        &builder,
+        "main/budget",
+        data,
+        (&o, Duration::from_secs(2)),
+    )
+    .await;
+    assert!(
+        stash.stored_bytes > 256 << 10,
+        "the stash must not fit the budget: {stash:?}"
+    );
+    assert!(!seen, "bytes beyond the budget were held and uploaded");
     server.stop().await;
 }
 
