@@ -70,6 +70,8 @@ pub fn serve(root: &Path, tokens_toml: &str) -> Serve {
     let mut child = Command::new(FERRY)
         .args(["serve", "--config"])
         .arg(&config)
+        // Tests that look at the page cache expect the default.
+        .env_remove("FERRY_DIRECT_IO")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -189,6 +191,8 @@ impl Env {
         let mut c = Command::new(FERRY);
         c.arg("--store").arg(&self.store);
         c.env_remove("FERRY_STORE");
+        // Tests that look at the page cache expect the default.
+        c.env_remove("FERRY_DIRECT_IO");
         c.current_dir(self.dir.path());
         c
     }
