@@ -166,8 +166,10 @@ fn set_direct(_file: &File, on: bool) -> io::Result<()> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    #[cfg(target_os = "linux")]
+    use crate::testutil::{resident, takes_o_direct};
     use std::fs::{self, OpenOptions};
     use std::path::Path;
 
@@ -254,43 +256,6 @@ pub(crate) mod tests {
         let mut want = b"x".to_vec();
         want.extend_from_slice(&bytes);
         assert_eq!(fs::read(&path).unwrap(), want);
-    }
-
-    /// Whether the file system of `dir` takes an `O_DIRECT` write and keeps
-    /// its page out of the page cache (tmpfs takes the flag and caches),
-    /// found without the code under test.
-    #[cfg(target_os = "linux")]
-    pub(crate) fn takes_o_direct(dir: &Path) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join("o_direct_probe");
-        let Ok(mut file) = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-        else {
-            return false;
-        };
-        let buf = vec![7u8; 2 * ALIGN];
-        let at = buf.as_ptr().align_offset(ALIGN);
-        let ok = file.write_all(&buf[at..at + ALIGN]).is_ok() && !resident(&path)[0];
-        drop(file);
-        fs::remove_file(&path).unwrap();
-        ok
-    }
-
-    /// Pages of the file at `path` in the page cache, per 4 KiB page.
-    #[cfg(target_os = "linux")]
-    pub(crate) fn resident(path: &Path) -> Vec<bool> {
-        let file = File::open(path).unwrap();
-        // SAFETY: the test owns the file and nothing changes it while mapped.
-        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
-        let mut vec = vec![0u8; map.len().div_ceil(4096)];
-        // SAFETY: `map` is a live mapping of `map.len()` bytes and `vec` has
-        // one byte per page of it, as mincore requires.
-        let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), vec.as_mut_ptr()) };
-        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
-        vec.iter().map(|b| b & 1 == 1).collect()
     }
 
     #[cfg(target_os = "linux")]

@@ -583,7 +583,7 @@ fn a_blocking_chunk_source_leaves_the_global_thread_pool_free() {
 #[test]
 fn direct_writes_keep_packs_out_of_the_page_cache_unless_turned_off() {
     let probe = tempfile::tempdir().unwrap();
-    if !crate::direct::tests::takes_o_direct(probe.path()) {
+    if !crate::testutil::takes_o_direct(probe.path()) {
         eprintln!("the temp directory's file system refuses O_DIRECT; skipped");
         return;
     }
@@ -600,7 +600,7 @@ fn direct_writes_keep_packs_out_of_the_page_cache_unless_turned_off() {
         stash_bytes(&store, "main/x", &data);
         let packs = crate::testutil::files_under(&root.join("packs"));
         assert_eq!(packs.len(), 1, "{packs:?}");
-        let pages = crate::direct::tests::resident(&packs[0]);
+        let pages = crate::testutil::resident(&packs[0]);
         // Random data does not compress: the pack holds 6 MiB, so its
         // first five 1 MiB blocks were written whole.
         cached.push(pages[..5 * 256].iter().filter(|&&r| r).count());
