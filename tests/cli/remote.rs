@@ -23,17 +23,16 @@ impl<'a> Node<'a> {
         }
     }
 
-    /// `ferry --store <its store>`, pointed at the server.
-    fn cmd(&self) -> std::process::Command {
-        let mut cmd = self.env.cmd();
-        cmd.env("FERRY_REMOTE", &self.server.remote)
-            .env("FERRY_SERVER_CERT", &self.server.cert)
-            .env("FERRY_TOKEN_FILE", self.token);
-        cmd
-    }
-
     fn ferry(&self, args: &[&str]) -> Out {
-        run(self.cmd().args(args), None)
+        run(
+            self.env
+                .cmd()
+                .env("FERRY_REMOTE", &self.server.remote)
+                .env("FERRY_SERVER_CERT", &self.server.cert)
+                .env("FERRY_TOKEN_FILE", self.token)
+                .args(args),
+            None,
+        )
     }
 
     /// `--json` output of several documents, in order.
@@ -174,8 +173,7 @@ fn packs_bypass_the_page_cache_and_a_remote_stash_reads_none_back() {
     fs::write(&file, &data).unwrap();
     let whole_blocks = 5 * 256;
     let cached = |store: &Path| {
-        let mut packs = Vec::new();
-        walk_files(&store.join("packs"), &mut |p| packs.push(p.to_path_buf()));
+        let packs = packs_in(store);
         assert_eq!(packs.len(), 1, "{packs:?}");
         resident_pages(&packs[0])[..whole_blocks]
             .iter()

@@ -276,20 +276,25 @@ impl Env {
 
     /// Every `.pack` file in the store.
     pub fn packs(&self) -> Vec<PathBuf> {
-        let mut v = Vec::new();
-        walk_files(&self.store.join("packs"), &mut |p| {
-            if p.extension() == Some(OsStr::new("pack")) {
-                v.push(p.to_path_buf());
-            }
-        });
-        v.sort();
-        v
+        packs_in(&self.store)
     }
+}
+
+/// Every `.pack` file in the store at `store`, sorted.
+pub fn packs_in(store: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    walk_files(&store.join("packs"), &mut |p| {
+        if p.extension() == Some(OsStr::new("pack")) {
+            v.push(p.to_path_buf());
+        }
+    });
+    v.sort();
+    v
 }
 
 /// Calls `f` with every file below `dir`, recursively (none if `dir` is
 /// missing).
-pub fn walk_files(dir: &Path, f: &mut dyn FnMut(&Path)) {
+fn walk_files(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd {
         let p = e.unwrap().path();
