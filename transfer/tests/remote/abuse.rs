@@ -811,7 +811,7 @@ async fn silent_peers_are_cut_off_by_deadlines_and_the_idle_timeout() {
         took >= Duration::from_millis(2500) && took < Duration::from_secs(8),
         "{took:?}"
     );
-    wait_for(20, "no connection left open on the server", || {
+    wait_for(5, "no connection left open on the server", || {
         server.metrics.connections_open.load(Relaxed) == 0
             && server.metrics.active_sessions.load(Relaxed) == 0
             && server.metrics.requests_in_flight.load(Relaxed) == 0
@@ -948,7 +948,7 @@ async fn connections_past_the_limit_are_refused_and_half_open_ones_take_no_slot(
     cfg.limits.max_connections = 4;
     let (server, before) = seeded(dir.path(), cfg).await;
     let open = || server.metrics.connections_open.load(Relaxed);
-    wait_for(20, "the seeding clients gone", || open() == 0).await;
+    wait_for(5, "the seeding clients gone", || open() == 0).await;
     let accepted = server.metrics.connections.load(Relaxed);
 
     // Eight handshakes that never finish.
@@ -994,7 +994,7 @@ async fn connections_past_the_limit_are_refused_and_half_open_ones_take_no_slot(
     assert!(e.is_transient());
     assert_eq!(errors(&server, ErrorKind::Busy), 9);
     assert_eq!(server.metrics.connections.load(Relaxed) - accepted, 4 + 9);
-    wait_for(20, "refused connections gone", || open() == 4).await;
+    wait_for(5, "refused connections gone", || open() == 4).await;
     // The four sessions were never disturbed.
     for s in &sessions {
         assert!(matches!(
@@ -1009,7 +1009,7 @@ async fn connections_past_the_limit_are_refused_and_half_open_ones_take_no_slot(
     for s in sessions {
         s.close().await;
     }
-    wait_for(20, "every slot free", || open() == 0).await;
+    wait_for(5, "every slot free", || open() == 0).await;
     for t in relays {
         t.abort();
     }

@@ -514,7 +514,7 @@ async fn an_abandoned_early_upload_closes_its_connection_at_once() {
         })
         .await
         .unwrap();
-        wait_for(20, "the server to see the connection closed", || {
+        wait_for(5, "the server to see the connection closed", || {
             sessions() == 0
         })
         .await;

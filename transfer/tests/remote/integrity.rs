@@ -176,7 +176,9 @@ async fn peers_breaking_limits_are_cut_off_and_others_keep_being_served() {
         Message::Listing { .. }
     ));
     bystander.close().await;
-    // Generous: 48 tests with servers share two cores in CI.
+    // Generous (48 tests with servers share two cores in CI), and still
+    // well short of the server's 60 s idle timeout, which would also end
+    // connections that were never closed.
     wait_for(20, "connections to close", || {
         server
             .metrics
