@@ -27,5 +27,6 @@ pub mod tarsplit;
 
 pub use id::{ChunkId, ManifestId, PackId};
 
-#[cfg(test)]
-mod testutil;
+#[cfg(any(test, feature = "test-support"))]
+#[doc(hidden)]
+pub mod testutil;

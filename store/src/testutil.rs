@@ -1,7 +1,8 @@
-//! Helpers shared by the unit tests.
+//! Helpers shared by the unit tests, and (with the `test-support`
+//! feature) by the CLI's black-box tests. Not part of the API.
 
 /// `len` pseudo-random bytes (xorshift), different for each seed.
-pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {
@@ -14,7 +15,7 @@ pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Every file below `dir`, recursively.
-pub(crate) fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -31,7 +32,7 @@ pub(crate) fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// its page out of the page cache (tmpfs takes the flag and caches), found
 /// without the code under test.
 #[cfg(target_os = "linux")]
-pub(crate) fn takes_o_direct(dir: &std::path::Path) -> bool {
+pub fn takes_o_direct(dir: &std::path::Path) -> bool {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("o_direct_probe");
@@ -53,7 +54,7 @@ pub(crate) fn takes_o_direct(dir: &std::path::Path) -> bool {
 
 /// Pages of the file at `path` in the page cache, per 4 KiB page.
 #[cfg(target_os = "linux")]
-pub(crate) fn resident(path: &std::path::Path) -> Vec<bool> {
+pub fn resident(path: &std::path::Path) -> Vec<bool> {
     let file = std::fs::File::open(path).unwrap();
     // SAFETY: the test owns the file and nothing changes it while mapped.
     let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();

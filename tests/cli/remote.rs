@@ -161,7 +161,7 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
 #[test]
 fn packs_bypass_the_page_cache_and_a_remote_stash_reads_none_back() {
     let root = tempfile::tempdir().unwrap();
-    if !takes_o_direct(root.path()) {
+    if !store::testutil::takes_o_direct(root.path()) {
         eprintln!("the temp directory's file system refuses O_DIRECT; skipped");
         return;
     }
@@ -175,7 +175,7 @@ fn packs_bypass_the_page_cache_and_a_remote_stash_reads_none_back() {
     let cached = |store: &Path| {
         let packs = packs_in(store);
         assert_eq!(packs.len(), 1, "{packs:?}");
-        resident_pages(&packs[0])[..whole_blocks]
+        store::testutil::resident(&packs[0])[..whole_blocks]
             .iter()
             .filter(|&&r| r)
             .count()
@@ -207,55 +207,4 @@ fn packs_bypass_the_page_cache_and_a_remote_stash_reads_none_back() {
         .ok();
     assert_eq!(cached(&node.env.store), 0, "the node cache's pack");
     assert_bytes_eq(&fs::read(&out).unwrap(), &data, "main/blob");
-}
-
-/// Whether the file system under `dir` takes an `O_DIRECT` write and
-/// keeps its page out of the page cache (tmpfs takes the flag and caches).
-#[cfg(target_os = "linux")]
-fn takes_o_direct(dir: &Path) -> bool {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("o_direct_probe");
-    let Ok(mut file) = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-    else {
-        return false;
-    };
-    let buf = vec![7u8; 8192];
-    let at = buf.as_ptr().align_offset(4096);
-    let ok = file.write_all(&buf[at..at + 4096]).is_ok() && !resident_pages(&path)[0];
-    drop(file);
-    fs::remove_file(&path).unwrap();
-    ok
-}
-
-/// Which 4 KiB pages of the file at `path` are in the page cache.
-#[cfg(target_os = "linux")]
-fn resident_pages(path: &Path) -> Vec<bool> {
-    use std::os::fd::AsRawFd;
-    let file = fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len() as usize;
-    // SAFETY: a fresh read-only shared mapping of the whole file; nothing
-    // reads through it, it is only passed to mincore and unmapped.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED, "mmap {}", path.display());
-    let mut vec = vec![0u8; len.div_ceil(4096)];
-    // SAFETY: `map` spans `len` bytes and `vec` has a byte per page of it.
-    let rc = unsafe { libc::mincore(map, len, vec.as_mut_ptr()) };
-    // SAFETY: unmaps exactly the mapping made above.
-    unsafe { libc::munmap(map, len) };
-    assert_eq!(rc, 0, "mincore {}", path.display());
-    vec.iter().map(|b| b & 1 == 1).collect()
 }
