@@ -8,7 +8,8 @@
 # The large stream is v1 v2 v3 v1 v2 v3 v1 v2 v3 v1 of benches/make_image.py
 # concatenated on standard input (25 GB, ~3 GB of distinct content: the
 # repeats exercise chunks that occur many times in one stash). Output goes
-# to /dev/null. Peak RSS from /usr/bin/time; client and server on loopback.
+# to /dev/null, then (empty cache again) into files, which a remote unstash
+# writes by offset. Peak RSS from /usr/bin/time; client and server on loopback.
 #
 # Environment: FERRY=path (else target/release/ferry is built), PORT=47463.
 set -euo pipefail
@@ -58,4 +59,12 @@ rm -rf "$W/node"
 measure "remote unstash big (25 GB)" bash -c "'$FERRY' -q --store '$W/node' unstash bench/big - | wc -c >'$W/big.count'"
 [ "$(cat "$W/big.count")" = "$BIG_BYTES" ] || die "big: $(cat "$W/big.count") bytes out, expected $BIG_BYTES"
 echo "big stream: $BIG_BYTES bytes, all written back"
+# Into a file: written by offset as chunks arrive (no reordering buffer).
+rm -rf "$W/node"
+measure "remote unstash v1 to a file" "$FERRY" -q --store "$W/node" unstash bench/v1 "$W/v1.out"
+cmp -s "$W/v1.out" "$DATA/v1.tar" || die "the unstashed v1 file differs from v1.tar"
+rm -rf "$W/node" "$W/v1.out"
+measure "remote unstash big to a file" "$FERRY" -q --store "$W/node" unstash bench/big "$W/big.out"
+[ "$(stat -c %s "$W/big.out")" = "$BIG_BYTES" ] || die "big file: $(stat -c %s "$W/big.out") bytes, expected $BIG_BYTES"
+rm -f "$W/big.out"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

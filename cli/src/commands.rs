@@ -194,7 +194,8 @@ pub const UNSTASH_ABOUT: &str = "\
 Restore what was stashed under NAME, byte for byte.
 
 To - (standard output) for piping into `docker load`; to a file, written under
-a temporary name and renamed when complete; or, for directory stashes, into a
+a temporary name and renamed when complete (with --remote, each chunk is
+written at its offset as it arrives); or, for directory stashes, into a
 directory (created; an existing one must be empty). Every chunk is checked
 against its BLAKE3 id before its bytes are written: a damaged store makes the
 command fail, never emit wrong bytes. Existing targets are refused unless

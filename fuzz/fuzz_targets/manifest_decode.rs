@@ -1,4 +1,5 @@
-//! store::manifest::Manifest::decode on untrusted stored bytes, and
+//! store::manifest::Manifest::decode on untrusted stored bytes (and the
+//! placement of a decoded manifest's chunks), and
 //! transfer::delta::apply on an untrusted delta.
 //!
 //! Mode byte: 0 = the bytes as stored (a zstd frame); 1 = the bytes are the
@@ -21,6 +22,22 @@ fn check(stored: &[u8]) {
     // The totals were checked: the recipe describes `size` bytes.
     let total: u64 = m.layout.iter().map(|(_, n)| n).sum();
     assert_eq!(total, m.header.size);
+    // A remote unstash into a file places its chunks by this: every byte
+    // of the output belongs to exactly one piece of one chunk.
+    let placement = store::place::Placement::of(&m).expect("a decoded manifest places");
+    assert_eq!(placement.size(), m.header.size);
+    let mut pieces: Vec<_> = placement
+        .chunks()
+        .iter()
+        .flat_map(|id| placement.pieces(id).expect("its own chunk").to_vec())
+        .collect();
+    pieces.sort_unstable_by_key(|p| p.at);
+    let mut at = 0;
+    for p in pieces {
+        assert_eq!(p.at, at, "a gap or an overlap in the placement");
+        at += u64::from(p.len);
+    }
+    assert_eq!(at, m.header.size);
     let enc = m.encode();
     let back = Manifest::decode(&enc).expect("a re-encoded manifest decodes");
     assert_eq!(back, m, "decode -> encode -> decode changed the manifest");

@@ -21,6 +21,7 @@ pub mod lease;
 pub mod manifest;
 pub mod name;
 pub mod pack;
+pub mod place;
 pub mod refs;
 pub mod repo;
 pub mod tarsplit;

@@ -282,6 +282,63 @@ pub struct UnstashReport {
     pub bytes_per_second: f64,
 }
 
+impl UnstashReport {
+    pub(crate) fn new(
+        name: &str,
+        kind: StashKind,
+        size: u64,
+        chunks: u64,
+        started: Instant,
+    ) -> UnstashReport {
+        let seconds = started.elapsed().as_secs_f64();
+        UnstashReport {
+            name: name.to_string(),
+            kind,
+            size,
+            chunks,
+            seconds,
+            bytes_per_second: size as f64 / seconds.max(1e-9),
+        }
+    }
+}
+
+/// Checks a file target of `name` (a `kind` stash): false for a device,
+/// FIFO or socket, which is written into in order; true for a regular file
+/// (refused unless `force`) or a path that does not exist yet.
+pub(crate) fn check_file_target(
+    name: &str,
+    kind: StashKind,
+    path: &Path,
+    force: bool,
+) -> Result<bool, StoreError> {
+    if kind == StashKind::Directory {
+        return Err(StoreError::WrongTarget {
+            name: name.to_string(),
+            kind: kind.as_str(),
+            hint: "unstash it into a directory (a path that does not exist yet, or an empty directory)",
+        });
+    }
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(true);
+    };
+    if meta.is_dir() {
+        return Err(StoreError::WrongTarget {
+            name: name.to_string(),
+            kind: kind.as_str(),
+            hint: "the target is a directory: name a file in it, or - for standard output",
+        });
+    }
+    if !meta.is_file() {
+        return Ok(false);
+    }
+    if !force {
+        return Err(StoreError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(true)
+}
+
 /// One line of `ferry ls`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -869,40 +926,21 @@ impl Store {
                 w.flush().map_err(output_err("the output"))?;
             }
             Target::File(path) => {
-                if kind == StashKind::Directory {
-                    return Err(StoreError::WrongTarget {
-                        name: name.to_string(),
-                        kind: kind.as_str(),
-                        hint: "unstash it into a directory (a path that does not exist yet, or an empty directory)",
-                    });
+                if !check_file_target(name, kind, &path, force)? {
+                    // A device, FIFO or socket (/dev/stdout, a named pipe): write
+                    // into it; renaming over it would replace the node itself.
+                    let shown = path.display().to_string();
+                    let mut out = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(output_err(&shown))?;
+                    let mut w = io::BufWriter::with_capacity(OUTPUT_BUFFER, &mut out);
+                    reader.copy_to(&mut w, progress)?;
+                    w.flush().map_err(output_err(&shown))?;
+                    drop(w);
+                    return Ok(UnstashReport::new(name, kind, size, chunks, started));
                 }
                 let shown = path.display().to_string();
-                let existing = std::fs::metadata(&path).ok();
-                if let Some(meta) = &existing {
-                    if meta.is_dir() {
-                        return Err(StoreError::WrongTarget {
-                            name: name.to_string(),
-                            kind: kind.as_str(),
-                            hint: "the target is a directory: name a file in it, or - for standard output",
-                        });
-                    }
-                    if !meta.is_file() {
-                        // A device, FIFO or socket (/dev/stdout, a named pipe): write
-                        // into it; renaming over it would replace the node itself.
-                        let mut out = std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(output_err(&shown))?;
-                        let mut w = io::BufWriter::with_capacity(OUTPUT_BUFFER, &mut out);
-                        reader.copy_to(&mut w, progress)?;
-                        w.flush().map_err(output_err(&shown))?;
-                        drop(w);
-                        return Ok(self.unstash_report(name, kind, size, chunks, started));
-                    }
-                    if !force {
-                        return Err(StoreError::Exists { path });
-                    }
-                }
                 let dir = match path.parent() {
                     Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                     _ => PathBuf::from("."),
@@ -968,26 +1006,7 @@ impl Store {
                 }
             }
         }
-        Ok(self.unstash_report(name, kind, size, chunks, started))
-    }
-
-    fn unstash_report(
-        &self,
-        name: &str,
-        kind: StashKind,
-        size: u64,
-        chunks: u64,
-        started: Instant,
-    ) -> UnstashReport {
-        let seconds = started.elapsed().as_secs_f64();
-        UnstashReport {
-            name: name.to_string(),
-            kind,
-            size,
-            chunks,
-            seconds,
-            bytes_per_second: size as f64 / seconds.max(1e-9),
-        }
+        Ok(UnstashReport::new(name, kind, size, chunks, started))
     }
 
     /// Names, optionally under `prefix`, with their manifest headers.
@@ -1347,7 +1366,7 @@ pub fn verify_stored(c: &StoredChunk, buf: &mut Vec<u8>) -> Result<(), StoreErro
 }
 
 /// Reads and verifies one chunk.
-fn read_chunk(
+pub(crate) fn read_chunk(
     backend: &dyn Backend,
     name: &str,
     chunk: &ChunkRef,
@@ -1978,7 +1997,7 @@ impl Read for ProgressReader<'_, '_> {
 /// A temporary file next to `target` with the mode the target should end
 /// up with: an existing target's own mode (with --force), else what any new
 /// file gets (0666 less the umask; tempfile's default would be 0600).
-fn tempfile_for(target: &Path, dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+pub(crate) fn tempfile_for(target: &Path, dir: &Path) -> io::Result<tempfile::NamedTempFile> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(target)
         .map(|m| m.permissions().mode() & 0o7777)

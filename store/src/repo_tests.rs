@@ -615,3 +615,136 @@ fn direct_writes_keep_packs_out_of_the_page_cache_unless_turned_off() {
         "without direct_writes the pack should be cached"
     );
 }
+
+/// Restores `n` into `path` by offset: the chunks in `order`'s shuffled
+/// order, the first `given` of them handed over as raw bytes (as a remote
+/// unstash does), the rest read from the store's packs.
+fn place_shuffled(s: &Store, n: &str, path: &Path, seed: u64, given: usize) -> UnstashReport {
+    use rand::seq::SliceRandom;
+    let (_, m) = s.manifest(&name(n)).unwrap();
+    let placed = s
+        .place_file(n, &m, path, false, Arc::new(NoProgress))
+        .unwrap();
+    let mut ids = placed.placement().chunks().to_vec();
+    ids.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let given = given.min(ids.len());
+    let mut raw = Vec::new();
+    for id in &ids[..given] {
+        let c = s.read_stored(id).unwrap().unwrap();
+        verify_stored(&c, &mut raw).unwrap();
+        placed.place(id, raw.clone()).unwrap();
+        // Twice is harmless (a chunk asked again after a reconnect).
+        placed.place(id, raw.clone()).unwrap();
+    }
+    placed.place_stored(&ids[given..]).unwrap();
+    let report = placed.finish().unwrap();
+    assert_eq!(placed.unplaced(), 0);
+    report
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn any_stream_placed_in_any_order_is_byte_exact(
+        seed in any::<u64>(),
+        len in 0usize..300_000,
+        as_tar in any::<bool>(),
+        given in 0usize..100,
+    ) {
+        let (d, s) = store();
+        let data = if as_tar {
+            tar_of(&small_files(40, seed), seed % 1_000_000)
+        } else {
+            // Repeated content: one chunk goes to several places.
+            let a = random(len, seed);
+            [&a[..], &random(len / 3, seed + 1), &a[..]].concat()
+        };
+        stash_bytes(&s, "p/x", &data);
+        let path = d.path().join("out");
+        let report = place_shuffled(&s, "p/x", &path, seed, given);
+        prop_assert_eq!(report.size, data.len() as u64);
+        prop_assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+}
+
+#[test]
+fn a_placed_file_appears_only_when_complete() {
+    let (d, s) = store();
+    let data = [random(1 << 20, 1), random(1 << 20, 1)].concat();
+    stash_bytes(&s, "p/x", &data);
+    let (_, m) = s.manifest(&name("p/x")).unwrap();
+    let path = d.path().join("out");
+    let temps = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".ferry-unstash-")
+            })
+            .count()
+    };
+
+    // Not every chunk: finish refuses, and dropping leaves nothing behind.
+    let placed = s
+        .place_file("p/x", &m, &path, false, Arc::new(NoProgress))
+        .unwrap();
+    assert_eq!(temps(), 1);
+    let ids = placed.placement().chunks().to_vec();
+    assert!(ids.len() > 2, "{} chunks", ids.len());
+    placed.place_stored(&ids[1..]).unwrap();
+    let err = placed.finish().unwrap_err().to_string();
+    assert!(err.contains("never written"), "{err}");
+    assert_eq!(placed.unplaced(), 1);
+    assert!(!path.exists());
+    // Bytes that are not the chunk's length are refused, not written.
+    let err = placed.place(&ids[0], vec![0; 10]).unwrap_err().to_string();
+    assert!(err.contains("10 bytes"), "{err}");
+    let err = placed
+        .place(&ChunkId([9; 32]), vec![0; 10])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not name it"), "{err}");
+    drop(placed);
+    assert_eq!(temps(), 0);
+    assert!(!path.exists());
+
+    // An existing file: refused without force; with it, replaced keeping
+    // its mode.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(&path, b"old").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = s
+        .place_file("p/x", &m, &path, false, Arc::new(NoProgress))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Exists { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    let placed = s
+        .place_file("p/x", &m, &path, true, Arc::new(NoProgress))
+        .unwrap();
+    placed.place_stored(&ids).unwrap();
+    placed.finish().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o640);
+    assert_eq!(temps(), 0);
+
+    // A directory, or a device (written in order elsewhere), is refused.
+    let err = s
+        .place_file("p/x", &m, d.path(), true, Arc::new(NoProgress))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::WrongTarget { .. }), "{err}");
+    let err = s
+        .place_file(
+            "p/x",
+            &m,
+            Path::new("/dev/null"),
+            true,
+            Arc::new(NoProgress),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("written in order"), "{err}");
+}

@@ -1,26 +1,32 @@
-//! Remote unstash that streams: the restore writes its output in order
-//! while the chunks this node lacks arrive, out of order, over parallel
-//! streams.
+//! Remote unstash that streams: output is written while the chunks this
+//! node lacks arrive, out of order, over parallel streams.
 //!
 //! Three parties share a board (`Arrivals`):
-//! - the **restore** (the store's own [`StashReader`](store::repo::StashReader)
-//!   on a blocking thread) says which chunks it wants next and waits for
-//!   each one it reads; chunks the node already holds it reads from its packs;
+//! - the **restore** (on a blocking thread) writes the output, in one of
+//!   two ways. Into a file, by offset ([`store::place`]): chunks the node
+//!   holds are read from its packs and written where they go, downloaded
+//!   ones are written by the downloaders as they arrive, and the file gets
+//!   its name once every byte is in place. Into a stream (standard output,
+//!   a FIFO) or a directory, in order: the store's own
+//!   [`StashReader`](store::repo::StashReader) says which chunks it wants
+//!   next and waits on the board for each one it reads;
 //! - **downloaders** (one task per stream) take work from the board: first
-//!   what the restore is waiting for, then read-ahead of the content stream,
-//!   as long as no more than a window of bytes is fetched but not yet
-//!   consumed; each reply is verified once (decoded, BLAKE3 against the id)
-//!   and its raw bytes go on the board;
+//!   what the in-order restore is waiting for, then read-ahead of the
+//!   content stream, as long as no more than a window of bytes is fetched
+//!   but not yet consumed (a file written by offset consumes every chunk
+//!   as it arrives, so everything missing is read ahead); each reply is
+//!   verified once (decoded, BLAKE3 against the id);
 //! - the **importer** (a thread) appends the verified chunks, as received,
 //!   to packs of the node's store, so the next unstash fetches nothing;
 //!   once a pack is durable, its chunks leave the board (later uses read
 //!   them from the pack).
 //!
-//! Memory stays bounded by the window, one pack and the restore's batches,
-//! whatever the size of the stash. A lost connection is re-established (with
-//! backoff, within the retry budget) and the outstanding requests are asked
-//! again, so standard output never sees a byte twice. The local name is
-//! committed last, once every chunk is durable in the node's store.
+//! Memory stays bounded by the window (or, by offset, the requests in
+//! flight), one pack and the restore's batches, whatever the size of the
+//! stash. A lost connection is re-established (with backoff, within the
+//! retry budget) and the outstanding requests are asked again, so standard
+//! output never sees a byte twice. The local name is committed last, once
+//! every chunk is durable in the node's store.
 
 use crate::client::{
     blocking, delta_bases, fetch_manifest, frame_budget, get_chunks, with_retries, ClientError,
@@ -37,6 +43,7 @@ use std::time::{Duration, Instant};
 use store::import::{Importer, VerifiedChunk};
 use store::manifest::{ChunkRef, Manifest, StashKind};
 use store::name::Name;
+use store::place::PlacedFile;
 use store::repo::{ChunkSource, Progress, Store, StoreError, Target, UnstashReport};
 use store::{ChunkId, ManifestId};
 use tokio::task::JoinSet;
@@ -104,16 +111,18 @@ pub async fn unstash(
     .await?;
     let manifest = Manifest::decode(&bytes)
         .map_err(|e| session.protocol(format!("manifest {id} does not decode: {e}")))?;
-    let target = match dest {
-        Destination::Writer(w) => Target::Writer(w),
+    let output = match dest {
+        Destination::Writer(w) => Output::InOrder(Target::Writer(w)),
         Destination::Path(p) if manifest.header.kind == StashKind::Directory => {
-            Target::Directory(p)
+            Output::InOrder(Target::Directory(p))
         }
-        Destination::Path(p) => Target::File(p),
+        Destination::Path(p) if store::place::placeable(&p) => Output::ByOffset(p),
+        Destination::Path(p) => Output::InOrder(Target::File(p)),
     };
 
-    let board = Arc::new(Arrivals::new(opts.read_ahead.max(1)));
-    let (planned_tx, planned_rx) = tokio::sync::oneshot::channel::<()>();
+    let placing = matches!(output, Output::ByOffset(_));
+    let board = Arc::new(Arrivals::new(opts.read_ahead.max(1), placing));
+    let (planned_tx, planned_rx) = tokio::sync::oneshot::channel::<Option<Arc<PlacedFile>>>();
     let restore = {
         let (store, board, counters, progress) = (
             store.clone(),
@@ -122,21 +131,46 @@ pub async fn unstash(
             progress.clone(),
         );
         let label = name.to_string();
-        let plan_from = manifest.clone();
         tokio::task::spawn_blocking(move || {
-            // The reader's lease comes first: what the plan counts as held
-            // stays held until the restore ends.
-            let reader = store.open_manifest(&label, manifest, board.clone())?;
-            let refs = crate::client::distinct(&plan_from);
-            let ids: Vec<ChunkId> = refs.iter().map(|c| c.id).collect();
-            let missing = store.missing(&ids)?;
-            counters.chunks.store(refs.len() as u64, Relaxed);
-            counters
-                .present
-                .store((refs.len() - missing.len()) as u64, Relaxed);
-            board.plan(&plan_from, &missing);
-            let _ = planned_tx.send(());
-            store.restore(reader, target, force, progress.as_ref())
+            // What the plan counts as held stays held until the restore
+            // ends: the reader, or the placed file, takes its lease first.
+            let plan = |board: &Arrivals, manifest: &Manifest| {
+                let refs = crate::client::distinct(manifest);
+                let ids: Vec<ChunkId> = refs.iter().map(|c| c.id).collect();
+                let missing = store.missing(&ids)?;
+                counters.chunks.store(refs.len() as u64, Relaxed);
+                counters
+                    .present
+                    .store((refs.len() - missing.len()) as u64, Relaxed);
+                board.plan(manifest, &missing);
+                Ok::<_, StoreError>(missing)
+            };
+            match output {
+                Output::InOrder(target) => {
+                    let plan_from = manifest.clone();
+                    let reader = store.open_manifest(&label, manifest, board.clone())?;
+                    plan(&board, &plan_from)?;
+                    let _ = planned_tx.send(None);
+                    store.restore(reader, target, force, progress.as_ref())
+                }
+                Output::ByOffset(path) => {
+                    let placed =
+                        Arc::new(store.place_file(&label, &manifest, &path, force, progress)?);
+                    let missing: HashSet<ChunkId> = plan(&board, &manifest)?.into_iter().collect();
+                    let _ = planned_tx.send(Some(placed.clone()));
+                    // While the downloaders place what they fetch.
+                    let held: Vec<ChunkId> = placed
+                        .placement()
+                        .chunks()
+                        .iter()
+                        .filter(|id| !missing.contains(*id))
+                        .copied()
+                        .collect();
+                    placed.place_stored(&held)?;
+                    board.wait_for_the_rest()?;
+                    placed.finish()
+                }
+            }
         })
     };
 
@@ -150,7 +184,7 @@ pub async fn unstash(
     });
     let mut workers = JoinSet::new();
     let mut importer = None;
-    if planned_rx.await.is_ok() {
+    if let Ok(placed) = planned_rx.await {
         debug!(chunks = board.lock().missing.len(), "chunks to download");
         let (tx, rx) = std::sync::mpsc::sync_channel::<VerifiedChunk>(64);
         importer = Some(spawn_importer(store.clone(), board.clone(), rx));
@@ -162,10 +196,16 @@ pub async fn unstash(
             .max(1 << 20);
         let max_ids = limits.max_batch_ids as usize;
         for _ in 0..streams {
-            let (board, link, counters, tx) =
-                (board.clone(), link.clone(), counters.clone(), tx.clone());
+            let (board, link, counters, tx, placed) = (
+                board.clone(),
+                link.clone(),
+                counters.clone(),
+                tx.clone(),
+                placed.clone(),
+            );
             workers.spawn(async move {
-                let r = download(&board, &link, &counters, tx, request_bytes, max_ids).await;
+                let r =
+                    download(&board, &link, &counters, tx, placed, request_bytes, max_ids).await;
                 if let Err(e) = &r {
                     board.fail(e);
                 }
@@ -262,12 +302,24 @@ fn check_read(session: &Session, name: &Name) -> Result<(), ClientError> {
     ))
 }
 
+/// What the restore writes into.
+enum Output {
+    /// The store's restore, reading the stash in order (standard output, a
+    /// device or FIFO, a directory).
+    InOrder(Target),
+    /// A file, each chunk written where it goes as it arrives.
+    ByOffset(PathBuf),
+}
+
 /// One downloader: takes work from the board until nothing is missing.
+/// Verified chunks go into `placed` when the file is written by offset,
+/// else onto the board for the restore; and to the importer.
 async fn download(
     board: &Arc<Arrivals>,
     link: &Link,
     counters: &Counters,
     importer: std::sync::mpsc::SyncSender<VerifiedChunk>,
+    placed: Option<Arc<PlacedFile>>,
     request_bytes: u64,
     max_ids: usize,
 ) -> Result<(), ClientError> {
@@ -301,28 +353,48 @@ async fn download(
         let stored: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
         counters.received.fetch_add(chunks.len() as u64, Relaxed);
         counters.bytes_received.fetch_add(stored, Relaxed);
-        let (b, tx) = (board.clone(), importer.clone());
+        let (b, tx, placed) = (board.clone(), importer.clone(), placed.clone());
         let verified = tokio::task::spawn_blocking(move || {
             for c in chunks {
                 let id = c.id;
                 let mut raw = Vec::with_capacity(c.raw_len as usize);
-                let v = c.verify(&mut raw).map_err(|e| (id, e.to_string()))?;
-                b.arrive(id, raw);
+                let v = c
+                    .verify(&mut raw)
+                    .map_err(|e| Failed::Corrupt(id, e.to_string()))?;
+                match &placed {
+                    Some(placed) => {
+                        placed.place(&id, raw).map_err(Failed::Write)?;
+                        b.arrive(id, Vec::new());
+                    }
+                    None => b.arrive(id, raw),
+                }
                 // A stopped importer (the node's store failed) is reported
                 // when it is joined; the restore goes on without it.
                 let _ = tx.send(v);
             }
-            Ok::<(), (ChunkId, String)>(())
+            Ok::<(), Failed>(())
         })
         .await
         .map_err(|e| ClientError::Config(format!("a verification task failed: {e}")))?;
-        if let Err((chunk, e)) = verified {
-            return Err(session.refused(
-                ErrorKind::Corrupt,
-                format!("the server sent chunk {chunk}, which does not match its id ({e})"),
-            ));
+        match verified {
+            Ok(()) => {}
+            Err(Failed::Corrupt(chunk, e)) => {
+                return Err(session.refused(
+                    ErrorKind::Corrupt,
+                    format!("the server sent chunk {chunk}, which does not match its id ({e})"),
+                ))
+            }
+            Err(Failed::Write(e)) => return Err(ClientError::Store(e)),
         }
     }
+}
+
+/// Why a downloaded chunk went nowhere.
+enum Failed {
+    /// It does not match its id.
+    Corrupt(ChunkId, String),
+    /// Writing it into the file failed.
+    Write(StoreError),
 }
 
 /// Ends with every fetched chunk durable and the importer (and its lease)
@@ -499,6 +571,9 @@ struct Board {
     /// Raw bytes of chunks read and wanted again, held until durable.
     retained: u64,
     window: u64,
+    /// The chunks are written into a file by offset as they arrive: none
+    /// waits on the board, and everything missing is read ahead.
+    placing: bool,
     failed: Option<String>,
     stopped: bool,
     /// Chunks restore threads are waiting for (how many threads each): an
@@ -514,10 +589,12 @@ struct Ready {
 }
 
 impl Arrivals {
-    fn new(window: u64) -> Arrivals {
+    fn new(window: u64, placing: bool) -> Arrivals {
         Arrivals {
             state: Mutex::new(Board {
-                window,
+                // Placed chunks leave memory at once: no window to keep.
+                window: if placing { u64::MAX } else { window },
+                placing,
                 ..Board::default()
             }),
             arrived: Condvar::new(),
@@ -542,9 +619,13 @@ impl Arrivals {
             }
         }
         let mut seen = HashSet::new();
+        // A file written by offset needs the tar structure too; a restore
+        // in order asks for it when it gets there.
+        let meta = if b.placing { &manifest.meta[..] } else { &[] };
         b.ahead = manifest
             .content
             .iter()
+            .chain(meta)
             .filter(|c| b.missing.contains(&c.id) && seen.insert(c.id))
             .map(|c| c.id)
             .collect();
@@ -650,6 +731,14 @@ impl Arrivals {
         if !b.missing.remove(&id) || b.stopped {
             return;
         }
+        if b.placing {
+            if b.missing.is_empty() {
+                drop(b);
+                self.arrived.notify_all();
+                self.work.notify_waiters();
+            }
+            return;
+        }
         let uses = b.uses.get(&id).copied().unwrap_or(1).max(1);
         b.ready.insert(
             id,
@@ -669,6 +758,32 @@ impl Arrivals {
         if last {
             // Ends the downloaders' waiting: nothing is left to fetch.
             self.work.notify_waiters();
+        }
+    }
+
+    /// Waits until no chunk is missing, or a download failed for good.
+    fn wait_for_the_rest(&self) -> Result<(), StoreError> {
+        let mut b = self.lock();
+        loop {
+            if b.missing.is_empty() {
+                return Ok(());
+            }
+            let why = match (&b.failed, b.stopped) {
+                (Some(why), _) => why.clone(),
+                (None, true) => "the download was stopped".into(),
+                (None, false) => {
+                    b = self
+                        .arrived
+                        .wait_timeout(b, Duration::from_millis(500))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                    continue;
+                }
+            };
+            return Err(StoreError::Input {
+                what: format!("{} chunks from the server", b.missing.len()),
+                error: io::Error::other(why),
+            });
         }
     }
 
@@ -828,7 +943,7 @@ mod tests {
 
     #[test]
     fn demand_goes_first_and_read_ahead_stops_at_the_window() {
-        let board = Arrivals::new(250);
+        let board = Arrivals::new(250, false);
         let m = manifest(&[(1, 100), (2, 100), (3, 100), (4, 100)]);
         board.plan(&m, &[id(1), id(2), id(3), id(4)]);
         board.want(&[ChunkRef {
@@ -856,7 +971,7 @@ mod tests {
 
     #[test]
     fn unanswered_requests_are_asked_again_first() {
-        let board = Arrivals::new(1 << 20);
+        let board = Arrivals::new(1 << 20, false);
         let m = manifest(&[(1, 10), (2, 10), (3, 10)]);
         board.plan(&m, &[id(1), id(2), id(3)]);
         assert_eq!(
@@ -873,7 +988,7 @@ mod tests {
 
     #[test]
     fn repeated_chunks_stay_until_durable_then_read_from_the_store() {
-        let board = Arrivals::new(1 << 20);
+        let board = Arrivals::new(1 << 20, false);
         let m = manifest(&[(1, 10), (2, 10), (1, 10)]);
         board.plan(&m, &[id(1)]);
         board.arrive(id(1), vec![7; 10]);
@@ -894,7 +1009,7 @@ mod tests {
 
     #[test]
     fn chunks_the_restore_never_read_are_fetched_for_the_cache() {
-        let board = Arrivals::new(100);
+        let board = Arrivals::new(100, false);
         // Meta chunks are fetched only when wanted; content is read ahead.
         let mut m = manifest(&[(1, 100)]);
         m.meta = vec![ChunkRef { id: id(9), len: 10 }];
@@ -908,7 +1023,7 @@ mod tests {
 
     #[test]
     fn a_failure_ends_the_readers_wait_with_its_reason() {
-        let board = Arc::new(Arrivals::new(1 << 20));
+        let board = Arc::new(Arrivals::new(1 << 20, false));
         board.plan(&manifest(&[(1, 10)]), &[id(1)]);
         let b = board.clone();
         let reader = std::thread::spawn(move || {

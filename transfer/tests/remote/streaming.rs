@@ -5,6 +5,7 @@
 
 use crate::util::*;
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::sync::{Arc, Mutex};
 use store::manifest::StashKind;
 use store::repo::{NoProgress, Source, Store, StoreOptions};
@@ -280,6 +281,219 @@ async fn a_server_restart_mid_stream_is_ridden_out_without_repeating_output() {
     second.stop().await;
 }
 
+/// Temporary files of unstashes in `dir`, with their lengths.
+fn temporaries(dir: &std::path::Path) -> Vec<u64> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".ferry-unstash-")
+        })
+        .map(|e| e.metadata().unwrap().len())
+        .collect()
+}
+
+/// Records, at the first bytes written, the temporary files next to the
+/// target: a file written by offset has its full length from the start.
+struct FirstWrite {
+    dir: std::path::PathBuf,
+    seen: Mutex<Option<Vec<u64>>>,
+}
+
+impl store::repo::Progress for FirstWrite {
+    fn advance(&self, _bytes: u64) {
+        let mut seen = self.seen.lock().unwrap();
+        if seen.is_none() {
+            *seen = Some(temporaries(&self.dir));
+        }
+    }
+}
+
+/// A file target is written by offset: sized at once, each chunk written
+/// where it goes as it arrives (out of order, over 8 streams), chunks used
+/// several times written to every place, chunks the node holds read from
+/// its packs meanwhile; the file gets its name only when complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_target_is_written_by_offset_as_chunks_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let block = random_bytes(41, 3_000_000);
+    let mut repeats = Vec::new();
+    for i in 0..3u64 {
+        repeats.extend_from_slice(&block);
+        repeats.extend_from_slice(&random_bytes(50 + i, 1_500_000));
+    }
+    let base = vec![layer(4, 8, 200_000), layer(5, 6, 150_000)];
+    let mut changed = base.clone();
+    changed.push(layer(6, 3, 100_000));
+    let v1 = image(Layout::DockerLegacy, &base, 1_700_000_000);
+    let v2 = image(Layout::DockerLegacy, &changed, 1_700_000_100);
+    for (n, data) in [
+        ("main/repeats", &repeats),
+        ("main/v1", &v1),
+        ("main/v2", &v2),
+    ] {
+        stash_bytes(&a, n, data).await;
+        push(a.clone(), &name(n), &remote, &opts(), none())
+            .await
+            .unwrap();
+    }
+    let node = small_pack_store(dir.path(), "node");
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let mut o = opts();
+    o.streams = 8;
+    o.read_ahead = 1 << 20;
+    for (n, data) in [
+        ("main/repeats", &repeats),
+        ("main/v1", &v1),
+        ("main/v2", &v2),
+    ] {
+        let out = out_dir.join(n.replace('/', "-"));
+        let first = Arc::new(FirstWrite {
+            dir: out_dir.clone(),
+            seen: Mutex::new(None),
+        });
+        let expected = node.missing(&chunk_ids(&a, n)).unwrap().len() as u64;
+        let r = unstash(
+            node.clone(),
+            &name(n),
+            Destination::Path(out.clone()),
+            false,
+            &remote,
+            &o,
+            first.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            first.seen.lock().unwrap().as_deref(),
+            Some(&[data.len() as u64][..]),
+            "{n}: one temporary file, of the stash's full length"
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == *data,
+            "{n}: the file differs"
+        );
+        assert!(temporaries(&out_dir).is_empty(), "{n}: temporary file left");
+        assert_eq!(r.unstash.size, data.len() as u64);
+        // Only what the node lacked came (for v2: only its new layer's
+        // chunks), each once, and the node keeps it.
+        assert_eq!(
+            r.transfer.chunks_received, expected,
+            "{n}: {:?}",
+            r.transfer
+        );
+        assert!(unstash_bytes(&node, n).await == *data, "{n}: cached copy");
+    }
+    assert!(node.missing(&chunk_ids(&a, "main/v2")).unwrap().is_empty());
+    server.stop().await;
+}
+
+/// The server restarts while a file is written by offset: the unstash
+/// reconnects, asks only for what had not arrived, and the file is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_while_writing_a_file_by_offset_is_ridden_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start(dir.path()).await;
+    let addr = first.addr;
+    let remote = first.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = random_bytes(12, 40 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let distinct = chunk_ids(&a, "main/big").len() as u64;
+
+    let node = client_store(dir.path(), "node");
+    let out = dir.path().join("big.bin");
+    let mut o = opts();
+    o.streams = 2;
+    o.retries = 10;
+    o.backoff = std::time::Duration::from_millis(200);
+    let handle = first.handle();
+    let trip = Trip::new(3 << 20, move || handle.stop_now());
+    let task = {
+        let (node, remote, out, trip) = (node.clone(), remote.clone(), out.clone(), trip.clone());
+        tokio::spawn(async move {
+            unstash(
+                node,
+                &name("main/big"),
+                Destination::Path(out),
+                false,
+                &remote,
+                &o,
+                trip,
+            )
+            .await
+        })
+    };
+    {
+        let trip = trip.clone();
+        wait_for(60, "the server to be stopped", move || trip.fired()).await;
+    }
+    first.join().await;
+    let second = TestServer::start_with(config(dir.path(), addr)).await;
+    let r = task.await.unwrap().unwrap();
+    assert!(r.transfer.attempts >= 2, "{:?}", r.transfer);
+    // No chunk twice: what arrived before the restart was not asked again.
+    assert_eq!(r.transfer.chunks_received, distinct, "{:?}", r.transfer);
+    assert!(std::fs::read(&out).unwrap() == data, "the file differs");
+    assert!(temporaries(dir.path()).is_empty());
+    second.stop().await;
+}
+
+/// A FIFO takes its bytes in order: an unstash into one streams, as into
+/// standard output, rather than replacing it with a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_target_is_written_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = mixed_bytes(13, 3_000_000);
+    stash_bytes(&a, "main/x", &data).await;
+    push(a.clone(), &name("main/x"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let fifo = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    let node = client_store(dir.path(), "node");
+    unstash(
+        node,
+        &name("main/x"),
+        Destination::Path(fifo.clone()),
+        false,
+        &remote,
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        reader.join().unwrap() == data,
+        "the FIFO's reader got other bytes"
+    );
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    server.stop().await;
+}
+
 /// The server goes away for good: a clear error, no file at the target,
 /// no local name; what arrived is kept, and the same command later fetches
 /// only the rest.
@@ -319,7 +533,7 @@ async fn a_lost_server_leaves_no_output_and_the_rerun_fetches_the_rest() {
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".big.bin") || n.contains(".tmp"))
+        .filter(|n| n.starts_with(".ferry-unstash-") || n.contains(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     assert!(node.manifest(&name("main/big")).is_err(), "name committed");
