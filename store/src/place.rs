@@ -231,15 +231,11 @@ impl Store {
         let lease = self.lease("unstash")?;
         let index = Arc::clone(self.index()?);
         let shown = path.display().to_string();
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         let output = |error| StoreError::Output {
             what: shown.clone(),
             error,
         };
-        let file = crate::repo::tempfile_for(path, &dir).map_err(output)?;
+        let file = crate::repo::tempfile_for(path).map_err(output)?;
         // Sparse until written: no byte is written twice.
         file.as_file().set_len(placement.size).map_err(output)?;
         progress.total(placement.size);

@@ -941,11 +941,7 @@ impl Store {
                     return Ok(UnstashReport::new(name, kind, size, chunks, started));
                 }
                 let shown = path.display().to_string();
-                let dir = match path.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                    _ => PathBuf::from("."),
-                };
-                let mut tmp = tempfile_for(&path, &dir).map_err(output_err(&shown))?;
+                let mut tmp = tempfile_for(&path).map_err(output_err(&shown))?;
                 // Not fsynced: a restore is scratch data for the job at hand,
                 // and the rename already keeps a partial file from its name.
                 let mut file = io::BufWriter::with_capacity(OUTPUT_BUFFER, tmp.as_file_mut());
@@ -987,12 +983,8 @@ impl Store {
                     )?;
                 } else {
                     // Restore next to the target, then rename: all or nothing.
-                    let parent = match path.parent() {
-                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                        _ => PathBuf::from("."),
-                    };
-                    let staging =
-                        tempdir_in(&parent).map_err(output_err(&path.display().to_string()))?;
+                    let staging = tempdir_in(&parent_dir(&path))
+                        .map_err(output_err(&path.display().to_string()))?;
                     dirtar::extract_tar(
                         &mut ProgressReader {
                             inner: reader,
@@ -1994,10 +1986,18 @@ impl Read for ProgressReader<'_, '_> {
     }
 }
 
+/// The directory `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// A temporary file next to `target` with the mode the target should end
 /// up with: an existing target's own mode (with --force), else what any new
 /// file gets (0666 less the umask; tempfile's default would be 0600).
-pub(crate) fn tempfile_for(target: &Path, dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+pub(crate) fn tempfile_for(target: &Path) -> io::Result<tempfile::NamedTempFile> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(target)
         .map(|m| m.permissions().mode() & 0o7777)
@@ -2005,7 +2005,7 @@ pub(crate) fn tempfile_for(target: &Path, dir: &Path) -> io::Result<tempfile::Na
     tempfile::Builder::new()
         .prefix(".ferry-unstash-")
         .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)
+        .tempfile_in(parent_dir(target))
 }
 
 /// A staging directory removed on drop unless kept.

@@ -228,44 +228,47 @@ async fn a_related_stash_fetches_only_what_is_new() {
     server.stop().await;
 }
 
-/// The server restarts in the middle: the unstash reconnects and asks for
-/// what had not arrived; standard output gets every byte exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_restart_mid_stream_is_ridden_out_without_repeating_output() {
-    let dir = tempfile::tempdir().unwrap();
-    let first = TestServer::start(dir.path()).await;
+/// What a server restart in the middle of an unstash left.
+struct Restarted {
+    report: RemoteUnstashReport,
+    data: Vec<u8>,
+    /// Distinct chunks of the stash.
+    distinct: u64,
+    node: Arc<Store>,
+    server: TestServer,
+}
+
+/// Pushes 40 MiB of random bytes (from `seed`) to a server, unstashes them
+/// from an empty node into `dest` over two streams, stops the server once
+/// 3 MiB were written (the restore has asked for its first two 16 MiB
+/// batches by then, not the third) and starts it again.
+async fn unstash_across_a_restart(
+    dir: &std::path::Path,
+    seed: u64,
+    dest: Destination,
+) -> Restarted {
+    let first = TestServer::start(dir).await;
     let addr = first.addr;
     let remote = first.remote(MAIN);
-    let a = client_store(dir.path(), "a");
-    let data = random_bytes(2, 40 << 20);
+    let a = client_store(dir, "a");
+    let data = random_bytes(seed, 40 << 20);
     stash_bytes(&a, "main/big", &data).await;
     push(a.clone(), &name("main/big"), &remote, &opts(), none())
         .await
         .unwrap();
+    let distinct = chunk_ids(&a, "main/big").len() as u64;
 
-    let node = client_store(dir.path(), "node");
+    let node = client_store(dir, "node");
     let mut o = opts();
     o.streams = 2;
     o.retries = 10;
     o.backoff = std::time::Duration::from_millis(200);
-    // Stops the server once 3 MiB were written to the output: the restore
-    // has asked for its first two 16 MiB batches by then, not the third.
     let handle = first.handle();
     let trip = Trip::new(3 << 20, move || handle.stop_now());
-    let sink = Sink::default();
     let task = {
-        let (node, remote, sink, trip) = (node.clone(), remote.clone(), sink.clone(), trip.clone());
+        let (node, remote, trip) = (node.clone(), remote.clone(), trip.clone());
         tokio::spawn(async move {
-            unstash(
-                node,
-                &name("main/big"),
-                Destination::Writer(Box::new(sink)),
-                false,
-                &remote,
-                &o,
-                trip,
-            )
-            .await
+            unstash(node, &name("main/big"), dest, false, &remote, &o, trip).await
         })
     };
     {
@@ -273,12 +276,29 @@ async fn a_server_restart_mid_stream_is_ridden_out_without_repeating_output() {
         wait_for(60, "the server to be stopped", move || trip.fired()).await;
     }
     first.join().await;
-    let second = TestServer::start_with(config(dir.path(), addr)).await;
-    let r = task.await.unwrap().unwrap();
-    assert!(r.transfer.attempts >= 2, "{:?}", r.transfer);
-    assert!(sink.bytes() == data, "output differs after the reconnect");
-    assert!(unstash_bytes(&node, "main/big").await == data);
-    second.stop().await;
+    let server = TestServer::start_with(config(dir, addr)).await;
+    let report = task.await.unwrap().unwrap();
+    assert!(report.transfer.attempts >= 2, "{:?}", report.transfer);
+    Restarted {
+        report,
+        data,
+        distinct,
+        node,
+        server,
+    }
+}
+
+/// The server restarts in the middle: the unstash reconnects and asks for
+/// what had not arrived; standard output gets every byte exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_mid_stream_is_ridden_out_without_repeating_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = Sink::default();
+    let r =
+        unstash_across_a_restart(dir.path(), 2, Destination::Writer(Box::new(sink.clone()))).await;
+    assert!(sink.bytes() == r.data, "output differs after the reconnect");
+    assert!(unstash_bytes(&r.node, "main/big").await == r.data);
+    r.server.stop().await;
 }
 
 /// Temporary files of unstashes in `dir`, with their lengths.
@@ -399,53 +419,17 @@ async fn a_file_target_is_written_by_offset_as_chunks_arrive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_while_writing_a_file_by_offset_is_ridden_out() {
     let dir = tempfile::tempdir().unwrap();
-    let first = TestServer::start(dir.path()).await;
-    let addr = first.addr;
-    let remote = first.remote(MAIN);
-    let a = client_store(dir.path(), "a");
-    let data = random_bytes(12, 40 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a.clone(), &name("main/big"), &remote, &opts(), none())
-        .await
-        .unwrap();
-    let distinct = chunk_ids(&a, "main/big").len() as u64;
-
-    let node = client_store(dir.path(), "node");
     let out = dir.path().join("big.bin");
-    let mut o = opts();
-    o.streams = 2;
-    o.retries = 10;
-    o.backoff = std::time::Duration::from_millis(200);
-    let handle = first.handle();
-    let trip = Trip::new(3 << 20, move || handle.stop_now());
-    let task = {
-        let (node, remote, out, trip) = (node.clone(), remote.clone(), out.clone(), trip.clone());
-        tokio::spawn(async move {
-            unstash(
-                node,
-                &name("main/big"),
-                Destination::Path(out),
-                false,
-                &remote,
-                &o,
-                trip,
-            )
-            .await
-        })
-    };
-    {
-        let trip = trip.clone();
-        wait_for(60, "the server to be stopped", move || trip.fired()).await;
-    }
-    first.join().await;
-    let second = TestServer::start_with(config(dir.path(), addr)).await;
-    let r = task.await.unwrap().unwrap();
-    assert!(r.transfer.attempts >= 2, "{:?}", r.transfer);
+    let r = unstash_across_a_restart(dir.path(), 12, Destination::Path(out.clone())).await;
     // No chunk twice: what arrived before the restart was not asked again.
-    assert_eq!(r.transfer.chunks_received, distinct, "{:?}", r.transfer);
-    assert!(std::fs::read(&out).unwrap() == data, "the file differs");
+    assert_eq!(
+        r.report.transfer.chunks_received, r.distinct,
+        "{:?}",
+        r.report.transfer
+    );
+    assert!(std::fs::read(&out).unwrap() == r.data, "the file differs");
     assert!(temporaries(dir.path()).is_empty());
-    second.stop().await;
+    r.server.stop().await;
 }
 
 /// A FIFO takes its bytes in order: an unstash into one streams, as into
