@@ -140,8 +140,12 @@ impl Placement {
     /// Where `id`'s bytes go, in output order; `None` if the manifest does
     /// not name it.
     pub fn pieces(&self, id: &ChunkId) -> Option<&[Piece]> {
-        let i = self.ids.binary_search(id).ok()?;
-        Some(&self.pieces[self.starts[i]..self.starts[i + 1]])
+        self.position(id).map(|i| self.pieces_of(i))
+    }
+
+    /// The pieces of the `i`th distinct chunk.
+    fn pieces_of(&self, i: usize) -> &[Piece] {
+        &self.pieces[self.starts[i]..self.starts[i + 1]]
     }
 
     fn position(&self, id: &ChunkId) -> Option<usize> {
@@ -190,7 +194,6 @@ type Queue = std::sync::mpsc::SyncSender<(usize, Vec<u8>)>;
 /// What the writer thread did, shared.
 struct Placing {
     placed: Vec<bool>,
-    left: usize,
     /// Why the writer stopped early.
     failed: Option<String>,
 }
@@ -239,10 +242,8 @@ impl Store {
         // Sparse until written: no byte is written twice.
         file.as_file().set_len(placement.size).map_err(output)?;
         progress.total(placement.size);
-        let n = placement.ids.len();
         let state = Arc::new(Mutex::new(Placing {
-            placed: vec![false; n],
-            left: n,
+            placed: vec![false; placement.ids.len()],
             failed: None,
         }));
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
@@ -285,7 +286,7 @@ fn write_placed(
             continue;
         }
         let mut written = 0u64;
-        for p in &placement.pieces[placement.starts[i]..placement.starts[i + 1]] {
+        for p in placement.pieces_of(i) {
             // In range: `place` checked the length against the placement.
             let bytes = &raw[p.from as usize..(p.from + p.len) as usize];
             if let Err(e) = file.as_file().write_all_at(bytes, p.at) {
@@ -294,10 +295,7 @@ fn write_placed(
             }
             written += u64::from(p.len);
         }
-        let mut s = lock(state);
-        s.placed[i] = true;
-        s.left -= 1;
-        drop(s);
+        lock(state).placed[i] = true;
         progress.advance(written);
     }
     Some(file)
@@ -332,6 +330,18 @@ impl PlacedFile {
         }
     }
 
+    /// Where `id` is in the placement; an error if the manifest does not
+    /// name it.
+    fn position(&self, id: &ChunkId) -> Result<usize, StoreError> {
+        self.placement
+            .position(id)
+            .ok_or_else(|| StoreError::CorruptChunk {
+                name: self.name.clone(),
+                chunk: *id,
+                detail: "the manifest does not name it".into(),
+            })
+    }
+
     /// Queues chunk `id`, whose raw bytes `raw` the caller has checked
     /// against the id, to be written to every place the stash uses it.
     /// Placing a chunk twice does nothing the second time. Fails if the
@@ -342,9 +352,7 @@ impl PlacedFile {
             chunk: *id,
             detail,
         };
-        let Some(i) = self.placement.position(id) else {
-            return Err(wrong("the manifest does not name it".into()));
-        };
+        let i = self.position(id)?;
         let len = self.placement.lens[i];
         if raw.len() != len as usize {
             return Err(wrong(format!(
@@ -352,7 +360,7 @@ impl PlacedFile {
                 raw.len()
             )));
         }
-        let pieces = &self.placement.pieces[self.placement.starts[i]..self.placement.starts[i + 1]];
+        let pieces = self.placement.pieces_of(i);
         if pieces.iter().any(|p| p.from + p.len > len) {
             return Err(wrong("the manifest gives it two lengths".into()));
         }
@@ -373,14 +381,8 @@ impl PlacedFile {
     pub fn place_stored(&self, ids: &[ChunkId]) -> Result<(), StoreError> {
         let mut order = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(i) = self.placement.position(id) else {
-                return Err(StoreError::CorruptChunk {
-                    name: self.name.clone(),
-                    chunk: *id,
-                    detail: "the manifest does not name it".into(),
-                });
-            };
-            let first = self.placement.pieces[self.placement.starts[i]..].first();
+            let i = self.position(id)?;
+            let first = self.placement.pieces_of(i).first();
             order.push((first.map_or(0, |p| p.at), i));
         }
         order.sort_unstable();
@@ -398,7 +400,7 @@ impl PlacedFile {
 
     /// Distinct chunks not written yet.
     pub fn unplaced(&self) -> usize {
-        lock(&self.state).left
+        lock(&self.state).placed.iter().filter(|p| !**p).count()
     }
 
     /// Waits for the writes, then gives the file its name if every chunk
@@ -422,7 +424,7 @@ impl PlacedFile {
             return Err(self.write_error(format!(
                 "chunk {} was never written, nor {} other(s): the file is incomplete",
                 self.placement.ids[i],
-                state.left - 1
+                state.placed[i..].iter().filter(|p| !**p).count() - 1
             )));
         }
         drop(state);

@@ -158,6 +158,18 @@ async fn every_kind_streams_into_each_target_and_stays_cached() {
     server.stop().await;
 }
 
+/// Three copies of the same 3 MB (from `seed`), with different data between
+/// them (from `gap_seed` on): the copies' chunks occur three times each.
+fn repeated_block(seed: u64, gap_seed: u64) -> Vec<u8> {
+    let block = random_bytes(seed, 3_000_000);
+    let mut data = Vec::new();
+    for i in 0..3u64 {
+        data.extend_from_slice(&block);
+        data.extend_from_slice(&random_bytes(gap_seed + i, 1_500_000));
+    }
+    data
+}
+
 /// Many streams, a tiny read-ahead window and small packs: chunks arrive
 /// out of order, repeated chunks are read again after their pack became
 /// durable, and the output is still exact.
@@ -167,14 +179,7 @@ async fn out_of_order_arrivals_and_repeated_chunks_give_exact_output() {
     let server = TestServer::start(dir.path()).await;
     let remote = server.remote(MAIN);
     let a = client_store(dir.path(), "a");
-    // Three copies of the same 3 MB, with different data between them: the
-    // copies' chunks occur three times each.
-    let block = random_bytes(21, 3_000_000);
-    let mut data = Vec::new();
-    for i in 0..3u64 {
-        data.extend_from_slice(&block);
-        data.extend_from_slice(&random_bytes(30 + i, 1_500_000));
-    }
+    let data = repeated_block(21, 30);
     stash_bytes(&a, "main/repeats", &data).await;
     push(a.clone(), &name("main/repeats"), &remote, &opts(), none())
         .await
@@ -341,12 +346,7 @@ async fn a_file_target_is_written_by_offset_as_chunks_arrive() {
     let server = TestServer::start(dir.path()).await;
     let remote = server.remote(MAIN);
     let a = client_store(dir.path(), "a");
-    let block = random_bytes(41, 3_000_000);
-    let mut repeats = Vec::new();
-    for i in 0..3u64 {
-        repeats.extend_from_slice(&block);
-        repeats.extend_from_slice(&random_bytes(50 + i, 1_500_000));
-    }
+    let repeats = repeated_block(41, 50);
     let base = vec![layer(4, 8, 200_000), layer(5, 6, 150_000)];
     let mut changed = base.clone();
     changed.push(layer(6, 3, 100_000));
