@@ -201,6 +201,12 @@ against its BLAKE3 id before its bytes are written: a damaged store makes the
 command fail, never emit wrong bytes. Existing targets are refused unless
 --force.
 
+The temporary file or directory is hidden beside the target
+(.ferry-unstash-*). Interrupted by Ctrl-C, SIGTERM (a cancelled CI job) or
+SIGHUP, the command removes it and exits with 128 + the signal's number; one
+a SIGKILL left is removed by the next unstash into the same directory, once
+it is a minute old and no running unstash holds its lock.
+
 Examples:
   ferry unstash main/ci_gpu - | docker load
   ferry unstash main/ci_gpu image.tar

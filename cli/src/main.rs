@@ -8,6 +8,7 @@ mod bench;
 mod commands;
 mod demo;
 mod gc;
+mod interrupt;
 mod malloc;
 mod output;
 mod progress;
@@ -88,6 +89,10 @@ fn main() -> ExitCode {
     malloc::tune();
     let cli = Cli::parse();
     let out = output::Output::new(cli.json, cli.quiet);
+    if !matches!(cli.command, Command::Serve(_)) {
+        // `serve` shuts down on these signals in its own way.
+        interrupt::install();
+    }
     let result = match cli.command {
         Command::Stash(args) => commands::stash(&cli.store, args, &out),
         Command::Unstash(args) => commands::unstash(&cli.store, args, &out),

@@ -24,6 +24,7 @@ pub mod pack;
 pub mod place;
 pub mod refs;
 pub mod repo;
+pub mod scratch;
 pub mod tarsplit;
 
 pub use id::{ChunkId, ManifestId, PackId};

@@ -15,6 +15,7 @@ use crate::index::Index;
 use crate::lease::Lease;
 use crate::manifest::{ChunkRef, Manifest, StashKind};
 use crate::repo::{read_chunk, Progress, Store, StoreError, UnstashReport};
+use crate::scratch::ScratchFile;
 use crate::tarsplit::Part;
 use crate::ChunkId;
 use rayon::prelude::*;
@@ -180,7 +181,7 @@ pub struct PlacedFile {
     state: Arc<Mutex<Placing>>,
     /// To the writer; `None` once finished.
     queue: Mutex<Option<Queue>>,
-    writer: Mutex<Option<std::thread::JoinHandle<Option<tempfile::NamedTempFile>>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<Option<ScratchFile>>>>,
     backend: Arc<dyn Backend>,
     index: Arc<RwLock<Index>>,
     started: Instant,
@@ -238,7 +239,7 @@ impl Store {
             what: shown.clone(),
             error,
         };
-        let file = crate::repo::tempfile_for(path).map_err(output)?;
+        let file = ScratchFile::for_target(path).map_err(output)?;
         // Sparse until written: no byte is written twice.
         file.as_file().set_len(placement.size).map_err(output)?;
         progress.total(placement.size);
@@ -275,12 +276,12 @@ impl Store {
 /// the queue closes or a write fails; hands the file back if every write
 /// succeeded.
 fn write_placed(
-    file: tempfile::NamedTempFile,
+    file: ScratchFile,
     placement: &Placement,
     state: &Mutex<Placing>,
     queue: std::sync::mpsc::Receiver<(usize, Vec<u8>)>,
     progress: &dyn Progress,
-) -> Option<tempfile::NamedTempFile> {
+) -> Option<ScratchFile> {
     for (i, raw) in queue {
         if lock(state).placed[i] {
             continue;
@@ -430,10 +431,11 @@ impl PlacedFile {
         drop(state);
         // Not fsynced: a restore is scratch data for the job at hand, and
         // the rename already keeps a partial file from its name.
-        file.persist(&self.path).map_err(|e| StoreError::Output {
-            what: self.path.display().to_string(),
-            error: e.error,
-        })?;
+        file.persist(&self.path)
+            .map_err(|error| StoreError::Output {
+                what: self.path.display().to_string(),
+                error,
+            })?;
         Ok(UnstashReport::new(
             &self.name,
             self.kind,

@@ -22,6 +22,7 @@ use crate::manifest::{ChunkRef, Header, Manifest, ManifestError, StashKind};
 use crate::name::Name;
 use crate::pack::{self, PackError, PackWriter};
 use crate::refs::{self, RefError};
+use crate::scratch::{parent_dir, ScratchDir, ScratchFile};
 use crate::tarsplit::{Part, TarSplitter};
 use crate::{ChunkId, ManifestId, PackId};
 use rayon::prelude::*;
@@ -941,17 +942,14 @@ impl Store {
                     return Ok(UnstashReport::new(name, kind, size, chunks, started));
                 }
                 let shown = path.display().to_string();
-                let mut tmp = tempfile_for(&path).map_err(output_err(&shown))?;
+                let mut tmp = ScratchFile::for_target(&path).map_err(output_err(&shown))?;
                 // Not fsynced: a restore is scratch data for the job at hand,
                 // and the rename already keeps a partial file from its name.
                 let mut file = io::BufWriter::with_capacity(OUTPUT_BUFFER, tmp.as_file_mut());
                 reader.copy_to(&mut file, progress)?;
                 file.flush().map_err(output_err(&shown))?;
                 drop(file);
-                tmp.persist(&path).map_err(|e| StoreError::Output {
-                    what: shown.clone(),
-                    error: e.error,
-                })?;
+                tmp.persist(&path).map_err(output_err(&shown))?;
             }
             Target::Directory(path) => {
                 if kind != StashKind::Directory {
@@ -983,16 +981,16 @@ impl Store {
                     )?;
                 } else {
                     // Restore next to the target, then rename: all or nothing.
-                    let staging = tempdir_in(&parent_dir(&path))
+                    let staging = ScratchDir::in_dir(&parent_dir(&path))
                         .map_err(output_err(&path.display().to_string()))?;
                     dirtar::extract_tar(
                         &mut ProgressReader {
                             inner: reader,
                             progress,
                         },
-                        &staging.0,
+                        staging.path(),
                     )?;
-                    std::fs::rename(&staging.0, &path)
+                    std::fs::rename(staging.path(), &path)
                         .map_err(output_err(&path.display().to_string()))?;
                     staging.keep();
                 }
@@ -1984,53 +1982,6 @@ impl Read for ProgressReader<'_, '_> {
         self.progress.advance(n as u64);
         Ok(n)
     }
-}
-
-/// The directory `path` is in (`.` for a bare file name).
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// A temporary file next to `target` with the mode the target should end
-/// up with: an existing target's own mode (with --force), else what any new
-/// file gets (0666 less the umask; tempfile's default would be 0600).
-pub(crate) fn tempfile_for(target: &Path) -> io::Result<tempfile::NamedTempFile> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(target)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o666);
-    tempfile::Builder::new()
-        .prefix(".ferry-unstash-")
-        .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(parent_dir(target))
-}
-
-/// A staging directory removed on drop unless kept.
-struct Staging(PathBuf, bool);
-
-impl Staging {
-    fn keep(mut self) {
-        self.1 = true;
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.1 {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-fn tempdir_in(dir: &Path) -> io::Result<Staging> {
-    let path = tempfile::Builder::new()
-        .prefix(".ferry-unstash-")
-        .tempdir_in(dir)?
-        .keep();
-    Ok(Staging(path, false))
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! Every test runs the real binary against its own temporary store (see
 //! `util::Env`). Areas: byte-exact round trips (`roundtrip`), deduplication
-//! (`dedup`), SIGKILL at random points (`crash`), several processes on one
+//! (`dedup`), SIGKILL at random points (`crash`), SIGTERM, SIGINT and SIGHUP during an
+//! unstash, and what a killed one leaves (`interrupt`), several processes on one
 //! store (`concurrency`), damaged stores (`corruption`), error handling
 //! (`errors`), a full disk (`diskfull`), hostile stashes, full disks
 //! during stash and unstash and damaged store files (`faults`), garbage collection and the cache
@@ -20,6 +21,7 @@ mod diskfull;
 mod errors;
 mod faults;
 mod gc;
+mod interrupt;
 mod jenkins;
 mod remote;
 mod roundtrip;
