@@ -1,10 +1,12 @@
 //! Ctrl-C, SIGTERM (how CI systems cancel a job) and SIGHUP end a client
 //! command cleanly: the partial output it was writing beside its target is
-//! removed, then it exits with 128 + the signal's number, as a shell reports
-//! a command a signal ended. Nothing else needs undoing: the store's own
-//! writes are atomic, and what an interrupted stash had written is
-//! collected by `ferry gc`. (A SIGKILL cannot be caught: the next restore
-//! into the same directory sweeps what it left.)
+//! removed, then the process ends by that same signal, so that what ran it
+//! sees a command a signal ended (a shell reports 128 + its number, and a
+//! script's loop stops on Ctrl-C instead of going on to the next command).
+//! Nothing else needs undoing: the store's own writes are atomic, and what
+//! an interrupted stash had written is collected by `ferry gc`. (A SIGKILL
+//! cannot be caught: the next restore into the same directory sweeps what
+//! it left.)
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -31,6 +33,9 @@ pub fn install() {
                     ""
                 };
                 eprintln!("ferry: interrupted by {what}{cleaned}");
+                // Ends the process as the signal would have; should that
+                // fail, an exit with the status a shell would report.
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
                 std::process::exit(128 + signal);
             }
         });
