@@ -234,16 +234,29 @@ mod tests {
         v
     }
 
-    /// Backdates `path` past [`STALE_AFTER`].
+    /// Backdates `path` itself (not what a symlink points at) past
+    /// [`STALE_AFTER`].
     fn age(path: &Path) {
         let then = SystemTime::now() - STALE_AFTER - Duration::from_secs(5);
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK) // a FIFO too
-            .open(path)
+        let secs = then
+            .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
-            .set_modified(then)
-            .unwrap();
+            .as_secs();
+        let t = libc::timespec {
+            tv_sec: secs as libc::time_t,
+            tv_nsec: 0,
+        };
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path and two timespecs.
+        let rc = unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                [t, t].as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
     }
 
     #[test]
@@ -299,6 +312,7 @@ mod tests {
         age(&fifo);
         let link = d.join(format!("{PREFIX}link"));
         std::os::unix::fs::symlink(&other, &link).unwrap();
+        age(&link);
 
         assert_eq!(sweep(d), 2);
         let mut kept = vec![fifo, fresh, held, link];
