@@ -204,7 +204,9 @@ command fail, never emit wrong bytes. Existing targets are refused unless
 The temporary file or directory is hidden beside the target
 (.ferry-unstash-*). Interrupted by Ctrl-C, SIGTERM (a cancelled CI job) or
 SIGHUP, the command removes it, then ends by that signal (a shell reports
-128 + its number). What a SIGKILL leaves is removed by the next unstash
+128 + its number); with --remote it first keeps the chunks that arrived, so
+that running it again fetches none of them (at most 5 s; a second signal
+ends it at once). What a SIGKILL leaves is removed by the next unstash
 into the same directory, once it is a minute old and no running unstash
 holds its lock.
 

@@ -106,6 +106,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args, &out),
         Command::Serve(args) => serve::run(args, &out),
     };
+    // A command that wound down on a signal ends by it.
+    interrupt::end_if_received();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -184,13 +184,18 @@ pub fn unstash(
         &format!("unstash {name}"),
         None,
     ));
+    let opts = Options {
+        // A signal winds the download down: what arrived stays.
+        stop: crate::interrupt::winding_down(),
+        ..Options::default()
+    };
     let done = blocking::unstash(
         store.clone(),
         name,
         dest,
         force,
         remote,
-        &Options::default(),
+        &opts,
         progress.clone(),
     );
     progress.finish();

@@ -120,6 +120,9 @@ pub enum ClientError {
     /// The local store failed (or holds damaged data).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// [`Stop::request`] was called: the transfer wound down.
+    #[error("the transfer was stopped; what had arrived is kept for the next run")]
+    Stopped,
 }
 
 impl ClientError {
@@ -248,6 +251,28 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// How long one request may take.
     pub request_timeout: Duration,
+    /// Winds a remote unstash down when requested (say, on a signal).
+    pub stop: Stop,
+}
+
+/// Asks a remote unstash to wind down: its downloads stop after the
+/// requests in flight, the chunks that arrived are made durable in the
+/// local store (so a run of the same command fetches none of them again),
+/// its partial output is removed, and it fails with
+/// [`ClientError::Stopped`]. Clones share one request.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Stop {
+    /// Requests the stop; it cannot be undone.
+    pub fn request(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested.
+    pub fn requested(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Default for Options {
@@ -267,6 +292,7 @@ impl Default for Options {
             max_backoff: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(300),
+            stop: Stop::default(),
         }
     }
 }

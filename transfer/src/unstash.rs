@@ -324,6 +324,9 @@ async fn download(
     max_ids: usize,
 ) -> Result<(), ClientError> {
     loop {
+        if link.opts.stop.requested() {
+            return Err(ClientError::Stopped);
+        }
         // Registered before looking, so a wake-up in between is not lost.
         let notified = board.work.notified();
         tokio::pin!(notified);

@@ -1,7 +1,7 @@
 //! The streaming remote unstash: output written while chunks arrive over
 //! parallel streams, the node's store keeping what arrived, reconnects that
-//! never repeat a byte of standard output, and failures that leave nothing
-//! half-written.
+//! never repeat a byte of standard output, failures that leave nothing
+//! half-written, and a stop that keeps what arrived.
 
 use crate::util::*;
 use std::io::Write;
@@ -696,5 +696,67 @@ async fn a_collection_on_the_node_during_a_pull_does_not_fail_it() {
     .unwrap();
     progress.condemned_and_kept();
     assert!(unstash_bytes(&node, "main/big").await == data);
+    server.stop().await;
+}
+
+/// A stop request winds an unstash down: it fails with `Stopped`, leaves no
+/// output, and the chunks that arrived stay in the node's store (less than
+/// one pack of them: written by the wind-down, not because a pack filled
+/// up), so the same unstash again fetches only the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_unstash_keeps_what_arrived_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    let data = random_bytes(8, 24 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+    let distinct = chunk_ids(&a, "main/big").len() as u64;
+
+    let node = client_store(dir.path(), "node");
+    let target = dir.path().join("out.bin");
+    let o = opts();
+    let stop = o.stop.clone();
+    // Stopped once 4 MiB of the output are written.
+    let trip = Trip::new(4 << 20, move || stop.request());
+    let err = unstash(
+        node.clone(),
+        &name("main/big"),
+        Destination::Path(target.clone()),
+        false,
+        &remote,
+        &o,
+        trip.clone(),
+    )
+    .await
+    .unwrap_err();
+    assert!(trip.fired());
+    assert!(
+        matches!(err, transfer::client::ClientError::Stopped),
+        "{err}"
+    );
+    assert!(!target.exists());
+    assert_eq!(temporaries(dir.path()), Vec::<u64>::new());
+    let kept = distinct - node.missing(&chunk_ids(&a, "main/big")).unwrap().len() as u64;
+    assert!(kept > 0 && kept < distinct, "{kept} of {distinct} kept");
+
+    let again = unstash(
+        node.clone(),
+        &name("main/big"),
+        Destination::Path(target.clone()),
+        false,
+        &remote,
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap();
+    let t = &again.transfer;
+    assert_eq!(t.chunks_present, kept, "{t:?}");
+    assert_eq!(t.chunks_received, distinct - kept, "{t:?}");
+    assert!(std::fs::read(&target).unwrap() == data);
     server.stop().await;
 }

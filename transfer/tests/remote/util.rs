@@ -176,6 +176,7 @@ pub fn opts() -> Options {
         max_backoff: Duration::from_millis(500),
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
+        stop: Default::default(),
     }
 }
 
