@@ -242,21 +242,7 @@ mod tests {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let t = libc::timespec {
-            tv_sec: secs as libc::time_t,
-            tv_nsec: 0,
-        };
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path and two timespecs.
-        let rc = unsafe {
-            libc::utimensat(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                [t, t].as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        crate::testutil::set_mtime(path, secs as i64);
     }
 
     #[test]

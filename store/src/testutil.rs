@@ -65,3 +65,24 @@ pub fn resident(path: &std::path::Path) -> Vec<bool> {
     assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
     vec.iter().map(|b| b & 1 == 1).collect()
 }
+
+/// Set the mtime of `path` itself (not following a symlink).
+pub fn set_mtime(path: &std::path::Path, secs: i64) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let ts = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [ts, ts];
+    // SAFETY: `c` is a valid NUL-terminated path and `times` two timespecs.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(rc, 0, "utimensat {}", path.display());
+}

@@ -117,13 +117,20 @@ fn interrupt_each(
     }
 }
 
-#[test]
-fn a_signal_during_an_unstash_to_a_file_removes_the_partial_file() {
+/// A store holding 64 MiB of mixed bytes from `seed` as main/big, and an
+/// empty directory for targets.
+fn big_stash(seed: u64) -> (Env, Vec<u8>, PathBuf) {
     let env = Env::new();
-    let data = mixed_bytes(41, 64 << 20);
+    let data = mixed_bytes(seed, 64 << 20);
     env.stash_stdin("main/big", &data);
     let out = env.path("out");
     fs::create_dir(&out).unwrap();
+    (env, data, out)
+}
+
+#[test]
+fn a_signal_during_an_unstash_to_a_file_removes_the_partial_file() {
+    let (env, data, out) = big_stash(41);
     let target = out.join("image.tar");
     let unstash = || {
         let mut c = env.cmd();
@@ -232,11 +239,7 @@ fn a_signal_winds_a_remote_unstash_down_keeping_what_arrived() {
 
 #[test]
 fn what_a_killed_unstash_leaves_is_swept_by_the_next_restore_beside_it() {
-    let env = Env::new();
-    let data = mixed_bytes(43, 64 << 20);
-    env.stash_stdin("main/big", &data);
-    let out = env.path("out");
-    fs::create_dir(&out).unwrap();
+    let (env, data, out) = big_stash(43);
     let stderr = env.path("unstash.stderr");
     let unstash = |target: &str| {
         let mut c = env.cmd();

@@ -746,26 +746,7 @@ pub fn assert_same_tree(got: &Path, want: &Path) {
     }
 }
 
-/// Set the mtime of `path` itself (not following a symlink).
-pub fn set_mtime(path: &Path, secs: i64) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let ts = libc::timespec {
-        tv_sec: secs as libc::time_t,
-        tv_nsec: 0,
-    };
-    let times = [ts, ts];
-    // SAFETY: `c` is a valid NUL-terminated path and `times` two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    assert_eq!(rc, 0, "utimensat {}", path.display());
-}
+pub use store::testutil::set_mtime;
 
 pub fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
