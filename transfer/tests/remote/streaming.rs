@@ -9,7 +9,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::sync::{Arc, Mutex};
 use store::manifest::StashKind;
 use store::repo::{NoProgress, Source, Store, StoreOptions};
-use transfer::client::{pull, push};
+use transfer::client::{pull, push, ClientError, Options, Remote};
 use transfer::unstash::{unstash, Destination, RemoteUnstashReport};
 
 /// An in-memory standard output.
@@ -243,6 +243,38 @@ struct Restarted {
     server: TestServer,
 }
 
+/// `data` stashed as main/big in a client store of its own in `dir` and
+/// pushed through `remote`: the ids of its distinct chunks.
+async fn push_big(dir: &std::path::Path, remote: &Remote, data: &[u8]) -> Vec<store::ChunkId> {
+    let a = client_store(dir, "a");
+    stash_bytes(&a, "main/big", data).await;
+    push(a.clone(), &name("main/big"), remote, &opts(), none())
+        .await
+        .unwrap();
+    chunk_ids(&a, "main/big")
+}
+
+/// main/big from `remote` into the file `out`, on `node`.
+async fn unstash_big_into(
+    node: &Arc<Store>,
+    remote: &Remote,
+    out: &std::path::Path,
+    o: &Options,
+    progress: Arc<dyn store::repo::Progress>,
+) -> Result<RemoteUnstashReport, ClientError> {
+    let dest = Destination::Path(out.to_path_buf());
+    unstash(
+        node.clone(),
+        &name("main/big"),
+        dest,
+        false,
+        remote,
+        o,
+        progress,
+    )
+    .await
+}
+
 /// Pushes 40 MiB of random bytes (from `seed`) to a server, unstashes them
 /// from an empty node into `dest` over two streams, stops the server once
 /// 3 MiB were written (the restore has asked for its first two 16 MiB
@@ -255,13 +287,8 @@ async fn unstash_across_a_restart(
     let first = TestServer::start(dir).await;
     let addr = first.addr;
     let remote = first.remote(MAIN);
-    let a = client_store(dir, "a");
     let data = random_bytes(seed, 40 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a.clone(), &name("main/big"), &remote, &opts(), none())
-        .await
-        .unwrap();
-    let distinct = chunk_ids(&a, "main/big").len() as u64;
+    let distinct = push_big(dir, &remote, &data).await.len() as u64;
 
     let node = client_store(dir, "node");
     let mut o = opts();
@@ -487,13 +514,8 @@ async fn a_lost_server_leaves_no_output_and_the_rerun_fetches_the_rest() {
     let first = TestServer::start(dir.path()).await;
     let addr = first.addr;
     let remote = first.remote(MAIN);
-    let a = client_store(dir.path(), "a");
     let data = random_bytes(3, 40 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a.clone(), &name("main/big"), &remote, &opts(), none())
-        .await
-        .unwrap();
-    let ids = chunk_ids(&a, "main/big");
+    let ids = push_big(dir.path(), &remote, &data).await;
 
     let node = small_pack_store(dir.path(), "node");
     let out = dir.path().join("big.bin");
@@ -501,17 +523,9 @@ async fn a_lost_server_leaves_no_output_and_the_rerun_fetches_the_rest() {
     o.streams = 1;
     let handle = first.handle();
     let trip = Trip::new(3 << 20, move || handle.stop_now());
-    let e = unstash(
-        node.clone(),
-        &name("main/big"),
-        Destination::Path(out.clone()),
-        false,
-        &remote,
-        &o,
-        trip,
-    )
-    .await
-    .unwrap_err();
+    let e = unstash_big_into(&node, &remote, &out, &o, trip)
+        .await
+        .unwrap_err();
     assert!(e.is_transient(), "{e}");
     assert!(!out.exists(), "a partial output file was left");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -526,17 +540,9 @@ async fn a_lost_server_leaves_no_output_and_the_rerun_fetches_the_rest() {
     assert!(missing < ids.len(), "nothing kept of what arrived");
 
     let second = TestServer::start_with(config(dir.path(), addr)).await;
-    let r = unstash(
-        node.clone(),
-        &name("main/big"),
-        Destination::Path(out.clone()),
-        false,
-        &remote,
-        &opts(),
-        none(),
-    )
-    .await
-    .unwrap();
+    let r = unstash_big_into(&node, &remote, &out, &opts(), none())
+        .await
+        .unwrap();
     assert_eq!(
         r.transfer.chunks_received as usize, missing,
         "{:?}",
@@ -708,13 +714,9 @@ async fn a_stopped_unstash_keeps_what_arrived_and_leaves_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let remote = server.remote(MAIN);
-    let a = client_store(dir.path(), "a");
     let data = random_bytes(8, 24 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a.clone(), &name("main/big"), &remote, &opts(), none())
-        .await
-        .unwrap();
-    let distinct = chunk_ids(&a, "main/big").len() as u64;
+    let ids = push_big(dir.path(), &remote, &data).await;
+    let distinct = ids.len() as u64;
 
     let node = client_store(dir.path(), "node");
     let target = dir.path().join("out.bin");
@@ -722,38 +724,19 @@ async fn a_stopped_unstash_keeps_what_arrived_and_leaves_no_output() {
     let stop = o.stop.clone();
     // Stopped once 4 MiB of the output are written.
     let trip = Trip::new(4 << 20, move || stop.request());
-    let err = unstash(
-        node.clone(),
-        &name("main/big"),
-        Destination::Path(target.clone()),
-        false,
-        &remote,
-        &o,
-        trip.clone(),
-    )
-    .await
-    .unwrap_err();
+    let err = unstash_big_into(&node, &remote, &target, &o, trip.clone())
+        .await
+        .unwrap_err();
     assert!(trip.fired());
-    assert!(
-        matches!(err, transfer::client::ClientError::Stopped),
-        "{err}"
-    );
+    assert!(matches!(err, ClientError::Stopped), "{err}");
     assert!(!target.exists());
     assert_eq!(temporaries(dir.path()), Vec::<u64>::new());
-    let kept = distinct - node.missing(&chunk_ids(&a, "main/big")).unwrap().len() as u64;
+    let kept = distinct - node.missing(&ids).unwrap().len() as u64;
     assert!(kept > 0 && kept < distinct, "{kept} of {distinct} kept");
 
-    let again = unstash(
-        node.clone(),
-        &name("main/big"),
-        Destination::Path(target.clone()),
-        false,
-        &remote,
-        &opts(),
-        none(),
-    )
-    .await
-    .unwrap();
+    let again = unstash_big_into(&node, &remote, &target, &opts(), none())
+        .await
+        .unwrap();
     let t = &again.transfer;
     assert_eq!(t.chunks_present, kept, "{t:?}");
     assert_eq!(t.chunks_received, distinct - kept, "{t:?}");
