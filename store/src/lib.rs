@@ -12,6 +12,7 @@ pub mod chunker;
 pub mod compress;
 mod direct;
 pub mod dirtar;
+mod gather;
 pub mod gc;
 pub mod id;
 pub mod image;

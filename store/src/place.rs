@@ -11,6 +11,7 @@
 //! appears complete or not at all, as with [`Store::unstash`].
 
 use crate::backend::Backend;
+use crate::gather::Gather;
 use crate::index::Index;
 use crate::lease::Lease;
 use crate::manifest::{ChunkRef, Manifest, StashKind};
@@ -19,7 +20,6 @@ use crate::scratch::ScratchFile;
 use crate::tarsplit::Part;
 use crate::ChunkId;
 use rayon::prelude::*;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
@@ -142,6 +142,21 @@ impl Placement {
     /// not name it.
     pub fn pieces(&self, id: &ChunkId) -> Option<&[Piece]> {
         self.position(id).map(|i| self.pieces_of(i))
+    }
+
+    /// The distinct chunks in the order of their first bytes in the
+    /// output: the order in which to fetch them, so that the blocks of
+    /// the file fill up one after the other.
+    pub fn in_output_order(&self) -> Vec<ChunkId> {
+        let mut order: Vec<(u64, usize)> =
+            (0..self.ids.len()).map(|i| (self.first_at(i), i)).collect();
+        order.sort_unstable();
+        order.into_iter().map(|(_, i)| self.ids[i]).collect()
+    }
+
+    /// Where the `i`th distinct chunk's first byte goes (0 for an empty one).
+    fn first_at(&self, i: usize) -> u64 {
+        self.pieces_of(i).first().map_or(0, |p| p.at)
     }
 
     /// The pieces of the `i`th distinct chunk.
@@ -272,9 +287,9 @@ impl Store {
     }
 }
 
-/// The writer thread: writes each chunk it is given to its places, until
-/// the queue closes or a write fails; hands the file back if every write
-/// succeeded.
+/// The writer thread: writes each chunk it is given to its places (in
+/// whole blocks where it can: [`Gather`]), until the queue closes or a
+/// write fails; hands the file back if every write succeeded.
 fn write_placed(
     file: ScratchFile,
     placement: &Placement,
@@ -282,22 +297,24 @@ fn write_placed(
     queue: std::sync::mpsc::Receiver<(usize, Vec<u8>)>,
     progress: &dyn Progress,
 ) -> Option<ScratchFile> {
+    let failed = |e: std::io::Error| {
+        lock(state).failed = Some(e.to_string());
+        None
+    };
+    let mut gather = Gather::new(file.as_file(), placement.size);
     for (i, raw) in queue {
         if lock(state).placed[i] {
             continue;
         }
-        let mut written = 0u64;
-        for p in placement.pieces_of(i) {
-            // In range: `place` checked the length against the placement.
-            let bytes = &raw[p.from as usize..(p.from + p.len) as usize];
-            if let Err(e) = file.as_file().write_all_at(bytes, p.at) {
-                lock(state).failed = Some(e.to_string());
-                return None;
-            }
-            written += u64::from(p.len);
+        let pieces = placement.pieces_of(i);
+        if let Err(e) = gather.put(raw, pieces) {
+            return failed(e);
         }
         lock(state).placed[i] = true;
-        progress.advance(written);
+        progress.advance(pieces.iter().map(|p| u64::from(p.len)).sum());
+    }
+    if let Err(e) = gather.finish() {
+        return failed(e);
     }
     Some(file)
 }
@@ -383,8 +400,7 @@ impl PlacedFile {
         let mut order = Vec::with_capacity(ids.len());
         for id in ids {
             let i = self.position(id)?;
-            let first = self.placement.pieces_of(i).first();
-            order.push((first.map_or(0, |p| p.at), i));
+            order.push((self.placement.first_at(i), i));
         }
         order.sort_unstable();
         order.par_iter().try_for_each(|&(_, i)| {
@@ -522,6 +538,25 @@ mod tests {
             &[piece(9, 0, 2), piece(17, 2, 3)]
         );
         assert_eq!(p.pieces(&id(9)), None);
+    }
+
+    #[test]
+    fn chunks_are_fetched_in_the_order_the_file_first_uses_them() {
+        // Tar-like: headers (meta 7, then 5) before the files they
+        // describe (content 9, then 6), each chunk used once.
+        let m = manifest(
+            &[(7, 3), (5, 3)],
+            &[(9, 4), (6, 4)],
+            &[
+                (Part::Meta, 3),
+                (Part::Content, 4),
+                (Part::Meta, 3),
+                (Part::Content, 4),
+            ],
+        );
+        let p = Placement::of(&m).unwrap();
+        assert_eq!(p.chunks(), &[id(5), id(6), id(7), id(9)]);
+        assert_eq!(p.in_output_order(), [id(7), id(9), id(5), id(6)]);
     }
 
     #[test]

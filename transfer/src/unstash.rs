@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use store::import::{Importer, VerifiedChunk};
 use store::manifest::{ChunkRef, Manifest, StashKind};
 use store::name::Name;
-use store::place::PlacedFile;
+use store::place::{PlacedFile, Placement};
 use store::repo::{ChunkSource, Progress, Store, StoreError, Target, UnstashReport};
 use store::{ChunkId, ManifestId};
 use tokio::task::JoinSet;
@@ -134,7 +134,7 @@ pub async fn unstash(
         tokio::task::spawn_blocking(move || {
             // What the plan counts as held stays held until the restore
             // ends: the reader, or the placed file, takes its lease first.
-            let plan = |board: &Arrivals, manifest: &Manifest| {
+            let plan = |board: &Arrivals, manifest: &Manifest, placement: Option<&Placement>| {
                 let refs = crate::client::distinct(manifest);
                 let ids: Vec<ChunkId> = refs.iter().map(|c| c.id).collect();
                 let missing = store.missing(&ids)?;
@@ -142,21 +142,24 @@ pub async fn unstash(
                 counters
                     .present
                     .store((refs.len() - missing.len()) as u64, Relaxed);
-                board.plan(manifest, &missing);
+                board.plan(manifest, &missing, placement);
                 Ok::<_, StoreError>(missing)
             };
             match output {
                 Output::InOrder(target) => {
                     let plan_from = manifest.clone();
                     let reader = store.open_manifest(&label, manifest, board.clone())?;
-                    plan(&board, &plan_from)?;
+                    plan(&board, &plan_from, None)?;
                     let _ = planned_tx.send(None);
                     store.restore(reader, target, force, progress.as_ref())
                 }
                 Output::ByOffset(path) => {
                     let placed =
                         Arc::new(store.place_file(&label, &manifest, &path, force, progress)?);
-                    let missing: HashSet<ChunkId> = plan(&board, &manifest)?.into_iter().collect();
+                    let missing: HashSet<ChunkId> =
+                        plan(&board, &manifest, Some(placed.placement()))?
+                            .into_iter()
+                            .collect();
                     let _ = planned_tx.send(Some(placed.clone()));
                     // While the downloaders place what they fetch.
                     let held: Vec<ChunkId> = placed
@@ -612,7 +615,9 @@ impl Arrivals {
     }
 
     /// Records what must be downloaded: `missing` among `manifest`'s chunks.
-    fn plan(&self, manifest: &Manifest, missing: &[ChunkId]) {
+    /// What to fetch, and (`placement`, for a file written by offset) in
+    /// which order.
+    fn plan(&self, manifest: &Manifest, missing: &[ChunkId], placement: Option<&Placement>) {
         let mut b = self.lock();
         b.missing = missing.iter().copied().collect();
         for c in manifest.chunks() {
@@ -621,17 +626,26 @@ impl Arrivals {
                 *b.uses.entry(c.id).or_default() += 1;
             }
         }
-        let mut seen = HashSet::new();
-        // A file written by offset needs the tar structure too; a restore
-        // in order asks for it when it gets there.
-        let meta = if b.placing { &manifest.meta[..] } else { &[] };
-        b.ahead = manifest
-            .content
-            .iter()
-            .chain(meta)
-            .filter(|c| b.missing.contains(&c.id) && seen.insert(c.id))
-            .map(|c| c.id)
-            .collect();
+        // A file written by offset takes everything as it comes, best in
+        // the order of the file, so that its blocks fill up one after the
+        // other (see `store::place`); a restore in order reads the content
+        // ahead and asks for the tar structure when it gets there.
+        b.ahead = match placement {
+            Some(p) => p
+                .in_output_order()
+                .into_iter()
+                .filter(|id| b.missing.contains(id))
+                .collect(),
+            None => {
+                let mut seen = HashSet::new();
+                manifest
+                    .content
+                    .iter()
+                    .filter(|c| b.missing.contains(&c.id) && seen.insert(c.id))
+                    .map(|c| c.id)
+                    .collect()
+            }
+        };
         drop(b);
         self.work.notify_waiters();
     }
@@ -948,7 +962,7 @@ mod tests {
     fn demand_goes_first_and_read_ahead_stops_at_the_window() {
         let board = Arrivals::new(250, false);
         let m = manifest(&[(1, 100), (2, 100), (3, 100), (4, 100)]);
-        board.plan(&m, &[id(1), id(2), id(3), id(4)]);
+        board.plan(&m, &[id(1), id(2), id(3), id(4)], None);
         board.want(&[ChunkRef {
             id: id(4),
             len: 100,
@@ -976,7 +990,7 @@ mod tests {
     fn unanswered_requests_are_asked_again_first() {
         let board = Arrivals::new(1 << 20, false);
         let m = manifest(&[(1, 10), (2, 10), (3, 10)]);
-        board.plan(&m, &[id(1), id(2), id(3)]);
+        board.plan(&m, &[id(1), id(2), id(3)], None);
         assert_eq!(
             board.next_work(1000, 100),
             Work::Fetch(vec![id(1), id(2), id(3)])
@@ -993,7 +1007,7 @@ mod tests {
     fn repeated_chunks_stay_until_durable_then_read_from_the_store() {
         let board = Arrivals::new(1 << 20, false);
         let m = manifest(&[(1, 10), (2, 10), (1, 10)]);
-        board.plan(&m, &[id(1)]);
+        board.plan(&m, &[id(1)], None);
         board.arrive(id(1), vec![7; 10]);
         let c = ChunkRef { id: id(1), len: 10 };
         let mut out = Vec::new();
@@ -1016,7 +1030,7 @@ mod tests {
         // Meta chunks are fetched only when wanted; content is read ahead.
         let mut m = manifest(&[(1, 100)]);
         m.meta = vec![ChunkRef { id: id(9), len: 10 }];
-        board.plan(&m, &[id(1), id(9)]);
+        board.plan(&m, &[id(1), id(9)], None);
         assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(1)]));
         board.arrive(id(1), vec![1; 100]);
         assert_eq!(board.next_work(1000, 100), Work::Wait);
@@ -1027,7 +1041,7 @@ mod tests {
     #[test]
     fn a_failure_ends_the_readers_wait_with_its_reason() {
         let board = Arc::new(Arrivals::new(1 << 20, false));
-        board.plan(&manifest(&[(1, 10)]), &[id(1)]);
+        board.plan(&manifest(&[(1, 10)]), &[id(1)], None);
         let b = board.clone();
         let reader = std::thread::spawn(move || {
             let mut out = Vec::new();
