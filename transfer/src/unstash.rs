@@ -14,8 +14,9 @@
 //!   what the in-order restore is waiting for, then read-ahead of the
 //!   content stream, as long as no more than a window of bytes is fetched
 //!   but not yet consumed (a file written by offset consumes every chunk
-//!   as it arrives, so everything missing is read ahead); each reply is
-//!   verified once (decoded, BLAKE3 against the id);
+//!   as it arrives, so everything missing is read ahead, in the order of
+//!   the file); each reply is verified once (decoded, BLAKE3 against the
+//!   id);
 //! - the **importer** (a thread) appends the verified chunks, as received,
 //!   to packs of the node's store, so the next unstash fetches nothing;
 //!   once a pack is durable, its chunks leave the board (later uses read
@@ -614,9 +615,8 @@ impl Arrivals {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records what must be downloaded: `missing` among `manifest`'s chunks.
-    /// What to fetch, and (`placement`, for a file written by offset) in
-    /// which order.
+    /// Records what must be downloaded: `missing` among `manifest`'s
+    /// chunks, in `placement`'s output order for a file written by offset.
     fn plan(&self, manifest: &Manifest, missing: &[ChunkId], placement: Option<&Placement>) {
         let mut b = self.lock();
         b.missing = missing.iter().copied().collect();
