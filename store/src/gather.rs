@@ -194,7 +194,7 @@ impl<W: WriteAt> Gather<W> {
         mut len: usize,
     ) -> io::Result<()> {
         while len > 0 {
-            let end = at + len as u64;
+            let end = at.saturating_add(len as u64);
             if end > self.size {
                 // Not the file the pieces were planned for: write as given.
                 let slice = &held.bytes[from..from + len];
@@ -290,9 +290,9 @@ impl<W: WriteAt> Gather<W> {
 
     /// Writes what is still open, as it stands, and gives the output back.
     pub(crate) fn finish(mut self) -> io::Result<W> {
-        let mut open: Vec<Open> = self.open.drain().map(|(_, o)| o).collect();
-        open.sort_unstable_by_key(|o| o.pieces.first().map(|p| p.at));
-        for o in open {
+        let mut open: Vec<(u64, Open)> = self.open.drain().collect();
+        open.sort_unstable_by_key(|(block, _)| *block);
+        for (_, o) in open {
             self.write_pieces(o.pieces)?;
         }
         Ok(self.out)
