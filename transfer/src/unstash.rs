@@ -121,8 +121,7 @@ pub async fn unstash(
         Destination::Path(p) => Output::InOrder(Target::File(p)),
     };
 
-    let placing = matches!(output, Output::ByOffset(_));
-    let board = Arc::new(Arrivals::new(opts.read_ahead.max(1), placing));
+    let board = Arc::new(Arrivals::new(opts.read_ahead.max(1)));
     let (planned_tx, planned_rx) = tokio::sync::oneshot::channel::<Option<Arc<PlacedFile>>>();
     let restore = {
         let (store, board, counters, progress) = (
@@ -567,7 +566,8 @@ struct Board {
     /// Wanted by the restore, in the order it wants them.
     demand: VecDeque<ChunkId>,
     demanded: HashSet<ChunkId>,
-    /// The content stream's chunks to download, in order, for read-ahead.
+    /// The chunks to download, in order, for read-ahead: the content
+    /// stream's, or (placing) all, in the order of the file.
     ahead: Vec<ChunkId>,
     ahead_next: usize,
     /// Arrived, with uses left.
@@ -596,12 +596,10 @@ struct Ready {
 }
 
 impl Arrivals {
-    fn new(window: u64, placing: bool) -> Arrivals {
+    fn new(window: u64) -> Arrivals {
         Arrivals {
             state: Mutex::new(Board {
-                // Placed chunks leave memory at once: no window to keep.
-                window: if placing { u64::MAX } else { window },
-                placing,
+                window,
                 ..Board::default()
             }),
             arrived: Condvar::new(),
@@ -619,6 +617,11 @@ impl Arrivals {
     /// chunks, in `placement`'s output order for a file written by offset.
     fn plan(&self, manifest: &Manifest, missing: &[ChunkId], placement: Option<&Placement>) {
         let mut b = self.lock();
+        b.placing = placement.is_some();
+        if b.placing {
+            // Placed chunks leave memory at once: no window to keep.
+            b.window = u64::MAX;
+        }
         b.missing = missing.iter().copied().collect();
         for c in manifest.chunks() {
             if b.missing.contains(&c.id) {
@@ -960,7 +963,7 @@ mod tests {
 
     #[test]
     fn demand_goes_first_and_read_ahead_stops_at_the_window() {
-        let board = Arrivals::new(250, false);
+        let board = Arrivals::new(250);
         let m = manifest(&[(1, 100), (2, 100), (3, 100), (4, 100)]);
         board.plan(&m, &[id(1), id(2), id(3), id(4)], None);
         board.want(&[ChunkRef {
@@ -988,7 +991,7 @@ mod tests {
 
     #[test]
     fn unanswered_requests_are_asked_again_first() {
-        let board = Arrivals::new(1 << 20, false);
+        let board = Arrivals::new(1 << 20);
         let m = manifest(&[(1, 10), (2, 10), (3, 10)]);
         board.plan(&m, &[id(1), id(2), id(3)], None);
         assert_eq!(
@@ -1005,7 +1008,7 @@ mod tests {
 
     #[test]
     fn repeated_chunks_stay_until_durable_then_read_from_the_store() {
-        let board = Arrivals::new(1 << 20, false);
+        let board = Arrivals::new(1 << 20);
         let m = manifest(&[(1, 10), (2, 10), (1, 10)]);
         board.plan(&m, &[id(1)], None);
         board.arrive(id(1), vec![7; 10]);
@@ -1026,7 +1029,7 @@ mod tests {
 
     #[test]
     fn chunks_the_restore_never_read_are_fetched_for_the_cache() {
-        let board = Arrivals::new(100, false);
+        let board = Arrivals::new(100);
         // Meta chunks are fetched only when wanted; content is read ahead.
         let mut m = manifest(&[(1, 100)]);
         m.meta = vec![ChunkRef { id: id(9), len: 10 }];
@@ -1040,7 +1043,7 @@ mod tests {
 
     #[test]
     fn a_failure_ends_the_readers_wait_with_its_reason() {
-        let board = Arc::new(Arrivals::new(1 << 20, false));
+        let board = Arc::new(Arrivals::new(1 << 20));
         board.plan(&manifest(&[(1, 10)]), &[id(1)], None);
         let b = board.clone();
         let reader = std::thread::spawn(move || {
