@@ -764,6 +764,71 @@ impl Store {
         }))
     }
 
+    /// Chunks as stored, for sending: those of `ids` this store holds, in
+    /// the order given, as long as their stored sizes (each plus
+    /// `overhead`) fit in `budget` bytes; the first chunk found always
+    /// fits. Ids past the budget are in neither list: the caller asks for
+    /// them again. Chunks that lie back to back in one pack are read with
+    /// one read and share its buffer, so a batch of a stash's chunks (which
+    /// packs keep in the order they were stored) costs a few reads, not
+    /// one per chunk. The bytes are not verified here: the receiver does.
+    pub fn read_stored_within(
+        &self,
+        ids: &[ChunkId],
+        budget: usize,
+        overhead: usize,
+    ) -> Result<StoredBatch, StoreError> {
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        {
+            let index = self.index()?.read().expect("index lock");
+            let mut used = 0usize;
+            for id in ids {
+                let Some(loc) = index.get(id) else {
+                    missing.push(*id);
+                    continue;
+                };
+                let cost = overhead.saturating_add(loc.stored_len as usize);
+                if used.saturating_add(cost) > budget && !found.is_empty() {
+                    break;
+                }
+                used = used.saturating_add(cost);
+                found.push((*id, loc));
+            }
+        }
+        let mut chunks = Vec::with_capacity(found.len());
+        let mut rest = &found[..];
+        while let Some((_, first)) = rest.first() {
+            // The run: following chunks that start where the previous ends.
+            let mut end = first.offset.saturating_add(first.stored_len as u64);
+            let mut len = 1;
+            while let Some((_, next)) = rest.get(len) {
+                if next.pack != first.pack || next.offset != end {
+                    break;
+                }
+                end = end.saturating_add(next.stored_len as u64);
+                len += 1;
+            }
+            let run = bytes::Bytes::from(self.backend.get_range(
+                Kind::Pack,
+                &first.pack.to_hex(),
+                first.offset,
+                end - first.offset,
+            )?);
+            for (id, loc) in &rest[..len] {
+                let at = (loc.offset - first.offset) as usize;
+                chunks.push(StoredChunk {
+                    id: *id,
+                    codec: loc.codec,
+                    raw_len: loc.raw_len,
+                    bytes: run.slice(at..at + loc.stored_len as usize),
+                });
+            }
+            rest = &rest[len..];
+        }
+        Ok(StoredBatch { chunks, missing })
+    }
+
     /// Adds chunks received from elsewhere (a client's upload, a server's
     /// download into a node cache). Each is decoded and its BLAKE3 checked
     /// against its id before it counts: content addressing is what makes a
@@ -1318,6 +1383,15 @@ impl StoreError {
             other => other,
         }
     }
+}
+
+/// What [`Store::read_stored_within`] read.
+#[derive(Debug, Default)]
+pub struct StoredBatch {
+    /// The chunks found, in the order asked.
+    pub chunks: Vec<StoredChunk>,
+    /// The ids asked for that this store does not hold.
+    pub missing: Vec<ChunkId>,
 }
 
 /// A chunk as a store keeps it: what travels between stores.

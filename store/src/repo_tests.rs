@@ -337,6 +337,55 @@ proptest! {
 }
 
 #[test]
+fn stored_chunks_are_read_in_runs_within_a_budget() {
+    let (_d, s) = store();
+    let chunk_ids = |n: &str| -> Vec<ChunkId> {
+        let (_, bytes) = s.manifest_bytes(&name(n)).unwrap();
+        Manifest::decode(&bytes)
+            .unwrap()
+            .chunks()
+            .map(|c| c.id)
+            .collect()
+    };
+    stash_bytes(&s, "a", &random(3 << 20, 21));
+    stash_bytes(&s, "b", &random(2 << 20, 22));
+    let (a, b) = (chunk_ids("a"), chunk_ids("b"));
+    assert!(a.len() >= 3 && !b.is_empty());
+    let unknown = ChunkId::of(b"held nowhere");
+    let mut ids = a.clone();
+    ids.push(unknown);
+    ids.extend(&b);
+
+    let all = s.read_stored_within(&ids, usize::MAX, 40).unwrap();
+    assert_eq!(all.missing, vec![unknown]);
+    let one_by_one: Vec<StoredChunk> = a
+        .iter()
+        .chain(&b)
+        .map(|id| s.read_stored(id).unwrap().unwrap())
+        .collect();
+    assert_eq!(all.chunks, one_by_one);
+    // Neighbours in a pack came from one read: their bytes are adjacent
+    // slices of one buffer.
+    let (first, second) = (&all.chunks[0].bytes, &all.chunks[1].bytes);
+    assert_eq!(first.as_ptr().wrapping_add(first.len()), second.as_ptr());
+
+    // The budget counts stored bytes plus the overhead of each chunk; the
+    // first chunk found always fits, and what does not fit is in neither
+    // list.
+    let sizes: Vec<usize> = one_by_one.iter().map(|c| c.bytes.len() + 40).collect();
+    let cut = s.read_stored_within(&ids, sizes[0] + sizes[1], 40).unwrap();
+    assert_eq!(cut.chunks, one_by_one[..2]);
+    assert!(cut.missing.is_empty());
+    let first_only = s.read_stored_within(&ids, 0, 40).unwrap();
+    assert_eq!(first_only.chunks, one_by_one[..1]);
+    let mut from_unknown = vec![unknown];
+    from_unknown.extend(&b);
+    let past_unknown = s.read_stored_within(&from_unknown, 0, 40).unwrap();
+    assert_eq!(past_unknown.missing, vec![unknown]);
+    assert_eq!(past_unknown.chunks, one_by_one[a.len()..a.len() + 1]);
+}
+
+#[test]
 fn chunks_and_manifests_move_between_stores() {
     let (_a, src) = store();
     let (_b, dst) = store();

@@ -1171,34 +1171,20 @@ async fn execute(
             let budget =
                 (shared.limits.max_frame_bytes as usize).saturating_sub(1024 + 32 * ids.len());
             match blocking(move || {
-                let mut chunks = Vec::new();
-                let mut not_found = Vec::new();
-                let mut used = 0usize;
-                for id in &ids {
-                    let stored = match store.read_stored(id) {
-                        Ok(c) => c,
-                        // A collection outside this server (`ferry gc` on
-                        // its host) may have moved the chunk and deleted
-                        // the pack this server's index points at: look
-                        // again once with a fresh index.
-                        Err(_) => {
-                            store.refresh()?;
-                            store.read_stored(id)?
-                        }
-                    };
-                    match stored {
-                        Some(c) => {
-                            let cost = proto::CHUNK_OVERHEAD + c.bytes.len();
-                            if used + cost > budget && !chunks.is_empty() {
-                                break; // the client asks again for the rest
-                            }
-                            used += cost;
-                            chunks.push(c);
-                        }
-                        None => not_found.push(*id),
+                let read = || store.read_stored_within(&ids, budget, proto::CHUNK_OVERHEAD);
+                // A collection outside this server (`ferry gc` on its host)
+                // may have moved chunks and deleted a pack this server's
+                // index points at: look again once with a fresh index.
+                let batch = match read() {
+                    Ok(batch) => batch,
+                    Err(_) => {
+                        store.refresh()?;
+                        read()?
                     }
-                }
-                Ok((chunks, not_found))
+                };
+                // Ids past the budget are in neither list: the client asks
+                // again for the rest.
+                Ok((batch.chunks, batch.missing))
             })
             .await
             {
