@@ -186,6 +186,51 @@ async fn admin_token_collects_a_finished_build_scope_on_the_server() {
     server.stop().await;
 }
 
+/// `ferry gc` run on the server's host beside the server, not through it,
+/// rewrites the packs a stash uses and deletes the old ones. The running
+/// server's index still points at those: it reads its packs again and
+/// serves the stash instead of failing the download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_beside_the_server_does_not_break_its_downloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let main = server.remote(MAIN);
+    let ci = client_store(dir.path(), "ci");
+    let data = mixed_bytes(20, 3 << 20);
+    stash_bytes(&ci, "main/img", &data).await;
+    push(ci.clone(), &name("main/img"), &main, &opts(), none())
+        .await
+        .unwrap();
+    let packs_before: Vec<PathBuf> = files(&server.store_dir)
+        .into_iter()
+        .filter(|(p, _)| p.starts_with("packs"))
+        .map(|(p, _)| p)
+        .collect();
+    assert!(!packs_before.is_empty());
+
+    // A repack threshold of 1 rewrites every live pack; the second run
+    // deletes the old ones (no grace period).
+    let beside = server.open_store();
+    let first = beside.gc(&options(vec![], 1.0, false)).unwrap();
+    assert!(first.packs_repacked > 0, "{first:?}");
+    let second = beside.gc(&options(vec![], 1.0, false)).unwrap();
+    assert!(second.packs_deleted > 0, "{second:?}");
+    for p in &packs_before {
+        assert!(
+            !server.store_dir.join(p).exists(),
+            "{} is still there",
+            p.display()
+        );
+    }
+
+    let node = client_store(dir.path(), "node");
+    pull(node.clone(), &name("main/img"), &main, &opts(), none())
+        .await
+        .unwrap();
+    assert!(unstash_bytes(&node, "main/img").await == data);
+    server.stop().await;
+}
+
 /// Any token without the admin scope — even one that may read and write
 /// everything — is refused with an error that says what is needed, and
 /// nothing on the server changes.
