@@ -19,6 +19,13 @@
 #   PORT=47443     UDP port of the server (TCP PORT+1: nginx)
 #   KEEP=1         keep DATA_DIR/remote-work afterwards
 #   ROUNDS=2       rounds of the two comparisons with the status quo
+#   WARM_GIB=N     before every timed command (both contenders alike), touch
+#                  N GiB of fresh memory (benches/touch_memory.py): on this
+#                  VM the host takes freed guest memory back, and the first
+#                  write to it is a host page fault, so a 2.5 GB page-cache
+#                  write costs 1 to 10 s of system time depending on what
+#                  the host still backs. Touched memory writes at the cost
+#                  a machine without a balloon pays. Off by default.
 #   PLACEMENT=shared  client and server share every core (the default), or
 #                  split: every client command (ferry, curl | zstd) on CPU 0,
 #                  ferry serve and nginx on CPU 1 -- the same client core for
@@ -106,6 +113,7 @@ timed() {
     # Each timed command starts with no dirty pages left by the one before:
     # otherwise it pays for their writeback (sync is outside the timing).
     sync
+    if [ "${WARM_GIB:-0}" != 0 ]; then python3 "$HERE/touch_memory.py" "$WARM_GIB"; fi
     /usr/bin/time -f '%e %M %U %S' -o "$W/$key.time" "${CLIENT[@]}" "$@"
 }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
