@@ -216,7 +216,7 @@ rm -f "$W/out/v2.tar"
 rec loadavg_end "$(loadavg)"
 
 # --- report ------------------------------------------------------------------
-W=$W DATA=$DATA ROUNDS=$ROUNDS PLACEMENT=$PLACEMENT RESULTS=$RESULTS python3 - <<'PY'
+W=$W DATA=$DATA ROUNDS=$ROUNDS PLACEMENT=$PLACEMENT RESULTS=$RESULTS WARM_GIB=${WARM_GIB:-0} python3 - <<'PY'
 import json, os
 
 W, DATA = os.environ["W"], os.environ["DATA"]
@@ -268,7 +268,8 @@ wire_v2 = v2_pull["stats"]["wire_bytes_received"] + v2_pull["stats"]["wire_bytes
 limit_v2 = 1.05 * v2_new_stored + (1 << 20)
 res = {
     "env": {"loadavg_start": tsv["loadavg_start"], "loadavg_end": tsv["loadavg_end"],
-            "nproc": os.cpu_count(), "placement": os.environ["PLACEMENT"]},
+            "nproc": os.cpu_count(), "placement": os.environ["PLACEMENT"],
+            "warm_gib": float(os.environ["WARM_GIB"])},
     "v1_bytes": v1,
     "seconds": t,
     "rounds": times,
@@ -335,6 +336,7 @@ for what, v, target, ok in checks:
     print(f"{'PASS' if ok else 'MISS'}  {what}: {v:.3f} (target {target})" if isinstance(v, float)
           else f"{'PASS' if ok else 'MISS'}  {what}: {v} (target {target})")
 print(f"\nload average {res['env']['loadavg_start']} -> {res['env']['loadavg_end']} "
-      f"on {res['env']['nproc']} cores, placement {os.environ['PLACEMENT']}; "
+      f"on {res['env']['nproc']} cores, placement {os.environ['PLACEMENT']}, "
+      f"memory touched before each command: {res['env']['warm_gib']:g} GiB; "
       f"results in {DATA}/{os.environ['RESULTS']}")
 PY
