@@ -747,21 +747,11 @@ impl Store {
     /// A chunk as stored (compressed or raw), for sending to another store.
     /// The bytes are not verified here: the receiver verifies them.
     pub fn read_stored(&self, id: &ChunkId) -> Result<Option<StoredChunk>, StoreError> {
-        let Some(loc) = self.index()?.read().expect("index lock").get(id) else {
-            return Ok(None);
-        };
-        let bytes = self.backend.get_range(
-            Kind::Pack,
-            &loc.pack.to_hex(),
-            loc.offset,
-            loc.stored_len as u64,
-        )?;
-        Ok(Some(StoredChunk {
-            id: *id,
-            codec: loc.codec,
-            raw_len: loc.raw_len,
-            bytes: bytes.into(),
-        }))
+        // The first chunk found always fits, whatever the budget.
+        Ok(self
+            .read_stored_within(std::slice::from_ref(id), 0, 0)?
+            .chunks
+            .pop())
     }
 
     /// Chunks as stored, for sending: those of `ids` this store holds, in
@@ -1386,7 +1376,7 @@ impl StoreError {
 }
 
 /// What [`Store::read_stored_within`] read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StoredBatch {
     /// The chunks found, in the order asked.
     pub chunks: Vec<StoredChunk>,

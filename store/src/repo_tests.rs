@@ -364,6 +364,12 @@ fn stored_chunks_are_read_in_runs_within_a_budget() {
         .map(|id| s.read_stored(id).unwrap().unwrap())
         .collect();
     assert_eq!(all.chunks, one_by_one);
+    let mut raw = Vec::new();
+    for c in &all.chunks {
+        c.clone().verify(&mut raw).unwrap();
+    }
+    let read: Vec<ChunkId> = all.chunks.iter().map(|c| c.id).collect();
+    assert_eq!(read, [a.clone(), b.clone()].concat());
     // Neighbours in a pack came from one read: their bytes are adjacent
     // slices of one buffer.
     let (first, second) = (&all.chunks[0].bytes, &all.chunks[1].bytes);
