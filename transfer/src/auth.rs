@@ -240,12 +240,14 @@ impl Scope {
     }
 }
 
+/// As the server's config writes it (`pr/1234/*`, `*`), so that a refusal
+/// reads as a prefix, not as one exact name.
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
             f.write_str("*")
         } else {
-            f.write_str(&self.0)
+            write!(f, "{}/*", self.0)
         }
     }
 }
@@ -554,6 +556,9 @@ mod tests {
         assert_eq!(Scope::parse("main/*").unwrap().prefix(), "main");
         assert_eq!(Scope::parse("pr/12/").unwrap().prefix(), "pr/12");
         assert_eq!(Scope::parse("*").unwrap().to_string(), "*");
+        for written in ["pr/12", "pr/12/", "pr/12/*"] {
+            assert_eq!(Scope::parse(written).unwrap().to_string(), "pr/12/*");
+        }
         for bad in ["", "/", "../x", "a//b", "/abs", "pr/*/x"] {
             assert!(Scope::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -1569,7 +1569,8 @@ impl ServerSession {
             return Err(Reject::refuse(
                 ErrorKind::Forbidden,
                 format!(
-                    "this token may not write {name:?} (it writes {})",
+                    "this token may not write {:?} (it writes {})",
+                    name.as_str(),
                     scopes.describe_write()
                 ),
             ));
@@ -1617,7 +1618,8 @@ impl ServerSession {
                     return Err(Reject::refuse(
                         ErrorKind::Forbidden,
                         format!(
-                            "this token may not read {name:?} (it reads {})",
+                            "this token may not read {:?} (it reads {})",
+                            name.as_str(),
                             scopes.describe_read()
                         ),
                     ));

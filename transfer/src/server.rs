@@ -1162,7 +1162,7 @@ async fn execute(
                 }
                 Err(StoreError::Ref(RefError::NotFound(_))) => Message::error(
                     ErrorKind::NotFound,
-                    format!("the server has no stash named {name:?}"),
+                    format!("the server has no stash named {:?}", name.as_str()),
                 ),
                 Err(e) => internal("read the manifest", &e),
             }

@@ -350,8 +350,8 @@ fn session_requires_a_known_token_first() {
     let w = s.on_hello(hello("pr1"), &t).unwrap();
     let (limits, read, write) = check_welcome(w).unwrap();
     assert_eq!(limits, Limits::default());
-    assert_eq!(read, ["main", "pr/1"]);
-    assert_eq!(write, ["pr/1"]);
+    assert_eq!(read, ["main/*", "pr/1/*"]);
+    assert_eq!(write, ["pr/1/*"]);
     assert_eq!(s.grant().unwrap().label, "pr-1");
     assert_eq!(
         s.on_hello(hello("pr1"), &t).unwrap_err().kind,
@@ -367,11 +367,16 @@ fn session_enforces_scopes() {
     let forbidden = |r: Result<Action, Reject>| {
         let r = r.unwrap_err();
         assert_eq!((r.kind, r.fatal), (ErrorKind::Forbidden, false), "{r:?}");
+        r.message
     };
-    forbidden(s.on_request(Message::Commit {
-        name: "main/x".into(),
-        manifest: vec![],
-    }));
+    // The message names the stash as the user wrote it, and the scopes.
+    assert_eq!(
+        forbidden(s.on_request(Message::Commit {
+            name: "main/x".into(),
+            manifest: vec![],
+        })),
+        r#"this token may not write "main/x" (it writes pr/1/*)"#
+    );
     forbidden(s.on_request(Message::Missing {
         name: "main/x".into(),
         ids: vec![id(1)],
@@ -380,10 +385,13 @@ fn session_enforces_scopes() {
         name: "pr/2/x".into(),
         chunks: vec![],
     }));
-    forbidden(s.on_request(Message::GetManifest {
-        name: "pr/2/x".into(),
-        have: vec![],
-    }));
+    assert_eq!(
+        forbidden(s.on_request(Message::GetManifest {
+            name: "pr/2/x".into(),
+            have: vec![],
+        })),
+        r#"this token may not read "pr/2/x" (it reads main/*, pr/1/*)"#
+    );
     // Chunks are readable only once a manifest naming them was served.
     forbidden(s.on_request(Message::GetChunks { ids: vec![id(1)] }));
     assert!(matches!(

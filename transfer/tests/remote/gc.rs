@@ -174,6 +174,11 @@ async fn admin_token_collects_a_finished_build_scope_on_the_server() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), Some(ErrorKind::NotFound), "{e}");
+    assert!(
+        e.to_string()
+            .contains(r#"the server has no stash named "build/1/img""#),
+        "{e}"
+    );
     for (n, data) in stashes.iter().filter(|(n, _)| *n != "build/1/img") {
         pull(node.clone(), &name(n), &main, &opts(), none())
             .await

@@ -44,7 +44,11 @@ async fn pull_request_token_reads_main_and_its_own_pr_and_writes_only_its_pr() {
     let e = push(node.clone(), &name("main/poisoned"), &pr, &opts(), none())
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("may not write"), "{e}");
+    assert!(
+        e.to_string()
+            .contains(r#"this token may not write "main/poisoned" (it writes "#),
+        "{e}"
+    );
     assert_eq!(refused(e), ErrorKind::Forbidden);
     let e = pull(node.clone(), &name("pr/999/other"), &pr, &opts(), none())
         .await
