@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -38,11 +39,18 @@ fn live() -> MutexGuard<'static, BTreeSet<PathBuf>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Set by [`remove_all`]: no scratch is made after it.
+static CLOSED: AtomicBool = AtomicBool::new(false);
+
 /// Removes the scratch of every restore this process is running, for a
 /// signal handler that is about to exit. The restores themselves are not
-/// stopped: their writes go to removed files, and their renames fail.
+/// stopped: their writes go to removed files, and their renames fail; new
+/// scratch can no longer be made (which fails the restore that tries).
 /// Returns how many were removed.
 pub fn remove_all() -> usize {
+    let live = live();
+    CLOSED.store(true, SeqCst);
+    drop(live);
     remove_live(|_| true)
 }
 
@@ -112,9 +120,20 @@ pub fn sweep(dir: &Path) -> usize {
 struct Registered(PathBuf);
 
 impl Registered {
-    fn new(path: &Path) -> Registered {
-        live().insert(path.to_path_buf());
-        Registered(path.to_path_buf())
+    /// Runs `create` (which makes scratch and says where) and registers
+    /// what it made, holding [`LIVE`] throughout: a signal handler's
+    /// [`remove_all`] waits for it, so no scratch exists unregistered.
+    fn create<T>(create: impl FnOnce() -> io::Result<(T, PathBuf)>) -> io::Result<(T, Registered)> {
+        let mut live = live();
+        if CLOSED.load(SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the process is ending (interrupted): no new output is started",
+            ));
+        }
+        let (made, path) = create()?;
+        live.insert(path.clone());
+        Ok((made, Registered(path)))
     }
 }
 
@@ -142,13 +161,16 @@ impl ScratchFile {
         let mode = std::fs::metadata(target)
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0o666);
-        let file = tempfile::Builder::new()
-            .prefix(PREFIX)
-            .permissions(std::fs::Permissions::from_mode(mode))
-            .tempfile_in(dir)?;
+        let (file, live) = Registered::create(|| {
+            let file = tempfile::Builder::new()
+                .prefix(PREFIX)
+                .permissions(std::fs::Permissions::from_mode(mode))
+                .tempfile_in(&dir)?;
+            let path = file.path().to_path_buf();
+            Ok((file, path))
+        })?;
         // Unsupported (or refused) only where no sweep could lock it either.
         let _ = file.as_file().try_lock();
-        let live = Registered::new(file.path());
         Ok(ScratchFile { file, _live: live })
     }
 
@@ -179,12 +201,14 @@ pub(crate) struct ScratchDir {
 impl ScratchDir {
     pub(crate) fn in_dir(dir: &Path) -> io::Result<ScratchDir> {
         sweep(dir);
-        let path = tempfile::Builder::new()
-            .prefix(PREFIX)
-            .tempdir_in(dir)?
-            .keep();
+        let (path, live) = Registered::create(|| {
+            let path = tempfile::Builder::new()
+                .prefix(PREFIX)
+                .tempdir_in(dir)?
+                .keep();
+            Ok((path.clone(), path))
+        })?;
         let lock = File::open(&path).ok().filter(|f| f.try_lock().is_ok());
-        let live = Registered::new(&path);
         Ok(ScratchDir {
             path,
             _lock: lock,
