@@ -28,7 +28,9 @@ complete example). Relative paths in it are relative to the file. Keys:
   [limits]
   max_connections = 256            more are refused as busy (clients retry)
   max_streams_per_connection = 16  parallel requests per connection
-  max_frame_bytes = 33554432       largest message (>= 16 MiB + 64 KiB)
+  max_frame_bytes = 33554432       largest message (>= 16 MiB + 64 KiB); a
+                                   stash's manifest must fit in one (the
+                                   default: a stash of roughly 65 GB)
   max_batch_ids = 16384            chunk ids per request
   idle_timeout_secs = 60           silent connections are closed
   request_deadline_secs = 300      one request, start to answer

@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         },
         meta: Vec::new(),
         content: Vec::new(),
-        layout: Vec::new(),
+        layout: Default::default(),
     };
     assert_eq!(
         Manifest::decode(&m.encode()).expect("own manifest decodes"),

@@ -21,6 +21,7 @@ fn check(stored: &[u8]) {
     };
     // The totals were checked: the recipe describes `size` bytes.
     let total: u64 = m.layout.iter().map(|(_, n)| n).sum();
+    assert!(m.layout.iter().all(|(_, n)| n > 0), "an empty run decoded");
     assert_eq!(total, m.header.size);
     // A remote unstash into a file places its chunks by this: every byte
     // of the output belongs to exactly one piece of one chunk.

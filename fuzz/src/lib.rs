@@ -35,11 +35,13 @@ pub fn sample_manifest(n: usize, salt: u8) -> Manifest {
         },
         meta,
         content,
-        layout: vec![
+        layout: [
             (Part::Meta, 512),
             (Part::Content, content_len),
             (Part::Meta, 1024),
-        ],
+        ]
+        .into_iter()
+        .collect(),
     }
 }
 

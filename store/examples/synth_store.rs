@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 },
                 meta: Vec::new(),
                 content: std::mem::take(&mut recipe),
-                layout: vec![(Part::Content, size)],
+                layout: [(Part::Content, size)].into_iter().collect(),
             };
             let bytes = m.encode();
             let id = ManifestId::of(&bytes);

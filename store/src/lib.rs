@@ -18,6 +18,7 @@ pub mod id;
 pub mod image;
 pub mod import;
 pub mod index;
+pub mod layout;
 pub mod lease;
 pub mod manifest;
 pub mod name;

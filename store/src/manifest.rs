@@ -8,15 +8,21 @@
 //! lists (`u64` count, then 32-byte id + `u32` length each) and the layout
 //! (`u64` count, first part as a byte, then LEB128 run lengths that
 //! alternate between the parts). Decoding trusts nothing: every count is
-//! bounded by the bytes that remain and the totals must agree.
+//! bounded by the bytes that remain, no chunk is longer than the chunker
+//! makes them, no run is empty, and the totals must agree. A decoded
+//! manifest takes about as much memory as its encoding (see
+//! [`crate::layout`]), which [`Manifest::decode_within`] bounds.
 
 use crate::image::ImageInfo;
+pub use crate::layout::Layout;
 use crate::tarsplit::Part;
 use crate::ChunkId;
 use serde::{Deserialize, Serialize};
 
 const MAGIC: &[u8; 8] = b"FERRYMF1";
-/// Largest manifest accepted when decoding (a 25 GB image needs ~20 MiB).
+/// Largest encoding (uncompressed) [`Manifest::decode`] accepts. A 2.5 GB
+/// docker archive of 71,000 files encodes to 1.3 MB, so this is room for
+/// stashes of several hundred GB; a server bounds what peers send further.
 pub const MAX_ENCODED: usize = 1 << 30;
 
 /// What kind of thing was stashed.
@@ -90,22 +96,33 @@ pub struct Manifest {
     /// Chunks of the content stream (file data, or everything).
     pub content: Vec<ChunkRef>,
     /// The interleaving: runs of (part, length) in stream order.
-    pub layout: Vec<(Part, u64)>,
+    pub layout: Layout,
 }
 
 /// A manifest that does not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("corrupt manifest: {0}")]
-pub struct ManifestError(String);
+pub enum ManifestError {
+    /// Its bytes are not a valid manifest.
+    #[error("corrupt manifest: {0}")]
+    Corrupt(String),
+    /// Its encoding is larger than the decoder was allowed to expand.
+    #[error("the manifest is {size} bytes uncompressed, more than the {limit} accepted here")]
+    TooLarge {
+        /// Its uncompressed size, as its zstd frame declares it.
+        size: u64,
+        /// The limit.
+        limit: usize,
+    },
+}
 
 impl ManifestError {
     pub(crate) fn new(what: &str) -> ManifestError {
-        ManifestError(what.to_string())
+        ManifestError::Corrupt(what.to_string())
     }
 }
 
 fn bad(what: impl Into<String>) -> ManifestError {
-    ManifestError(what.into())
+    ManifestError::Corrupt(what.into())
 }
 
 impl Manifest {
@@ -124,23 +141,39 @@ impl Manifest {
                 out.extend_from_slice(&c.len.to_le_bytes());
             }
         }
-        out.extend_from_slice(&(self.layout.len() as u64).to_le_bytes());
-        if let Some(&(first, _)) = self.layout.first() {
-            out.push(part_code(first));
+        out.extend_from_slice(&self.layout.len().to_le_bytes());
+        if !self.layout.is_empty() {
+            out.push(part_code(self.layout.first_part()));
         }
-        for &(_, len) in &self.layout {
-            leb128(len, &mut out);
-        }
+        out.extend_from_slice(self.layout.encoded_lens());
         zstd::bulk::compress(&out, 3).expect("compressing to memory cannot fail")
     }
 
-    /// Decodes stored bytes (untrusted).
+    /// Decodes stored bytes (untrusted) of at most [`MAX_ENCODED`] bytes
+    /// uncompressed.
     pub fn decode(stored: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::decode_within(stored, MAX_ENCODED)
+    }
+
+    /// Decodes stored bytes (untrusted) whose encoding is at most
+    /// `max_encoded` bytes uncompressed (at most [`MAX_ENCODED`]). The
+    /// decoded manifest takes about as much memory again.
+    pub fn decode_within(stored: &[u8], max_encoded: usize) -> Result<Manifest, ManifestError> {
+        let max_encoded = max_encoded.min(MAX_ENCODED);
+        // Our encoder records the size: say so plainly when it is too large.
+        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(stored) {
+            if size > max_encoded as u64 {
+                return Err(ManifestError::TooLarge {
+                    size,
+                    limit: max_encoded,
+                });
+            }
+        }
         let raw = zstd::bulk::Decompressor::new()
-            .and_then(|mut d| d.decompress(stored, MAX_ENCODED))
+            .and_then(|mut d| d.decompress(stored, max_encoded))
             .map_err(|e| {
                 bad(format!(
-                    "not a zstd frame of at most {MAX_ENCODED} bytes: {e}"
+                    "not a zstd frame of at most {max_encoded} bytes: {e}"
                 ))
             })?;
         let mut r = Reader { bytes: &raw };
@@ -153,34 +186,53 @@ impl Manifest {
         let header: Header =
             serde_json::from_slice(r.take(header_len)?).map_err(|e| bad(format!("header: {e}")))?;
         let mut lists = [Vec::new(), Vec::new()];
-        for list in &mut lists {
+        // What each stream holds, which the runs must use up exactly.
+        let mut totals = [0u64; 2];
+        for (list, total) in lists.iter_mut().zip(&mut totals) {
             let n = r.count(36)?;
             list.reserve(n);
             for _ in 0..n {
                 let id = ChunkId(r.take(32)?.try_into().expect("32 bytes"));
                 let len = r.u32()?;
-                if len == 0 {
-                    return Err(bad("a chunk of length 0"));
+                if len == 0 || len > crate::repo::MAX_CHUNK {
+                    return Err(bad(format!(
+                        "a chunk of length {len} (chunks are 1 to {} bytes)",
+                        crate::repo::MAX_CHUNK
+                    )));
                 }
                 list.push(ChunkRef { id, len });
+                *total += u64::from(len); // at most 2^32 chunks of 2^24 bytes
             }
         }
-        let runs = r.count(1)?;
-        let mut layout = Vec::with_capacity(runs);
-        if runs > 0 {
-            let mut part = match r.take(1)?[0] {
+        let runs = r.count(1)? as u64;
+        let first = if runs > 0 {
+            match r.take(1)?[0] {
                 0 => Part::Meta,
                 1 => Part::Content,
                 other => return Err(bad(format!("unknown part code {other}"))),
-            };
-            for _ in 0..runs {
-                layout.push((part, r.leb128()?));
-                part = match part {
-                    Part::Meta => Part::Content,
-                    Part::Content => Part::Meta,
-                };
             }
-        }
+        } else {
+            Part::Meta
+        };
+        let (layout, rest) = Layout::decode(
+            first,
+            runs,
+            r.bytes,
+            |part, len| {
+                // Checked as each run is read, so that a forged layout is
+                // refused at its first impossible run.
+                let left = &mut totals[part as usize];
+                if len == 0 {
+                    return Err(bad("an empty layout run"));
+                }
+                *left = left
+                    .checked_sub(len)
+                    .ok_or_else(|| bad("the layout asks for more bytes than the chunks hold"))?;
+                Ok(())
+            },
+            || bad("truncated or overflowing layout run"),
+        )?;
+        r.bytes = rest;
         if !r.bytes.is_empty() {
             return Err(bad("trailing bytes"));
         }
@@ -195,6 +247,32 @@ impl Manifest {
         Ok(m)
     }
 
+    /// Decodes only the header of stored bytes (untrusted): what a listing
+    /// shows, at a cost that does not grow with the chunk lists behind it.
+    /// The rest is not checked.
+    pub fn decode_header(stored: &[u8]) -> Result<Header, ManifestError> {
+        use std::io::Read;
+        let not_zstd = |e: std::io::Error| bad(format!("not a zstd frame: {e}"));
+        let mut d = zstd::stream::read::Decoder::with_buffer(stored).map_err(not_zstd)?;
+        let mut start = [0u8; 12];
+        d.read_exact(&mut start).map_err(|_| bad("truncated"))?;
+        if &start[..8] != MAGIC {
+            return Err(bad(
+                "wrong magic (not a ferry manifest, or a newer version)",
+            ));
+        }
+        let header_len = u32::from_le_bytes(start[8..].try_into().expect("4 bytes"));
+        // Grows as bytes arrive: a forged length reserves nothing.
+        let mut header = Vec::new();
+        d.take(u64::from(header_len))
+            .read_to_end(&mut header)
+            .map_err(not_zstd)?;
+        if header.len() != header_len as usize {
+            return Err(bad("truncated"));
+        }
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))
+    }
+
     /// The layout and the chunk lists must describe the same bytes.
     fn check_totals(&self) -> Result<(), ManifestError> {
         let sum = |l: &[ChunkRef]| l.iter().map(|c| c.len as u64).sum::<u64>();
@@ -202,7 +280,7 @@ impl Manifest {
             self.layout
                 .iter()
                 .filter(|(q, _)| *q == p)
-                .try_fold(0u64, |a, (_, n)| a.checked_add(*n))
+                .try_fold(0u64, |a, (_, n)| a.checked_add(n))
         };
         let (meta, content) = (run_sum(Part::Meta), run_sum(Part::Content));
         let (Some(meta), Some(content)) = (meta, content) else {
@@ -229,18 +307,6 @@ fn part_code(p: Part) -> u8 {
     match p {
         Part::Meta => 0,
         Part::Content => 1,
-    }
-}
-
-fn leb128(mut v: u64, out: &mut Vec<u8>) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
     }
 }
 
@@ -274,21 +340,6 @@ impl<'a> Reader<'a> {
         }
         Ok(n as usize)
     }
-
-    fn leb128(&mut self) -> Result<u64, ManifestError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.take(1)?[0];
-            v |= ((b & 0x7f) as u64)
-                .checked_shl(shift)
-                .filter(|_| shift < 63 || b <= 1)
-                .ok_or_else(|| bad("run length overflows"))?;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(bad("run length overflows"))
-    }
 }
 
 #[cfg(test)]
@@ -319,7 +370,9 @@ mod tests {
                     len: 400,
                 },
             ],
-            layout: vec![(Part::Meta, 12), (Part::Content, 1000), (Part::Meta, 12)],
+            layout: [(Part::Meta, 12), (Part::Content, 1000), (Part::Meta, 12)]
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -338,8 +391,117 @@ mod tests {
             .to_string()
             .contains("size"));
         let mut m = sample();
-        m.layout[1].1 -= 1;
+        m.layout = [(Part::Meta, 12), (Part::Content, 999), (Part::Meta, 12)]
+            .into_iter()
+            .collect();
         assert!(Manifest::decode(&m.encode()).is_err());
+    }
+
+    /// The encoding of a manifest with the given chunk lists and a layout
+    /// of `runs` runs given as raw LEB128 bytes, compressed.
+    fn forged(size: u64, meta: &[u32], content: &[u32], runs: u64, lens: &[u8]) -> Vec<u8> {
+        let header = serde_json::to_vec(&Header {
+            kind: StashKind::Stream,
+            size,
+            sha256: "00".repeat(32),
+            source: None,
+            image: None,
+        })
+        .unwrap();
+        let mut raw = MAGIC.to_vec();
+        raw.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        raw.extend_from_slice(&header);
+        for list in [meta, content] {
+            raw.extend_from_slice(&(list.len() as u64).to_le_bytes());
+            for (i, len) in list.iter().enumerate() {
+                raw.extend_from_slice(&ChunkId::of(&i.to_le_bytes()).0);
+                raw.extend_from_slice(&len.to_le_bytes());
+            }
+        }
+        raw.extend_from_slice(&runs.to_le_bytes());
+        raw.push(1); // content first
+        raw.extend_from_slice(lens);
+        zstd::bulk::compress(&raw, 19).unwrap()
+    }
+
+    /// A few KiB that decompress to 64 MiB of layout: refused at the first
+    /// run the chunks cannot hold, and empty runs are refused outright, so
+    /// a small upload cannot make a decoder build a huge layout.
+    #[test]
+    fn forged_layouts_are_refused_at_their_first_impossible_run() {
+        let n = 64u64 << 20;
+        let ones = forged(3, &[], &[3], n, &vec![1u8; n as usize]);
+        let zeros = forged(3, &[], &[3], n, &vec![0u8; n as usize]);
+        assert!(ones.len() < 64 << 10 && zeros.len() < 64 << 10);
+        let e = Manifest::decode(&ones).unwrap_err().to_string();
+        assert!(e.contains("more bytes than the chunks hold"), "{e}");
+        let e = Manifest::decode(&zeros).unwrap_err().to_string();
+        assert!(e.contains("empty layout run"), "{e}");
+        // Chunks longer than any chunker makes are refused too.
+        let e = Manifest::decode(&forged(
+            1 << 25,
+            &[],
+            &[1 << 25],
+            1,
+            &[0x80, 0x80, 0x80, 0x10],
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("chunks are 1 to"), "{e}");
+        // One content run that uses up the one chunk is fine.
+        let m = Manifest::decode(&forged(3, &[], &[3], 1, &[3])).unwrap();
+        assert_eq!(m.layout.iter().collect::<Vec<_>>(), [(Part::Content, 3)]);
+    }
+
+    #[test]
+    fn the_header_decodes_alone() {
+        let m = sample();
+        assert_eq!(Manifest::decode_header(&m.encode()).unwrap(), m.header);
+        // Only what a header needs is read: damage behind it goes unseen.
+        let mut raw = zstd::bulk::decompress(&m.encode(), 1 << 20).unwrap();
+        let behind = raw.len() - 1;
+        raw[behind] ^= 0xff;
+        let damaged = zstd::bulk::compress(&raw, 1).unwrap();
+        assert!(Manifest::decode(&damaged).is_err());
+        assert_eq!(Manifest::decode_header(&damaged).unwrap(), m.header);
+        // A header length past the end is refused, not reserved.
+        let mut forged = MAGIC.to_vec();
+        forged.extend_from_slice(&u32::MAX.to_le_bytes());
+        forged.extend_from_slice(b"{}");
+        let e = Manifest::decode_header(&zstd::bulk::compress(&forged, 1).unwrap());
+        assert_eq!(e, Err(bad("truncated")));
+        assert!(Manifest::decode_header(b"not zstd").is_err());
+    }
+
+    #[test]
+    fn decode_within_bounds_the_encoding() {
+        let m = sample();
+        let stored = m.encode();
+        let raw_len = zstd::bulk::decompress(&stored, 1 << 20).unwrap().len();
+        assert_eq!(Manifest::decode_within(&stored, raw_len).unwrap(), m);
+        assert_eq!(
+            Manifest::decode_within(&stored, raw_len - 1),
+            Err(ManifestError::TooLarge {
+                size: raw_len as u64,
+                limit: raw_len - 1
+            })
+        );
+        // A frame that does not declare its size is cut off all the same.
+        let raw = zstd::bulk::decompress(&stored, 1 << 20).unwrap();
+        let mut undeclared = Vec::new();
+        let mut enc = zstd::stream::write::Encoder::new(&mut undeclared, 3).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &raw).unwrap();
+        enc.finish().unwrap();
+        assert!(matches!(
+            zstd::zstd_safe::get_frame_content_size(&undeclared),
+            Ok(None)
+        ));
+        assert_eq!(Manifest::decode_within(&undeclared, raw_len).unwrap(), m);
+        let e = Manifest::decode_within(&undeclared, raw_len - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("at most {} bytes", raw_len - 1)), "{e}");
     }
 
     proptest! {

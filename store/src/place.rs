@@ -57,7 +57,7 @@ impl Placement {
         let mut all: Vec<(ChunkId, Piece)> = Vec::with_capacity(manifest.chunks().count() + 1);
         let mut cursors = [(0usize, 0u32); 2];
         let mut at = 0u64;
-        for &(part, run) in &manifest.layout {
+        for (part, run) in &manifest.layout {
             let list = match part {
                 Part::Meta => &manifest.meta,
                 Part::Content => &manifest.content,
@@ -500,7 +500,7 @@ mod tests {
             },
             meta: refs(meta),
             content: refs(content),
-            layout: layout.to_vec(),
+            layout: layout.iter().copied().collect(),
         }
     }
 

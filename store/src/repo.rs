@@ -17,6 +17,7 @@ use crate::compress::{self, Codec};
 use crate::dirtar::{self, DirTarError};
 use crate::image::{self, ImageKind};
 use crate::index::{Index, IndexProblem, Location};
+use crate::layout::{Layout, RunCursor};
 use crate::lease::Lease;
 use crate::manifest::{ChunkRef, Header, Manifest, ManifestError, StashKind};
 use crate::name::Name;
@@ -562,7 +563,7 @@ impl Store {
             let mut splitter = TarSplitter::new();
             let mut meta = StreamChunker::new(self.chunker, 4 << 20);
             let mut content = StreamChunker::new(self.chunker, StreamChunker::DEFAULT_CAPACITY);
-            let mut layout: Vec<(Part, u64)> = Vec::new();
+            let mut layout = Layout::new();
             let mut failed: Option<StoreError> = None;
             let mut route = |part: Part,
                              bytes: &[u8],
@@ -571,10 +572,7 @@ impl Store {
                 if failed.is_some() || bytes.is_empty() {
                     return;
                 }
-                match layout.last_mut() {
-                    Some((p, n)) if *p == part => *n += bytes.len() as u64,
-                    _ => layout.push((part, bytes.len() as u64)),
-                }
+                layout.push(part, bytes.len() as u64);
                 let (chunker, list) = match part {
                     Part::Meta => (&mut meta, Part::Meta),
                     Part::Content => (&mut content, Part::Content),
@@ -837,10 +835,20 @@ impl Store {
 
     /// The stored bytes of the manifest `name` points at, and its id.
     pub fn manifest_bytes(&self, name: &Name) -> Result<(ManifestId, Vec<u8>), StoreError> {
+        let (id, _, bytes) = self.manifest_and_bytes(name)?;
+        Ok((id, bytes))
+    }
+
+    /// The manifest `name` points at, its id and its stored bytes (to send
+    /// elsewhere), decoded once.
+    pub fn manifest_and_bytes(
+        &self,
+        name: &Name,
+    ) -> Result<(ManifestId, Manifest, Vec<u8>), StoreError> {
         let id = refs::resolve(self.backend.as_ref(), name)?;
         let bytes = self.backend.get(Kind::Manifest, &id.to_hex())?;
-        self.decode_manifest(name.as_str(), &id, &bytes)?;
-        Ok((id, bytes))
+        let manifest = self.decode_manifest(name.as_str(), &id, &bytes)?;
+        Ok((id, manifest, bytes))
     }
 
     /// Points `name` at a manifest given as stored bytes (from another
@@ -1057,19 +1065,29 @@ impl Store {
     /// Names, optionally under `prefix`, with their manifest headers.
     /// A name whose ref is damaged is left out (`ferry fsck` names it).
     pub fn list(&self, prefix: Option<&str>) -> Result<Vec<Entry>, StoreError> {
+        self.list_where(prefix, |_| true)
+    }
+
+    /// [`Store::list`] of the names `keep` accepts (a server's read scope):
+    /// the manifests of the others are not even read.
+    pub fn list_where(
+        &self,
+        prefix: Option<&str>,
+        keep: impl Fn(&Name) -> bool,
+    ) -> Result<Vec<Entry>, StoreError> {
         let (names, _damaged) = refs::list_lenient(self.backend.as_ref(), prefix)?;
         Ok(names
             .into_iter()
+            .filter(|(name, _)| keep(name))
             .map(|(name, manifest)| {
+                // Only the header: a listing costs the same however many
+                // chunks the stashes have.
                 let header = self
                     .backend
                     .get(Kind::Manifest, &manifest.to_hex())
                     .ok()
-                    .and_then(|b| {
-                        self.decode_manifest(name.as_str(), &manifest, &b)
-                            .ok()
-                            .map(|m| m.header)
-                    });
+                    .filter(|b| ManifestId::of(b) == manifest)
+                    .and_then(|b| Manifest::decode_header(&b).ok());
                 Entry {
                     created: self.created(&name),
                     name: name.to_string(),
@@ -1823,8 +1841,11 @@ pub struct StashReader<'a> {
     /// The manifest being replayed.
     pub manifest: Manifest,
     streams: [Cursor; 2],
-    run: usize,
+    /// The run being written: its part, what is left of it, and where the
+    /// next one starts.
+    run: Part,
     run_left: u64,
+    next_run: RunCursor,
     /// Chunks from elsewhere, consulted before the packs.
     source: Option<Arc<dyn ChunkSource>>,
     /// Decodes batches when a source may block: its waits must not hold
@@ -1865,7 +1886,11 @@ impl<'a> StashReader<'a> {
         lease: Option<Lease>,
         source: Option<Arc<dyn ChunkSource>>,
     ) -> Self {
-        let run_left = manifest.layout.first().map_or(0, |r| r.1);
+        let mut next_run = RunCursor::default();
+        let (run, run_left) = manifest
+            .layout
+            .next_run(&mut next_run)
+            .unwrap_or((Part::Meta, 0));
         // Without a pool of its own (it could not be built) the reader
         // still works, on the global pool.
         let pool = source.as_ref().and_then(|_| {
@@ -1882,8 +1907,9 @@ impl<'a> StashReader<'a> {
             name,
             manifest,
             streams: [Cursor::default(), Cursor::default()],
-            run: 0,
+            run,
             run_left,
+            next_run,
             source,
             pool,
             _lease: lease,
@@ -1980,19 +2006,18 @@ impl<'a> StashReader<'a> {
     /// The next piece of the output: at most `max` bytes, from one chunk.
     fn next_piece(&mut self, max: usize) -> Result<Option<&[u8]>, StoreError> {
         while self.run_left == 0 {
-            self.run += 1;
-            match self.manifest.layout.get(self.run) {
-                Some(r) => self.run_left = r.1,
+            match self.manifest.layout.next_run(&mut self.next_run) {
+                Some((part, len)) => (self.run, self.run_left) = (part, len),
                 None => return Ok(None),
             }
         }
-        let k = self.manifest.layout[self.run].0 as usize;
+        let k = self.run as usize;
         let cursor = &mut self.streams[k];
         if cursor.ready.front().is_some_and(|c| cursor.pos == c.len()) {
             cursor.ready.pop_front();
             cursor.pos = 0;
         }
-        self.fill(self.manifest.layout[self.run].0)?;
+        self.fill(self.run)?;
         let run_left = usize::try_from(self.run_left).unwrap_or(usize::MAX);
         let cursor = &mut self.streams[k];
         let available = cursor.ready.front().expect("filled").len() - cursor.pos;

@@ -19,12 +19,12 @@ use crate::client::{
     blocking, distinct, frame_budget, with_retries, ClientError, Counters, Options, PushReport,
     Remote, Session,
 };
-use crate::proto::{ErrorKind, Message, CHUNK_OVERHEAD};
+use crate::proto::{self, ErrorKind, Message, CHUNK_OVERHEAD};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
-use store::manifest::{ChunkRef, Manifest};
+use store::manifest::ChunkRef;
 use store::name::Name;
 use store::repo::{NoProgress, Progress, Store, StoreError, StoredChunk};
 use store::{ChunkId, ManifestId};
@@ -329,12 +329,7 @@ async fn push_after(
     let (id, manifest_bytes, manifest) = {
         let (s, n) = (store.clone(), name.clone());
         blocking(move || {
-            let (id, bytes) = s.manifest_bytes(&n)?;
-            let m = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
-                name: n.to_string(),
-                id,
-                problem: source,
-            })?;
+            let (id, m, bytes) = s.manifest_and_bytes(&n)?;
             Ok((id, bytes, m))
         })
         .await?
@@ -377,6 +372,38 @@ async fn push_after(
     })
 }
 
+/// A commit the server would refuse for its size is refused before
+/// anything is uploaded (by this attempt), naming the limit to raise.
+fn commit_fits(
+    session: &Session,
+    name: &Name,
+    commit: &Message,
+    manifest_bytes: &[u8],
+) -> Result<(), ClientError> {
+    let limits = session.limits();
+    let frame = proto::encoded_len(commit) - proto::HEADER_LEN;
+    // Our own encoder records the uncompressed size in the frame.
+    let raw = zstd::zstd_safe::get_frame_content_size(manifest_bytes)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    if frame > limits.max_frame as usize || raw > limits.max_manifest() as u64 {
+        return Err(session.refused(
+            ErrorKind::Limit,
+            format!(
+                "the manifest of {name} is too large for this server ({} bytes stored, {raw} \
+                 uncompressed; it takes frames of {} bytes and manifests of up to {} bytes \
+                 uncompressed): raise limits.max_frame_bytes in the server's config, or \
+                 stash the data under several names",
+                manifest_bytes.len(),
+                limits.max_frame,
+                limits.max_manifest()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// One attempt on one connection. `skip`: chunks already uploaded on it.
 #[allow(clippy::too_many_arguments)]
 async fn push_once(
@@ -401,6 +428,11 @@ async fn push_once(
             ),
         ));
     }
+    let commit = Message::Commit {
+        name: name.to_string(),
+        manifest: manifest_bytes.to_vec(),
+    };
+    commit_fits(session, name, &commit, manifest_bytes)?;
     // The server re-checks every chunk at the commit; if its garbage
     // collector condemned one it had said it held, ask again and upload it.
     let mut round = 0;
@@ -430,13 +462,7 @@ async fn push_once(
         .await?;
 
         // Commit, last.
-        match session
-            .request(&Message::Commit {
-                name: name.to_string(),
-                manifest: manifest_bytes.to_vec(),
-            })
-            .await
-        {
+        match session.request(&commit).await {
             Ok(Message::CommitReply { id: got }) if got == id => return Ok(()),
             Ok(other) => {
                 return Err(session.protocol(format!("unexpected answer to a commit: {other:?}")))

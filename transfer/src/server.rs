@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use store::backend::Kind;
 use store::gc::{GcOptions, GcReport};
 use store::import::{verify_all, Importer, VerifiedChunk};
-use store::manifest::Manifest;
+use store::manifest::{Manifest, ManifestError};
 use store::name::Name;
 use store::refs::RefError;
 use store::repo::{Store, StoreError};
@@ -985,6 +985,15 @@ fn token_label(session: &Mutex<ServerSession>) -> String {
         .unwrap_or_default()
 }
 
+/// What the session's token may read and write (nothing before its hello).
+fn token_scopes(session: &Mutex<ServerSession>) -> Scopes {
+    session
+        .lock()
+        .ok()
+        .and_then(|s| s.grant().map(|g| g.scopes.clone()))
+        .unwrap_or_default()
+}
+
 /// What a checked request leads to.
 enum Step {
     /// Send this reply (and cut the peer off if fatal).
@@ -1113,7 +1122,20 @@ async fn execute(
         Action::Commit { name, manifest } => {
             let n = name.clone();
             let uploads = uploads.clone();
-            let committed = blocking(move || uploads.commit(&store, &n, &manifest));
+            let max_encoded = shared.limits.proto().max_manifest();
+            let committed = blocking(move || {
+                // Bounded first: a few KiB of zstd can expand to the 1 GiB
+                // a local store accepts. Once committed, every later read
+                // of it (lists, downloads, collections) is bounded too.
+                Manifest::decode_within(&manifest, max_encoded).map_err(|problem| {
+                    StoreError::Manifest {
+                        name: n.to_string(),
+                        id: ManifestId::of(&manifest),
+                        problem,
+                    }
+                })?;
+                uploads.commit(&store, &n, &manifest)
+            });
             match committed.await {
                 Ok(id) => {
                     metrics.commits.fetch_add(1, Relaxed);
@@ -1128,6 +1150,16 @@ async fn execute(
                     ),
                 ),
                 Err(StoreError::Manifest {
+                    problem: source @ ManifestError::TooLarge { .. },
+                    ..
+                }) => Message::error(
+                    ErrorKind::Limit,
+                    format!(
+                        "commit of {name} refused: {source} (this server takes manifests of \
+                         up to four times limits.max_frame_bytes)"
+                    ),
+                ),
+                Err(StoreError::Manifest {
                     problem: source, ..
                 }) => Message::error(
                     ErrorKind::Corrupt,
@@ -1138,18 +1170,9 @@ async fn execute(
         }
         Action::GetManifest { name, have } => {
             let n = name.clone();
-            let scopes = session
-                .lock()
-                .ok()
-                .and_then(|s| s.grant().map(|g| g.scopes.clone()))
-                .unwrap_or_default();
+            let scopes = token_scopes(session);
             match blocking(move || {
-                let (id, bytes) = store.manifest_bytes(&n)?;
-                let m = Manifest::decode(&bytes).map_err(|source| StoreError::Manifest {
-                    name: n.to_string(),
-                    id,
-                    problem: source,
-                })?;
+                let (id, m, bytes) = store.manifest_and_bytes(&n)?;
                 Ok((manifest_reply(&store, id, bytes, &have, &scopes), m))
             })
             .await
@@ -1201,12 +1224,17 @@ async fn execute(
         }
         Action::List { prefix } => {
             let p = prefix.clone();
-            match blocking(move || store.list(if p.is_empty() { None } else { Some(&p) })).await {
+            let scopes = token_scopes(session);
+            // Filtered before any manifest is read: a token that reads
+            // little costs the server little, however large the store.
+            let listed = blocking(move || {
+                let prefix = if p.is_empty() { None } else { Some(p.as_str()) };
+                store.list_where(prefix, |n| scopes.can_read(n))
+            });
+            match listed.await {
                 Ok(entries) => {
-                    let s = session.lock();
                     let entries = entries
                         .into_iter()
-                        .filter(|e| s.as_ref().is_ok_and(|s| s.readable(&e.name)))
                         .map(|e| ListEntry {
                             name: e.name,
                             manifest: e.manifest,

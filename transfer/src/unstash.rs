@@ -957,7 +957,9 @@ mod tests {
             },
             meta: Vec::new(),
             content,
-            layout: vec![(store::tarsplit::Part::Content, size)],
+            layout: [(store::tarsplit::Part::Content, size)]
+                .into_iter()
+                .collect(),
         }
     }
 

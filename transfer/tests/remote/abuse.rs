@@ -1137,6 +1137,87 @@ async fn mismatched_uploads_and_commits_of_missing_chunks_change_nothing() {
     server.stop().await;
 }
 
+/// Manifests larger than the server takes. A forged one that a few KiB of
+/// zstd expand past four frames is refused at the commit as a limit
+/// (whether or not its frame declares its size), before the server expands
+/// it; and a client whose stash's manifest is too large is told before it
+/// uploads anything, with the limit to raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_larger_than_the_server_takes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = abuse_config(dir.path());
+    let max_frame = proto::MIN_FRAME + 4096;
+    cfg.limits.max_frame_bytes = max_frame;
+    cfg.limits.max_batch_ids = 64;
+    let (server, before) = seeded(dir.path(), cfg).await;
+    let remote = server.remote(MAIN);
+    let max = proto::Limits {
+        max_frame,
+        ..Default::default()
+    }
+    .max_manifest();
+
+    let mut raw = b"FERRYMF1".to_vec();
+    raw.resize(max + 1, 0);
+    let declared = zstd::bulk::compress(&raw, 1).unwrap();
+    let mut undeclared = Vec::new();
+    let mut enc = zstd::stream::write::Encoder::new(&mut undeclared, 1).unwrap();
+    enc.include_contentsize(false).unwrap();
+    std::io::Write::write_all(&mut enc, &raw).unwrap();
+    enc.finish().unwrap();
+    assert!(declared.len() < 64 << 10 && undeclared.len() < 64 << 10);
+    let s = Session::connect(&remote, &opts()).await.unwrap();
+    let commit = |manifest: &Vec<u8>| Message::Commit {
+        name: "main/bomb".into(),
+        manifest: manifest.clone(),
+    };
+    let e = s.request(&commit(&declared)).await.unwrap_err();
+    assert_eq!(refused(&e), ErrorKind::Limit, "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "the manifest is {} bytes uncompressed, more than the {max} accepted here",
+            max + 1
+        )) && e.to_string().contains("four times limits.max_frame_bytes"),
+        "{e}"
+    );
+    let e = s.request(&commit(&undeclared)).await.unwrap_err();
+    assert_eq!(refused(&e), ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.to_string().contains(&format!("at most {max} bytes")),
+        "{e}"
+    );
+    s.close().await;
+
+    // A real stash: one chunk of one byte, named often enough that the
+    // manifest (which compresses to almost nothing) is too large.
+    let c = client_store(dir.path(), "big");
+    stash_bytes(&c, "main/one", b"x").await;
+    let (_, one) = c.manifest(&name("main/one")).unwrap();
+    let n = max / 36 + 1;
+    let mut big = one.clone();
+    big.header.size = n as u64;
+    big.content = vec![one.content[0]; n];
+    big.layout = [(store::tarsplit::Part::Content, n as u64)]
+        .into_iter()
+        .collect();
+    c.commit_manifest(&name("main/big"), &big.encode()).unwrap();
+    let e = push(c.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap_err();
+    assert_eq!(refused(&e), ErrorKind::Limit, "{e}");
+    assert!(
+        e.to_string().contains("too large for this server")
+            && e.to_string().contains("raise limits.max_frame_bytes"),
+        "{e}"
+    );
+
+    before
+        .assert_unchanged(&server.store_dir, "too-large manifests")
+        .await;
+    still_serves(&server, dir.path(), "large-manifests").await;
+    server.stop().await;
+}
+
 /// Names with `..`, absolute paths, NUL, backslashes or 10 000 characters
 /// are refused in every request that takes a name, without ending the
 /// session; as listing prefixes they match nothing. No file appears
