@@ -56,6 +56,10 @@ pub const MIN_FRAME: u32 = MAX_CHUNK + (1 << 16);
 pub const DEFAULT_MAX_FRAME: u32 = 32 << 20;
 /// Default number of ids in one `Missing` or `GetChunks` request.
 pub const DEFAULT_BATCH_IDS: u32 = 16384;
+/// Most distinct chunk ids whose manifests one connection may have fetched
+/// (a hash set of 32-byte ids: under 300 MB of server memory; 4 Mi chunks
+/// are some 350 GB of stashes).
+pub const MAX_READABLE_IDS: usize = 1 << 22;
 /// Longest token accepted.
 pub const MAX_TOKEN_LEN: usize = 4096;
 /// Most manifests a client offers as delta bases.
@@ -1493,6 +1497,9 @@ pub struct ServerSession {
     /// by asking for their ids (one that may write can still commit a
     /// manifest naming them: docs/SECURITY.md, "Known gaps").
     readable: HashSet<ChunkId>,
+    /// At most this many ids in `readable` ([`MAX_READABLE_IDS`]; tests
+    /// lower it).
+    max_readable: usize,
 }
 
 impl ServerSession {
@@ -1502,6 +1509,7 @@ impl ServerSession {
             state: State::AwaitHello,
             limits,
             readable: HashSet::new(),
+            max_readable: MAX_READABLE_IDS,
         }
     }
 
@@ -1733,9 +1741,31 @@ impl ServerSession {
         matches!(self.state, State::Closed)
     }
 
-    /// Records that `manifest` was sent: its chunks may now be downloaded.
-    pub fn manifest_served(&mut self, manifest: &Manifest) {
-        self.readable.extend(manifest.chunks().map(|c| c.id));
+    /// Records that `manifest` is being sent: its chunks may now be
+    /// downloaded. Refused (and nothing recorded) when this session would
+    /// then hold more than [`MAX_READABLE_IDS`] chunk ids: what one
+    /// connection may have fetched is bounded, not the whole store.
+    pub fn manifest_served(&mut self, manifest: &Manifest) -> Result<(), Reject> {
+        let new: HashSet<ChunkId> = manifest
+            .chunks()
+            .map(|c| c.id)
+            .filter(|id| !self.readable.contains(id))
+            .collect();
+        if self.readable.len() + new.len() > self.max_readable {
+            return Err(Reject::refuse(
+                ErrorKind::Limit,
+                format!(
+                    "this connection has fetched manifests of {} chunks; {} more would pass \
+                     the {} one connection may download: fetch this stash on a new \
+                     connection",
+                    self.readable.len(),
+                    new.len(),
+                    self.max_readable
+                ),
+            ));
+        }
+        self.readable.extend(new);
+        Ok(())
     }
 
     /// Whether the token may see `name` in a listing.

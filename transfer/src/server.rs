@@ -1178,10 +1178,11 @@ async fn execute(
             .await
             {
                 Ok((reply, m)) => {
-                    if let Ok(mut s) = session.lock() {
-                        s.manifest_served(&m);
+                    let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+                    match s.manifest_served(&m) {
+                        Ok(()) => reply,
+                        Err(r) => Message::error(r.kind, r.message),
                     }
-                    reply
                 }
                 Err(StoreError::Ref(RefError::NotFound(_))) => Message::error(
                     ErrorKind::NotFound,
@@ -1200,7 +1201,10 @@ async fn execute(
                 // index points at: look again once with a fresh index.
                 let batch = match read() {
                     Ok(batch) => batch,
-                    Err(_) => {
+                    Err(first) => {
+                        // Logged: should the retry fail too, or the
+                        // refresh, this is the error that says why.
+                        warn!(error = %first, "reading chunks failed; reading the index again");
                         store.refresh()?;
                         read()?
                     }

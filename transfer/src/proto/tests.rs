@@ -359,6 +359,61 @@ fn session_requires_a_known_token_first() {
     );
 }
 
+/// A manifest of one-byte chunks with these ids.
+fn manifest_of(ids: &[u8]) -> Manifest {
+    Manifest {
+        header: store::manifest::Header {
+            kind: store::manifest::StashKind::Stream,
+            size: ids.len() as u64,
+            sha256: "00".repeat(32),
+            source: None,
+            image: None,
+        },
+        meta: vec![],
+        content: ids
+            .iter()
+            .map(|&n| store::manifest::ChunkRef { id: id(n), len: 1 })
+            .collect(),
+        layout: [(store::tarsplit::Part::Content, ids.len() as u64)]
+            .into_iter()
+            .collect(),
+    }
+}
+
+#[test]
+fn one_connection_may_fetch_the_manifests_of_a_bounded_number_of_chunks() {
+    let t = table();
+    let mut s = ServerSession::new(Limits::default());
+    s.on_hello(hello("pr1"), &t).unwrap();
+    s.max_readable = 3;
+    s.manifest_served(&manifest_of(&[1, 2])).unwrap();
+    assert!(matches!(
+        s.on_request(Message::GetChunks {
+            ids: vec![id(1), id(2)]
+        }),
+        Ok(Action::GetChunks { .. })
+    ));
+    // Chunks it may already read do not count twice.
+    s.manifest_served(&manifest_of(&[2, 3, 3])).unwrap();
+    let r = s.manifest_served(&manifest_of(&[3, 4])).unwrap_err();
+    assert_eq!((r.kind, r.fatal), (ErrorKind::Limit, false), "{r:?}");
+    assert!(
+        r.message
+            .contains("fetched manifests of 3 chunks; 1 more would pass the 3"),
+        "{}",
+        r.message
+    );
+    // Nothing of the refused manifest became readable.
+    let r = s
+        .on_request(Message::GetChunks { ids: vec![id(4)] })
+        .unwrap_err();
+    assert_eq!(r.kind, ErrorKind::Forbidden);
+    assert!(matches!(
+        s.on_request(Message::GetChunks { ids: vec![id(3)] }),
+        Ok(Action::GetChunks { .. })
+    ));
+}
+
 #[test]
 fn session_enforces_scopes() {
     let t = table();
