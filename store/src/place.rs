@@ -182,8 +182,9 @@ pub fn placeable(path: &Path) -> bool {
 /// A file being restored by offset: see the [module docs](self).
 ///
 /// One writer thread writes the chunks, as they are placed, where they go:
-/// whoever places a chunk goes on at once (a downloader to its next
-/// request), and writes into the file do not contend for its inode lock.
+/// whoever places a chunk goes on (a downloader to its next request) unless
+/// the writer's bounded queue is full, which then holds it back at the
+/// disk's pace; and writes into the file do not contend for its inode lock.
 /// Dropped before [`finish`](Self::finish), it removes its temporary file
 /// and the target is untouched.
 pub struct PlacedFile {
