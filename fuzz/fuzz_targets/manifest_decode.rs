@@ -1,5 +1,6 @@
-//! store::manifest::Manifest::decode on untrusted stored bytes (and the
-//! placement of a decoded manifest's chunks), and
+//! store::manifest::Manifest::decode on untrusted stored bytes (and
+//! decode_header, decode_within, the placement of a decoded manifest's
+//! chunks), and
 //! transfer::delta::apply on an untrusted delta.
 //!
 //! Mode byte: 0 = the bytes as stored (a zstd frame); 1 = the bytes are the
@@ -16,9 +17,19 @@ use store::manifest::Manifest;
 use store::ManifestId;
 
 fn check(stored: &[u8]) {
+    // What a listing reads: never a panic, and the full decode's header
+    // when that succeeds.
+    let header = Manifest::decode_header(stored);
     let Ok(m) = Manifest::decode(stored) else {
         return;
     };
+    assert_eq!(header.as_ref(), Ok(&m.header), "the header alone decodes otherwise");
+    // A bound at its exact size takes it, one byte less does not.
+    let size = zstd::bulk::decompress(stored, store::manifest::MAX_ENCODED)
+        .expect("it decoded")
+        .len();
+    assert_eq!(Manifest::decode_within(stored, size).as_ref(), Ok(&m));
+    assert!(Manifest::decode_within(stored, size - 1).is_err());
     // The totals were checked: the recipe describes `size` bytes.
     let total: u64 = m.layout.iter().map(|(_, n)| n).sum();
     assert!(m.layout.iter().all(|(_, n)| n > 0), "an empty run decoded");
