@@ -204,6 +204,8 @@ impl Manifest {
                 *total += u64::from(len); // at most 2^32 chunks of 2^24 bytes
             }
         }
+        // What the streams hold, for the header's size below.
+        let sizes = totals;
         let runs = r.count(1)? as u64;
         let first = if runs > 0 {
             match r.take(1)?[0] {
@@ -236,15 +238,23 @@ impl Manifest {
         if !r.bytes.is_empty() {
             return Err(bad("trailing bytes"));
         }
+        // The runs used up what they could (checked above); they must
+        // also use up all of it, and the streams make the stashed size.
+        if totals != [0, 0] {
+            return Err(bad(
+                "layout and chunk lists disagree on the stream's length",
+            ));
+        }
+        if sizes[0].checked_add(sizes[1]) != Some(header.size) {
+            return Err(bad("size does not match the recipe"));
+        }
         let [meta, content] = lists;
-        let m = Manifest {
+        Ok(Manifest {
             header,
             meta,
             content,
             layout,
-        };
-        m.check_totals()?;
-        Ok(m)
+        })
     }
 
     /// Decodes only the header of stored bytes (untrusted): what a listing
@@ -262,6 +272,9 @@ impl Manifest {
             ));
         }
         let header_len = u32::from_le_bytes(start[8..].try_into().expect("4 bytes"));
+        if header_len as usize > MAX_ENCODED {
+            return Err(bad("a header longer than any manifest may be"));
+        }
         // Grows as bytes arrive: a forged length reserves nothing.
         let mut header = Vec::new();
         d.take(u64::from(header_len))
@@ -271,30 +284,6 @@ impl Manifest {
             return Err(bad("truncated"));
         }
         serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))
-    }
-
-    /// The layout and the chunk lists must describe the same bytes.
-    fn check_totals(&self) -> Result<(), ManifestError> {
-        let sum = |l: &[ChunkRef]| l.iter().map(|c| c.len as u64).sum::<u64>();
-        let run_sum = |p: Part| {
-            self.layout
-                .iter()
-                .filter(|(q, _)| *q == p)
-                .try_fold(0u64, |a, (_, n)| a.checked_add(n))
-        };
-        let (meta, content) = (run_sum(Part::Meta), run_sum(Part::Content));
-        let (Some(meta), Some(content)) = (meta, content) else {
-            return Err(bad("layout lengths overflow"));
-        };
-        if meta != sum(&self.meta) || content != sum(&self.content) {
-            return Err(bad(
-                "layout and chunk lists disagree on the stream's length",
-            ));
-        }
-        if meta.checked_add(content) != Some(self.header.size) {
-            return Err(bad("size does not match the recipe"));
-        }
-        Ok(())
     }
 
     /// Every chunk the manifest names, both streams.
@@ -465,11 +454,17 @@ mod tests {
         assert!(Manifest::decode(&damaged).is_err());
         assert_eq!(Manifest::decode_header(&damaged).unwrap(), m.header);
         // A header length past the end is refused, not reserved.
-        let mut forged = MAGIC.to_vec();
-        forged.extend_from_slice(&u32::MAX.to_le_bytes());
-        forged.extend_from_slice(b"{}");
-        let e = Manifest::decode_header(&zstd::bulk::compress(&forged, 1).unwrap());
-        assert_eq!(e, Err(bad("truncated")));
+        let forged = |len: u32| {
+            let mut raw = MAGIC.to_vec();
+            raw.extend_from_slice(&len.to_le_bytes());
+            raw.extend_from_slice(b"{}");
+            Manifest::decode_header(&zstd::bulk::compress(&raw, 1).unwrap())
+        };
+        assert_eq!(forged(1 << 20), Err(bad("truncated")));
+        assert_eq!(
+            forged(u32::MAX),
+            Err(bad("a header longer than any manifest may be"))
+        );
         assert!(Manifest::decode_header(b"not zstd").is_err());
     }
 

@@ -326,13 +326,9 @@ async fn push_after(
         }
         None => Early::default(),
     };
-    let (id, manifest_bytes, manifest) = {
+    let (id, manifest, manifest_bytes) = {
         let (s, n) = (store.clone(), name.clone());
-        blocking(move || {
-            let (id, m, bytes) = s.manifest_and_bytes(&n)?;
-            Ok((id, bytes, m))
-        })
-        .await?
+        blocking(move || s.manifest_and_bytes(&n)).await?
     };
     let refs = Arc::new(distinct(&manifest));
     let manifest_bytes = Arc::new(manifest_bytes);

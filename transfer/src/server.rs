@@ -18,7 +18,7 @@
 //! the config) and on demand (`ferry gc --remote`, admin tokens), one
 //! collection at a time, on a blocking thread: it never blocks serving.
 
-use crate::auth::{AuthThrottle, Scopes, TokenTable};
+use crate::auth::{AuthThrottle, Grant, Scopes, TokenTable};
 use crate::config::{ConfigError, LimitsConfig, ServerConfig};
 use crate::metrics::{self, GcTrigger, Metrics};
 use crate::proto::{self, Action, ErrorKind, GcRequest, ListEntry, Message, Reject, ServerSession};
@@ -976,22 +976,23 @@ async fn handle_stream(
     }
 }
 
-/// The label of the session's token (for logs).
-fn token_label(session: &Mutex<ServerSession>) -> String {
+/// Something of the session's grant (the default before its hello).
+fn from_grant<T: Default>(session: &Mutex<ServerSession>, get: impl Fn(&Grant) -> T) -> T {
     session
         .lock()
         .ok()
-        .and_then(|s| s.grant().map(|g| g.label.clone()))
+        .and_then(|s| s.grant().map(get))
         .unwrap_or_default()
+}
+
+/// The label of the session's token (for logs).
+fn token_label(session: &Mutex<ServerSession>) -> String {
+    from_grant(session, |g| g.label.clone())
 }
 
 /// What the session's token may read and write (nothing before its hello).
 fn token_scopes(session: &Mutex<ServerSession>) -> Scopes {
-    session
-        .lock()
-        .ok()
-        .and_then(|s| s.grant().map(|g| g.scopes.clone()))
-        .unwrap_or_default()
+    from_grant(session, |g| g.scopes.clone())
 }
 
 /// What a checked request leads to.
