@@ -427,17 +427,26 @@ impl tracing::Subscriber for Capture {
 
 // ------------------------------------------------------------------ tests
 
+/// A frame limit just above the least a server with batches of 64 ids
+/// accepts (16 MiB + 64 KiB + 36 × 64 bytes).
+const SMALL_FRAME: u32 = proto::MIN_FRAME + 4096;
+
+/// [`abuse_config`] with frames of [`SMALL_FRAME`] bytes.
+fn small_frames(dir: &Path) -> ServerConfig {
+    let mut cfg = abuse_config(dir);
+    cfg.limits.max_frame_bytes = SMALL_FRAME;
+    cfg.limits.max_batch_ids = 64;
+    cfg
+}
+
 /// Frames larger than the limit — before authentication (64 KiB) and
 /// after (`max_frame_bytes`) — are refused from their header, before the
 /// server buffers their bytes; a frame that ends early is a protocol error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frames_are_refused_from_their_header() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = abuse_config(dir.path());
-    let max_frame = proto::MIN_FRAME + 4096;
-    cfg.limits.max_frame_bytes = max_frame;
-    cfg.limits.max_batch_ids = 64;
-    let (server, before) = seeded(dir.path(), cfg).await;
+    let (server, before) = seeded(dir.path(), small_frames(dir.path())).await;
+    let max_frame = SMALL_FRAME;
     let o = PeerOpts::default();
 
     // Before hello: the limit is 64 KiB.
@@ -1145,11 +1154,8 @@ async fn mismatched_uploads_and_commits_of_missing_chunks_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_larger_than_the_server_takes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = abuse_config(dir.path());
-    let max_frame = proto::MIN_FRAME + 4096;
-    cfg.limits.max_frame_bytes = max_frame;
-    cfg.limits.max_batch_ids = 64;
-    let (server, before) = seeded(dir.path(), cfg).await;
+    let (server, before) = seeded(dir.path(), small_frames(dir.path())).await;
+    let max_frame = SMALL_FRAME;
     let remote = server.remote(MAIN);
     let max = proto::Limits {
         max_frame,
