@@ -48,6 +48,11 @@ complete example). Relative paths in it are relative to the file. Keys:
   write = [\"pr\"]                   name prefixes it may write
   admin = false                    true: may run `ferry gc --remote` (which can
                                    remove any name); for operators only
+  max_connections = 64             at most this many connections with this
+                                   token at once, more are refused as busy
+                                   (clients retry): keeps one trust level's
+                                   jobs from taking every slot (absent: only
+                                   limits.max_connections)
 
   [gc]                             scheduled retention and garbage collection
   interval = \"1h\"                  how often (>= 1s); absent: never on a
@@ -168,4 +173,47 @@ fn new_token(path: &std::path::Path, out: &Output) -> anyhow::Result<()> {
             r.file, r.sha256
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LONG_ABOUT;
+
+    /// Every key the example config sets (its commented-out `[gc]` too) is
+    /// explained in `ferry serve --help` and in docs/remote.md's table, so
+    /// that a new key cannot land documented in one place only.
+    #[test]
+    fn every_key_of_the_example_config_is_documented() {
+        let example = include_str!("../../docs/ferry-server.example.toml");
+        let docs = include_str!("../../docs/remote.md");
+        let mut header = String::new();
+        let mut keys = Vec::new();
+        for line in example.lines() {
+            // "#key = …" and "#[gc]" are settings commented out; "# …" is prose.
+            let line = match line.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => {
+                    rest
+                }
+                _ => line,
+            };
+            if line.starts_with('[') {
+                header = line.trim().to_string();
+            } else if let Some((key, _)) = line.split_once('=').filter(|_| !line.starts_with('#')) {
+                keys.push((header.clone(), key.trim().to_string()));
+            }
+        }
+        assert!(keys.len() > 20, "too few keys found: {keys:?}");
+        for (header, key) in keys {
+            assert!(
+                LONG_ABOUT.contains(&format!("\n  {key} = ")),
+                "{header} {key} is not in `ferry serve --help`"
+            );
+            let row = if header.is_empty() {
+                format!("| `{key}` |")
+            } else {
+                format!("| `{header} {key}` |")
+            };
+            assert!(docs.contains(&row), "{row} is not in docs/remote.md");
+        }
+    }
 }

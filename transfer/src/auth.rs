@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::name::Name;
 
@@ -337,6 +337,10 @@ pub struct Grant {
     pub label: String,
     /// Its scopes.
     pub scopes: Scopes,
+    /// At most this many connections may hold this token at once
+    /// (`max_connections` in its `[[token]]` entry); `None`: only the
+    /// server's own limit.
+    pub max_connections: Option<u32>,
 }
 
 /// The tokens a server accepts, kept hashed.
@@ -351,9 +355,27 @@ impl TokenTable {
         TokenTable {
             entries: entries
                 .into_iter()
-                .map(|(label, hash, scopes)| (hash, Grant { label, scopes }))
+                .map(|(label, hash, scopes)| {
+                    let grant = Grant {
+                        label,
+                        scopes,
+                        max_connections: None,
+                    };
+                    (hash, grant)
+                })
                 .collect(),
         }
+    }
+
+    /// The same table, with at most `max` connections at once for the
+    /// token labelled `label` (see [`TokenConnections`]).
+    pub fn limit_connections(mut self, label: &str, max: u32) -> TokenTable {
+        for (_, grant) in &mut self.entries {
+            if grant.label == label {
+                grant.max_connections = Some(max);
+            }
+        }
+        self
     }
 
     /// The grant of `token`, if it is known. Every entry is compared, in
@@ -377,6 +399,60 @@ impl TokenTable {
     /// Whether no token is configured.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// Connections held per token, so that one token's holders (say, every
+/// pull-request build) cannot take all of the server's connection slots
+/// and lock the others (the branch builds) out.
+///
+/// Counted by label, which the config keeps unique. Sans-IO: the server
+/// takes a [`TokenConnection`] after the hello and holds it while the
+/// connection lives.
+#[derive(Debug, Default)]
+pub struct TokenConnections {
+    held: Mutex<HashMap<String, u32>>,
+}
+
+impl TokenConnections {
+    /// Takes one of `grant`'s connections, or returns `None` if its
+    /// holders already have all it may have (`grant.max_connections`).
+    pub fn take(self: &Arc<Self>, grant: &Grant) -> Option<TokenConnection> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(grant.label.clone()).or_insert(0);
+        if grant.max_connections.is_some_and(|max| *n >= max) {
+            return None;
+        }
+        *n += 1;
+        Some(TokenConnection {
+            owner: self.clone(),
+            label: grant.label.clone(),
+        })
+    }
+
+    /// How many connections hold the token labelled `label` now.
+    pub fn held(&self, label: &str) -> u32 {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(label).copied().unwrap_or(0)
+    }
+}
+
+/// One connection's hold on its token; given back when dropped.
+#[derive(Debug)]
+pub struct TokenConnection {
+    owner: Arc<TokenConnections>,
+    label: String,
+}
+
+impl Drop for TokenConnection {
+    fn drop(&mut self) {
+        let mut held = self.owner.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.label) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.label);
+            }
+        }
     }
 }
 
@@ -583,6 +659,39 @@ mod tests {
         assert!(TokenHash::from_hex(&hex[1..]).is_err());
         assert!(TokenHash::from_hex(&format!("{}g", &hex[1..])).is_err());
         assert!(!format!("{a:?}").contains("alpha"));
+    }
+
+    #[test]
+    fn a_token_with_a_connection_limit_holds_at_most_that_many() {
+        let pr = Token::new("pr-token").unwrap();
+        let main = Token::new("main-token").unwrap();
+        let table = TokenTable::new(vec![
+            ("pr".into(), pr.hash(), Scopes::default()),
+            ("main".into(), main.hash(), Scopes::default()),
+        ])
+        .limit_connections("pr", 2);
+        let pr = table.authenticate("pr-token").unwrap();
+        let main = table.authenticate("main-token").unwrap();
+        assert_eq!(pr.max_connections, Some(2));
+        assert_eq!(main.max_connections, None);
+
+        let held = Arc::new(TokenConnections::default());
+        let first = held.take(pr).expect("first of two");
+        let second = held.take(pr).expect("second of two");
+        assert!(held.take(pr).is_none(), "a third one got in");
+        assert_eq!(held.held("pr"), 2);
+        // Another token is not affected, and has no limit of its own.
+        let mains: Vec<_> = (0..10).map(|_| held.take(main).unwrap()).collect();
+        assert_eq!(held.held("main"), 10);
+        // A connection that ends gives its hold back.
+        drop(first);
+        assert_eq!(held.held("pr"), 1);
+        let third = held.take(pr).expect("a freed hold is taken again");
+        assert!(held.take(pr).is_none());
+        drop((second, third, mains));
+        assert_eq!(held.held("pr"), 0);
+        assert_eq!(held.held("main"), 0);
+        assert!(held.held.lock().unwrap().is_empty(), "labels linger");
     }
 
     #[test]

@@ -200,6 +200,12 @@ pub struct TokenConfig {
     /// name, whatever `read` and `write` say).
     #[serde(default)]
     pub admin: bool,
+    /// At most this many connections with this token at once; more are
+    /// refused as busy (clients retry). Keeps one class of jobs (every
+    /// pull-request build) from taking all `limits.max_connections`.
+    /// Absent: only the server's limit.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
 }
 
 /// A duration in a config file: `"90s"`, `"15m"`, `"12h"`, `"7d"`, `"2w"`,
@@ -406,12 +412,37 @@ impl ServerConfig {
 
     /// The tokens as a lookup table.
     pub fn token_table(&self) -> Result<TokenTable, ConfigError> {
+        let bad = |key, problem: String| Err(ConfigError::Value { key, problem });
         let mut entries = Vec::new();
-        for t in &self.tokens {
+        let mut limits = Vec::new();
+        for (i, t) in self.tokens.iter().enumerate() {
             let err = |problem| ConfigError::Token {
                 label: t.name.clone(),
                 problem,
             };
+            // Logs, metrics and per-token connection limits go by the label.
+            if self.tokens[..i].iter().any(|u| u.name == t.name) {
+                return bad(
+                    "token.name",
+                    format!(
+                        "{:?} names two [[token]] entries; give each its own",
+                        t.name
+                    ),
+                );
+            }
+            match t.max_connections {
+                Some(0) => {
+                    return bad(
+                        "token.max_connections",
+                        format!(
+                            "token {:?}: must be at least 1 (leave it out for no limit of its own)",
+                            t.name
+                        ),
+                    )
+                }
+                Some(max) => limits.push((t.name.as_str(), max)),
+                None => {}
+            }
             let hash = TokenHash::from_hex(&t.sha256).map_err(err)?;
             let read: Vec<&str> = t.read.iter().map(String::as_str).collect();
             let write: Vec<&str> = t.write.iter().map(String::as_str).collect();
@@ -420,7 +451,11 @@ impl ServerConfig {
                 .with_admin(t.admin);
             entries.push((t.name.clone(), hash, scopes));
         }
-        Ok(TokenTable::new(entries))
+        Ok(limits
+            .into_iter()
+            .fold(TokenTable::new(entries), |table, (label, max)| {
+                table.limit_connections(label, max)
+            }))
     }
 }
 
@@ -462,7 +497,7 @@ mod tests {
         let text = format!(
             "listen = \"127.0.0.1:1\"\nstore = \"s\"\ncert = \"c\"\nkey = \"k\"\n\
              [[token]]\nname = \"ops\"\nsha256 = \"{}\"\nadmin = true\n\
-             [[token]]\nname = \"ci\"\nsha256 = \"{}\"\nread = [\"*\"]\n\
+             [[token]]\nname = \"ci\"\nsha256 = \"{}\"\nread = [\"*\"]\nmax_connections = 64\n\
              [gc]\ninterval = \"1h\"\ngrace = 30\nrepack_below = 0.25\n\
              [[gc.retention]]\nprefix = \"pr\"\nmax_age = \"3d\"\n\
              [[gc.retention]]\nprefix = \"main\"\nkeep_last = 10\n",
@@ -488,6 +523,9 @@ mod tests {
         let admin = |t: &str| table.authenticate(t).map(|g| g.scopes.admin);
         assert_eq!(admin("ops-secret"), Some(true));
         assert_eq!(admin("ci-secret"), Some(false));
+        let max = |t: &str| table.authenticate(t).map(|g| g.max_connections);
+        assert_eq!(max("ops-secret"), Some(None));
+        assert_eq!(max("ci-secret"), Some(Some(64)));
         // No [gc]: nothing scheduled, the defaults of `ferry gc`.
         let cfg = ServerConfig::parse(
             "listen = \"127.0.0.1:1\"\nstore = \"s\"\ncert = \"c\"\nkey = \"k\"\n",
@@ -543,6 +581,22 @@ mod tests {
             (
                 format!("{base}[limits]\nmax_auth_failures = 1000000\n"),
                 "max_auth_failures",
+            ),
+            (
+                format!(
+                    "{base}[[token]]\nname = \"ci\"\nsha256 = \"{}\"\nmax_connections = 0\n",
+                    "a".repeat(64)
+                ),
+                "token.max_connections: token \"ci\": must be at least 1",
+            ),
+            (
+                format!(
+                    "{base}[[token]]\nname = \"ci\"\nsha256 = \"{}\"\n\
+                     [[token]]\nname = \"ci\"\nsha256 = \"{}\"\n",
+                    "a".repeat(64),
+                    "b".repeat(64)
+                ),
+                "\"ci\" names two [[token]] entries",
             ),
             (format!("{base}[gc]\ninterval = \"0s\"\n"), "gc.interval"),
             (format!("{base}[gc]\ninterval = \"soon\"\n"), "soon"),

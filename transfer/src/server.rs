@@ -18,7 +18,7 @@
 //! the config) and on demand (`ferry gc --remote`, admin tokens), one
 //! collection at a time, on a blocking thread: it never blocks serving.
 
-use crate::auth::{AuthThrottle, Grant, Scopes, TokenTable};
+use crate::auth::{AuthThrottle, Grant, Scopes, TokenConnections, TokenTable};
 use crate::config::{ConfigError, LimitsConfig, ServerConfig};
 use crate::metrics::{self, GcTrigger, Metrics};
 use crate::proto::{self, Action, ErrorKind, GcRequest, ListEntry, Message, Reject, ServerSession};
@@ -122,6 +122,8 @@ struct Shared {
     limits: LimitsConfig,
     metrics: Arc<Metrics>,
     connections: AtomicU32,
+    /// Connections per token, for tokens with a limit of their own.
+    token_connections: Arc<TokenConnections>,
     /// Failed authentications by address.
     throttle: AuthThrottle,
     /// At most one collection at a time, whoever starts it.
@@ -391,6 +393,7 @@ impl Server {
                 limits: cfg.limits.clone(),
                 metrics: Arc::new(Metrics::default()),
                 connections: AtomicU32::new(0),
+                token_connections: Arc::default(),
                 throttle: AuthThrottle::new(
                     cfg.limits.max_auth_failures,
                     cfg.limits.auth_failure_window(),
@@ -597,6 +600,20 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// The refusal of a connection past its token's own limit.
+fn token_busy(grant: &Grant) -> Reject {
+    Reject {
+        kind: ErrorKind::Busy,
+        message: format!(
+            "token {:?} is at its limit of {} connections at once (max_connections in \
+             its [[token]] entry); try again later",
+            grant.label,
+            grant.max_connections.unwrap_or_default()
+        ),
+        fatal: true,
+    }
+}
+
 async fn handle_incoming(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
@@ -681,7 +698,16 @@ async fn handle_incoming(
     };
     shared.metrics.bytes_in.fetch_add(n as u64, Relaxed);
     let mut session = ServerSession::new(limits.proto());
-    match session.on_hello(msg, &shared.tokens) {
+    let mut token_hold = None;
+    let hello = session.on_hello(msg, &shared.tokens).and_then(|welcome| {
+        let grant = session.grant().expect("welcomed sessions have a grant");
+        token_hold = shared.token_connections.take(grant);
+        match token_hold {
+            Some(_) => Ok(welcome),
+            None => Err(token_busy(grant)),
+        }
+    });
+    match hello {
         Ok(welcome) => {
             // Welcomed: the full stream count and window (before the
             // welcome, so that the update travels with it).
@@ -1419,6 +1445,7 @@ mod tests {
             limits: LimitsConfig::default(),
             metrics: Arc::new(Metrics::default()),
             connections: AtomicU32::new(0),
+            token_connections: Arc::default(),
             throttle: AuthThrottle::new(0, Duration::from_secs(60)),
             gc: Arc::new(watch::channel(None).0),
         })

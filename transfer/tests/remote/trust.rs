@@ -1,6 +1,7 @@
 //! Tokens, scopes and certificates.
 
 use crate::util::*;
+use std::sync::atomic::Ordering::Relaxed;
 use transfer::client::{list, pull, push, ClientError, Remote, Session};
 use transfer::proto::{ErrorKind, Message};
 use transfer::tls::Trust;
@@ -318,5 +319,87 @@ async fn removal_is_bounded_by_the_write_scope() {
         unstash_bytes(&node, "main/base").await,
         random_bytes(60, 50_000)
     );
+    server.stop().await;
+}
+
+/// A token with a connection limit of its own (`max_connections` in its
+/// `[[token]]` entry): its holders get that many connections at once and
+/// no more — refused "busy", worth retrying, the message naming the limit —
+/// while another token still gets the server's other slots; a connection
+/// that ends frees its hold, and a client that retries then gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_own_connection_limit_leaves_the_other_slots_to_other_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "127.0.0.1:0".parse().unwrap());
+    cfg.limits.max_connections = 4;
+    let pr_entry = cfg.tokens.iter_mut().find(|t| t.name == "pr-1234");
+    pr_entry.expect("the PR token").max_connections = Some(2);
+    let server = TestServer::start_with(cfg).await;
+    let (pr, main) = (server.remote(PR), server.remote(MAIN));
+    let c = client_store(dir.path(), "c");
+    let data = mixed_bytes(7, 300_000);
+    stash_bytes(&c, "main/base", &data).await;
+    push(c.clone(), &name("main/base"), &main, &opts(), none())
+        .await
+        .unwrap();
+    let open = || server.metrics.connections_open.load(Relaxed);
+    wait_for(5, "the seeding client gone", || open() == 0).await;
+
+    let mut prs = Vec::new();
+    for _ in 0..2 {
+        prs.push(Session::connect(&pr, &opts()).await.unwrap());
+    }
+    let busy_before = server.metrics.errors(ErrorKind::Busy);
+    let e = Session::connect(&pr, &opts()).await.unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("token \"pr-1234\" is at its limit of 2 connections at once"),
+        "{text}"
+    );
+    assert_eq!(refused(e), ErrorKind::Busy);
+    // Counted once the server has cut the peer off, just after its answer.
+    wait_for(5, "the refusal counted", || {
+        server.metrics.errors(ErrorKind::Busy) == busy_before + 1
+    })
+    .await;
+
+    // The main token gets the server's two other slots, and is served.
+    let mut mains = Vec::new();
+    for _ in 0..2 {
+        mains.push(Session::connect(&main, &opts()).await.unwrap());
+    }
+    let list_main = Message::List {
+        prefix: "main".into(),
+    };
+    for s in mains.iter().chain(&prs) {
+        let listing = s.request(&list_main).await.unwrap();
+        assert!(matches!(listing, Message::Listing { .. }), "{listing:?}");
+    }
+    for s in mains {
+        s.close().await;
+    }
+
+    // A PR client that retries waits while both PR connections are held
+    // (with two free server slots), and gets in once one of them ends.
+    let mut patient = opts();
+    patient.retries = 50;
+    let node = client_store(dir.path(), "pr-node");
+    let pull = tokio::spawn({
+        let node = node.clone();
+        async move { pull(node, &name("main/base"), &pr, &patient, none()).await }
+    });
+    wait_for(10, "the waiting PR client refused at least twice", || {
+        server.metrics.errors(ErrorKind::Busy) >= busy_before + 3
+    })
+    .await;
+    assert!(!pull.is_finished(), "a third PR connection got in");
+    prs.pop().unwrap().close().await;
+    pull.await.unwrap().expect("the retrying PR client got in");
+    assert_eq!(unstash_bytes(&node, "main/base").await, data);
+    for s in prs {
+        s.close().await;
+    }
+    wait_for(5, "every slot free", || open() == 0).await;
     server.stop().await;
 }

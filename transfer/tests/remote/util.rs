@@ -40,6 +40,7 @@ pub fn tokens() -> Vec<TokenConfig> {
         read: read.iter().map(|s| s.to_string()).collect(),
         write: write.iter().map(|s| s.to_string()).collect(),
         admin: false,
+        max_connections: None,
     };
     vec![
         t("main", MAIN, &["*"], &["*"]),
