@@ -40,6 +40,10 @@ complete example). Relative paths in it are relative to the file. Keys:
                                    before it is refused whatever token it
                                    brings, until the oldest ages out; 0: off
   auth_failure_window_secs = 60    the window those failures are counted in
+  validate_addresses_above = 32    handshakes in progress above which a new
+                                   peer must first prove its address (a QUIC
+                                   Retry, one more round trip): forged
+                                   sources then cost no state; 0: every peer
 
   [[token]]                        one per CI trust level
   name = \"pr-builds\"               label for logs (never the secret)

@@ -74,6 +74,11 @@ pub struct LimitsConfig {
     pub max_auth_failures: u32,
     /// The window failed authentications are counted in, seconds.
     pub auth_failure_window_secs: u64,
+    /// Handshakes in progress above which a new peer must first prove its
+    /// address (a QUIC Retry: one more round trip). Spoofed sources never
+    /// get past it, so a flood of forged packets keeps no handshake state.
+    /// 0: every peer.
+    pub validate_addresses_above: u32,
 }
 
 impl Default for LimitsConfig {
@@ -88,6 +93,7 @@ impl Default for LimitsConfig {
             shutdown_grace_secs: 60,
             max_auth_failures: 10,
             auth_failure_window_secs: 60,
+            validate_addresses_above: 32,
         }
     }
 }
@@ -551,6 +557,7 @@ mod tests {
         assert_eq!(cfg.limits.max_streams_per_connection, 16);
         assert_eq!(cfg.limits.max_auth_failures, 10);
         assert_eq!(cfg.limits.auth_failure_window_secs, 60);
+        assert_eq!(cfg.limits.validate_addresses_above, 32);
         assert!(cfg.tokens.is_empty());
     }
 

@@ -77,6 +77,10 @@ pub struct Metrics {
     pub active_sessions: AtomicI64,
     /// Connections open now (handshake done, authenticated or not).
     pub connections_open: AtomicI64,
+    /// Handshakes in progress now.
+    pub handshakes: AtomicI64,
+    /// Peers asked to prove their address (QUIC Retry) before a handshake.
+    pub address_validations: AtomicU64,
     /// Requests being received, handled or answered now.
     pub requests_in_flight: AtomicI64,
     /// Failed authentications (no or unknown token).
@@ -162,7 +166,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "ferry_bytes_received_total",
                 "Frame bytes received from clients.",
@@ -204,6 +208,11 @@ impl Metrics {
                 self.connections.load(Relaxed),
             ),
             (
+                "ferry_address_validations_total",
+                "Peers asked to prove their address (QUIC Retry) before their handshake.",
+                self.address_validations.load(Relaxed),
+            ),
+            (
                 "ferry_auth_failures_total",
                 "Failed authentications (no or unknown token).",
                 self.auth_failures.load(Relaxed),
@@ -227,6 +236,11 @@ impl Metrics {
                 "ferry_connections_open",
                 "Connections open now, authenticated or not.",
                 &self.connections_open,
+            ),
+            (
+                "ferry_handshakes_in_progress",
+                "QUIC handshakes in progress now.",
+                &self.handshakes,
             ),
             (
                 "ferry_requests_in_flight",
@@ -396,5 +410,14 @@ mod tests {
         assert!(t.contains("ferry_connections_open 0\n"));
         assert!(t.contains("ferry_active_sessions 0\n"));
         assert_eq!(m.gc_runs(GcTrigger::Schedule), 1);
+        m.handshakes.fetch_add(4, Relaxed);
+        m.address_validations.fetch_add(5, Relaxed);
+        let t = m.render();
+        assert!(t.contains(
+            "# TYPE ferry_handshakes_in_progress gauge\nferry_handshakes_in_progress 4\n"
+        ));
+        assert!(t.contains(
+            "# TYPE ferry_address_validations_total counter\nferry_address_validations_total 5\n"
+        ));
     }
 }

@@ -475,11 +475,17 @@ impl Server {
                 _ = rx.wait_for(|s| *s != Stop::Running) => break,
                 incoming = endpoint.accept() => match incoming {
                     Some(incoming) => {
+                        let Some(incoming) = validated(incoming, &shared) else {
+                            continue;
+                        };
+                        // Counted here, not in the task: the next packet's
+                        // decision must already see this handshake.
+                        let handshake = Handshake::start(&shared.metrics);
                         let shared = shared.clone();
                         let rx = stop.subscribe();
                         let peer = incoming.remote_address();
                         conns.spawn(
-                            handle_incoming(incoming, shared, rx)
+                            handle_incoming(incoming, handshake, shared, rx)
                                 .instrument(tracing::info_span!("conn", %peer)),
                         );
                     }
@@ -579,6 +585,40 @@ impl Drop for ConnSlot<'_> {
     }
 }
 
+/// A peer's handshake in progress, counted until dropped.
+struct Handshake(Arc<Metrics>);
+
+impl Handshake {
+    fn start(metrics: &Arc<Metrics>) -> Handshake {
+        metrics.handshakes.fetch_add(1, Relaxed);
+        Handshake(metrics.clone())
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Relaxed);
+    }
+}
+
+/// `incoming`, unless it must first prove its address: with more than
+/// `validate_addresses_above` handshakes in progress, a peer whose address
+/// is not yet validated is sent a QUIC Retry and nothing is kept for it.
+/// A real client comes back at once with the Retry's token (an address
+/// validated); a forged source address never does.
+fn validated(incoming: quinn::Incoming, shared: &Shared) -> Option<quinn::Incoming> {
+    let in_progress = shared.metrics.handshakes.load(Relaxed);
+    let busy = in_progress >= i64::from(shared.limits.validate_addresses_above);
+    if !busy || incoming.remote_address_validated() || !incoming.may_retry() {
+        return Some(incoming);
+    }
+    shared.metrics.address_validations.fetch_add(1, Relaxed);
+    match incoming.retry() {
+        Ok(()) => None,
+        Err(e) => Some(e.into_incoming()),
+    }
+}
+
 /// Counts a request in flight until dropped.
 struct InFlight(Arc<Metrics>);
 
@@ -616,6 +656,7 @@ fn token_busy(grant: &Grant) -> Reject {
 
 async fn handle_incoming(
     incoming: quinn::Incoming,
+    handshake_counted: Handshake,
     shared: Arc<Shared>,
     rx: watch::Receiver<Stop>,
 ) {
@@ -624,7 +665,9 @@ async fn handle_incoming(
     // A handshake takes no connection slot: half-open handshakes (one
     // packet each, from any address) must not lock real clients out.
     let handshake = async { incoming.accept()?.await };
-    let conn = match tokio::time::timeout(deadline.min(HELLO_DEADLINE), handshake).await {
+    let conn = tokio::time::timeout(deadline.min(HELLO_DEADLINE), handshake).await;
+    drop(handshake_counted);
+    let conn = match conn {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(error = %e, "handshake failed");

@@ -1034,6 +1034,98 @@ async fn connections_past_the_limit_are_refused_and_half_open_ones_take_no_slot(
     server.stop().await;
 }
 
+/// Past `validate_addresses_above` handshakes in progress, a peer must
+/// prove its address first (a QUIC Retry): peers that never answer —
+/// forged sources — get no handshake state, while real clients pay one
+/// round trip and are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_a_few_handshakes_peers_must_prove_their_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = abuse_config(dir.path());
+    cfg.limits.validate_addresses_above = 4;
+    let (server, before) = seeded(dir.path(), cfg).await;
+    let m = server.metrics.clone();
+    let handshakes = || m.handshakes.load(Relaxed);
+    let validations = || m.address_validations.load(Relaxed);
+    wait_for(5, "the seeding clients' handshakes done", || {
+        handshakes() == 0
+    })
+    .await;
+    assert_eq!(
+        validations(),
+        0,
+        "the seeding clients were asked to validate"
+    );
+
+    // Eight peers whose answers go nowhere, as from forged addresses: the
+    // first four get handshakes (and hold them until the deadline), the
+    // others only a Retry they never see.
+    let mut relays = Vec::new();
+    let mut half_open = Vec::new();
+    for i in 0..8 {
+        let (addr, task) = black_hole(server.addr).await;
+        relays.push(task);
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = endpoint
+            .connect_with(
+                client_config(&server, &PeerOpts::default()),
+                addr,
+                "localhost",
+            )
+            .unwrap();
+        half_open.push((endpoint, tokio::spawn(connecting)));
+        let want = (i + 1).min(4);
+        wait_for(5, "the handshake counted or refused", || {
+            handshakes() == want && validations() as i64 + handshakes() > i
+        })
+        .await;
+    }
+    assert_eq!(handshakes(), 4);
+    assert!(validations() >= 4, "{}", validations());
+
+    // A real client is validated too, and served.
+    let asked = validations();
+    let s = Session::connect(&server.remote(MAIN), &opts())
+        .await
+        .unwrap();
+    assert!(
+        validations() > asked,
+        "the client was not asked to validate"
+    );
+    let listing = s
+        .request(&Message::List {
+            prefix: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(listing, Message::Listing { .. }), "{listing:?}");
+    s.close().await;
+
+    // Once the half-open handshakes time out, nobody is asked again.
+    wait_for(10, "the half-open handshakes timed out", || {
+        handshakes() == 0
+    })
+    .await;
+    for t in relays {
+        t.abort();
+    }
+    for (endpoint, connecting) in half_open {
+        connecting.abort();
+        endpoint.close(0u32.into(), b"");
+    }
+    before
+        .assert_unchanged(&server.store_dir, "address validation")
+        .await;
+    let asked = validations();
+    still_serves(&server, dir.path(), "validation").await;
+    assert_eq!(
+        validations(),
+        asked,
+        "validated with no handshake in progress"
+    );
+    server.stop().await;
+}
+
 /// Uploads whose bytes do not match their ids are refused whole (the good
 /// chunks beside them are not stored either) and cut the peer off;
 /// commits naming chunks the server lacks, or bytes that are not a
