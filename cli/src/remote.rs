@@ -28,6 +28,8 @@ pub struct RemoteArgs {
     #[arg(long, env = client::REMOTE_ENV, value_name = "URL")]
     remote: Option<String>,
     /// File holding the token for --remote (never pass a token itself).
+    /// Keep it private (chmod 600): one that other users may read works,
+    /// with a warning.
     #[arg(long, env = transfer::auth::TOKEN_FILE_ENV, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// The server's certificate (its cert.pem, or a CA) or its fingerprint
@@ -57,6 +59,10 @@ impl RemoteArgs {
         })?;
         let trust = Trust::from_arg(cert)?;
         let token = transfer::auth::client_token(self.token_file.as_deref())?;
+        let file = transfer::auth::client_token_file(self.token_file.as_deref());
+        if let Some(warning) = file.and_then(|f| transfer::auth::token_file_exposure(&f)) {
+            eprintln!("ferry: warning: {warning}");
+        }
         Ok(Some(Remote::new(url, trust, token)?))
     }
 }

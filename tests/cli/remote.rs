@@ -208,3 +208,28 @@ fn packs_bypass_the_page_cache_and_a_remote_stash_reads_none_back() {
     assert_eq!(cached(&node.env.store), 0, "the node cache's pack");
     assert_bytes_eq(&fs::read(&out).unwrap(), &data, "main/blob");
 }
+
+/// A token file that other users of the machine can read still works, but
+/// the client says so, naming the file and the fix; a private one (as
+/// `ferry serve --new-token` writes it) gets no warning.
+#[test]
+fn a_token_file_open_to_other_users_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let (server, token) = ci_server(root.path());
+    let node = Node::new(&server, &token);
+    let out = node.ferry(&["ls"]);
+    out.ok();
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = node.ferry(&["ls"]);
+    out.ok();
+    let warning = format!(
+        "ferry: warning: the token file {} is open to other users of this machine \
+         (mode 0644); make it private: chmod 600 {}",
+        token.display(),
+        token.display()
+    );
+    assert!(out.stderr.contains(&warning), "{}", out.stderr);
+}

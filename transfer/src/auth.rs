@@ -141,16 +141,45 @@ pub fn read_token_file(path: &Path) -> Result<Token, AuthError> {
     Token::checked(text.trim(), &format!("token file {}", path.display()))
 }
 
-/// The client's token: from `flag` (`--token-file`), else from the file
+/// The client's token file: `flag` (`--token-file`), else the file
 /// `$FERRY_TOKEN_FILE` names, else none.
+pub fn client_token_file(flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os(TOKEN_FILE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// The client's token, read from [`client_token_file`], if there is one.
 pub fn client_token(flag: Option<&Path>) -> Result<Option<Token>, AuthError> {
-    if let Some(p) = flag {
-        return read_token_file(p).map(Some);
+    client_token_file(flag)
+        .map(|p| read_token_file(&p))
+        .transpose()
+}
+
+/// A warning if the token file at `path` is open to other users of the
+/// machine (any group or other permission bit): whoever can read it can
+/// act as this job. Not an error: secret files some CI systems mount are
+/// group- or world-readable by default, and refusing them would only make
+/// people copy the token somewhere worse.
+pub fn token_file_exposure(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Some(format!(
+                "the token file {} is open to other users of this machine (mode {mode:04o}); \
+                 make it private: chmod 600 {}",
+                path.display(),
+                path.display()
+            ));
+        }
     }
-    match std::env::var_os(TOKEN_FILE_ENV).filter(|v| !v.is_empty()) {
-        Some(p) => read_token_file(Path::new(&p)).map(Some),
-        None => Ok(None),
-    }
+    #[cfg(not(unix))]
+    let _ = path;
+    None
 }
 
 /// SHA-256 of a token.
@@ -692,6 +721,28 @@ mod tests {
         assert_eq!(held.held("pr"), 0);
         assert_eq!(held.held("main"), 0);
         assert!(held.held.lock().unwrap().is_empty(), "labels linger");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn token_files_open_to_others_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tok");
+        std::fs::write(&p, "abc123\n").unwrap();
+        let set = |mode| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode));
+        for private in [0o600, 0o400, 0o700] {
+            set(private).unwrap();
+            assert_eq!(token_file_exposure(&p), None, "{private:o}");
+        }
+        for open in [0o644, 0o640, 0o604, 0o660, 0o606] {
+            set(open).unwrap();
+            let w = token_file_exposure(&p).unwrap_or_else(|| panic!("{open:o} not named"));
+            assert!(w.contains(&format!("mode {open:04o}")), "{w}");
+            assert!(w.contains("chmod 600") && w.contains("tok"), "{w}");
+        }
+        assert_eq!(token_file_exposure(&dir.path().join("nope")), None);
+        assert_eq!(client_token_file(Some(&p)), Some(p.clone()));
     }
 
     #[test]
