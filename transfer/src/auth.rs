@@ -420,6 +420,11 @@ impl TokenTable {
         found
     }
 
+    /// The tokens' labels, in config order.
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(_, g)| g.label.as_str())
+    }
+
     /// Number of tokens.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -444,6 +449,23 @@ pub struct TokenConnections {
 }
 
 impl TokenConnections {
+    /// Counts for `tokens`, each at 0 (so that every token has a count to
+    /// report, in use or not).
+    pub fn new(tokens: &TokenTable) -> TokenConnections {
+        let held = tokens.labels().map(|l| (l.to_string(), 0)).collect();
+        TokenConnections {
+            held: Mutex::new(held),
+        }
+    }
+
+    /// Every token's connections now, by label.
+    pub fn snapshot(&self) -> Vec<(String, u32)> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = held.iter().map(|(l, n)| (l.clone(), *n)).collect();
+        all.sort();
+        all
+    }
+
     /// Takes one of `grant`'s connections, or returns `None` if its
     /// holders already have all it may have (`grant.max_connections`).
     pub fn take(self: &Arc<Self>, grant: &Grant) -> Option<TokenConnection> {
@@ -477,10 +499,7 @@ impl Drop for TokenConnection {
     fn drop(&mut self) {
         let mut held = self.owner.held.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = held.get_mut(&self.label) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.label);
-            }
+            *n = n.saturating_sub(1);
         }
     }
 }
@@ -704,7 +723,8 @@ mod tests {
         assert_eq!(pr.max_connections, Some(2));
         assert_eq!(main.max_connections, None);
 
-        let held = Arc::new(TokenConnections::default());
+        let held = Arc::new(TokenConnections::new(&table));
+        assert_eq!(held.snapshot(), [("main".into(), 0), ("pr".into(), 0)]);
         let first = held.take(pr).expect("first of two");
         let second = held.take(pr).expect("second of two");
         assert!(held.take(pr).is_none(), "a third one got in");
@@ -712,6 +732,7 @@ mod tests {
         // Another token is not affected, and has no limit of its own.
         let mains: Vec<_> = (0..10).map(|_| held.take(main).unwrap()).collect();
         assert_eq!(held.held("main"), 10);
+        assert_eq!(held.snapshot(), [("main".into(), 10), ("pr".into(), 2)]);
         // A connection that ends gives its hold back.
         drop(first);
         assert_eq!(held.held("pr"), 1);
@@ -720,7 +741,7 @@ mod tests {
         drop((second, third, mains));
         assert_eq!(held.held("pr"), 0);
         assert_eq!(held.held("main"), 0);
-        assert!(held.held.lock().unwrap().is_empty(), "labels linger");
+        assert_eq!(held.snapshot(), [("main".into(), 0), ("pr".into(), 0)]);
     }
 
     #[cfg(unix)]

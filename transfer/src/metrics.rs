@@ -1,6 +1,7 @@
 //! Server metrics in the Prometheus text format, served over plain HTTP on
 //! their own address by a tiny responder (`GET /metrics`).
 
+use crate::auth::{TokenConnections, TokenTable};
 use crate::proto::ErrorKind;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -79,6 +80,8 @@ pub struct Metrics {
     pub connections_open: AtomicI64,
     /// Handshakes in progress now.
     pub handshakes: AtomicI64,
+    /// Connections open now, by token.
+    pub token_connections: Arc<TokenConnections>,
     /// Peers asked to prove their address (QUIC Retry) before a handshake.
     pub address_validations: AtomicU64,
     /// Requests being received, handled or answered now.
@@ -109,6 +112,14 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
+    /// Counters for a server with `tokens`.
+    pub fn for_tokens(tokens: &TokenTable) -> Metrics {
+        Metrics {
+            token_connections: Arc::new(TokenConnections::new(tokens)),
+            ..Metrics::default()
+        }
+    }
+
     /// Counts an error sent to (or a cut-off of) a peer.
     pub fn error(&self, kind: ErrorKind) {
         if let Some(i) = ErrorKind::ALL.iter().position(|k| *k == kind) {
@@ -256,6 +267,15 @@ impl Metrics {
         }
         let _ = writeln!(
             s,
+            "# HELP ferry_token_connections Connections open now, by token.\n\
+             # TYPE ferry_token_connections gauge"
+        );
+        for (label, n) in self.token_connections.snapshot() {
+            let label = label_value(&label);
+            let _ = writeln!(s, "ferry_token_connections{{token=\"{label}\"}} {n}");
+        }
+        let _ = writeln!(
+            s,
             "# HELP ferry_gc_bytes_freed_total Bytes garbage collections deleted.\n\
              # TYPE ferry_gc_bytes_freed_total counter\nferry_gc_bytes_freed_total {}\n\
              # HELP ferry_gc_names_removed_total Names retention policies removed.\n\
@@ -373,6 +393,14 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
+/// `text` as a Prometheus label value: backslash, quote and newline
+/// escaped.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,5 +447,31 @@ mod tests {
         assert!(t.contains(
             "# TYPE ferry_address_validations_total counter\nferry_address_validations_total 5\n"
         ));
+        assert!(
+            t.contains("# TYPE ferry_token_connections gauge\n# HELP"),
+            "{t}"
+        );
+
+        // Every configured token has a count, in use or not.
+        let hash = |t: &str| crate::auth::Token::new(t).unwrap().hash();
+        let tokens = TokenTable::new(vec![
+            ("pr \"x\"".into(), hash("a-token"), Default::default()),
+            ("main".into(), hash("b-token"), Default::default()),
+        ]);
+        let m = Metrics::for_tokens(&tokens);
+        let grant = tokens.authenticate("a-token").unwrap();
+        let _held = [
+            m.token_connections.take(grant),
+            m.token_connections.take(grant),
+        ];
+        let t = m.render();
+        assert!(
+            t.contains(
+                "# TYPE ferry_token_connections gauge\n\
+                 ferry_token_connections{token=\"main\"} 0\n\
+                 ferry_token_connections{token=\"pr \\\"x\\\"\"} 2\n"
+            ),
+            "{t}"
+        );
     }
 }

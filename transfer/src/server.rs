@@ -385,15 +385,16 @@ impl Server {
             None => (None, None),
         };
         let (tx, _) = watch::channel(Stop::Running);
+        let metrics = Arc::new(Metrics::for_tokens(&tokens));
         Ok(Server {
             endpoint,
             shared: Arc::new(Shared {
                 store: Arc::new(store),
                 tokens,
                 limits: cfg.limits.clone(),
-                metrics: Arc::new(Metrics::default()),
+                metrics: metrics.clone(),
                 connections: AtomicU32::new(0),
-                token_connections: Arc::default(),
+                token_connections: metrics.token_connections.clone(),
                 throttle: AuthThrottle::new(
                     cfg.limits.max_auth_failures,
                     cfg.limits.auth_failure_window(),

@@ -349,6 +349,12 @@ async fn a_tokens_own_connection_limit_leaves_the_other_slots_to_other_tokens() 
     for _ in 0..2 {
         prs.push(Session::connect(&pr, &opts()).await.unwrap());
     }
+    let shown = server.metrics.render();
+    assert!(
+        shown.contains("ferry_token_connections{token=\"pr-1234\"} 2\n")
+            && shown.contains("ferry_token_connections{token=\"main\"} 0\n"),
+        "{shown}"
+    );
     let busy_before = server.metrics.errors(ErrorKind::Busy);
     let e = Session::connect(&pr, &opts()).await.unwrap_err();
     assert!(e.is_transient(), "{e}");
