@@ -43,9 +43,9 @@ On a server:
                            [[token]] entry): --token-file FILE or
                            $FERRY_TOKEN_FILE, and --server-cert as for the other
                            remote commands. Only one collection runs on a
-                           server at a time; one already running (its [gc]
-                           schedule) makes the request fail as busy after a
-                           few retries.
+                           server at a time; while one runs (its [gc]
+                           schedule), the request is refused as busy and
+                           retried for up to --busy-wait (default 10m).
 
 Examples:
   ferry gc --prefix build/5678            # a finished build's scope

@@ -36,11 +36,25 @@ pub struct RemoteArgs {
     /// sha256:HEX, as `ferry serve` prints it.
     #[arg(long, env = client::SERVER_CERT_ENV, value_name = "FILE|sha256:HEX")]
     server_cert: Option<String>,
+    /// While the server is busy (all its connections, or all its token's,
+    /// in use) keep trying this long before giving up (e.g. 90s, 15m, 1h;
+    /// 0: give up at once) [default: 10m]
+    #[arg(long, env = "FERRY_BUSY_WAIT", value_name = "DURATION",
+          value_parser = store::gc::parse_duration)]
+    busy_wait: Option<std::time::Duration>,
+}
+
+/// A server to talk to, and how to talk to it.
+pub struct Target {
+    /// Where it is, how to trust it, the token.
+    pub remote: Remote,
+    /// Retries, waits and the like, as the command line set them.
+    pub opts: Options,
 }
 
 impl RemoteArgs {
     /// The remote, if `--remote` (or `$FERRY_REMOTE`) is set.
-    pub fn resolve(&self) -> anyhow::Result<Option<Remote>> {
+    pub fn resolve(&self) -> anyhow::Result<Option<Target>> {
         let Some(url) = self.remote.as_deref().filter(|u| !u.is_empty()) else {
             return Ok(None);
         };
@@ -63,7 +77,14 @@ impl RemoteArgs {
         if let Some(warning) = file.and_then(|f| transfer::auth::token_file_exposure(&f)) {
             eprintln!("ferry: warning: {warning}");
         }
-        Ok(Some(Remote::new(url, trust, token)?))
+        let mut opts = Options::default();
+        if let Some(wait) = self.busy_wait {
+            opts.busy_wait = wait;
+        }
+        Ok(Some(Target {
+            remote: Remote::new(url, trust, token)?,
+            opts,
+        }))
     }
 }
 
@@ -113,13 +134,13 @@ fn transfer_line(verb: &str, remote: &str, s: &TransferStats, sent: bool) -> Str
 pub fn start_upload(
     store: &Arc<Store>,
     name: &Name,
-    remote: &Remote,
+    target: &Target,
 ) -> anyhow::Result<blocking::EarlyUpload> {
     Ok(blocking::EarlyUpload::start(
         store.clone(),
         name,
-        remote,
-        &Options::default(),
+        &target.remote,
+        &target.opts,
     )?)
 }
 
@@ -179,7 +200,7 @@ pub fn push(early: blocking::EarlyUpload, name: &Name, out: &Output) -> anyhow::
 pub fn unstash(
     store_args: &StoreArgs,
     name: &Name,
-    remote: &Remote,
+    target: &Target,
     dest: Destination,
     force: bool,
     out: &Output,
@@ -193,8 +214,9 @@ pub fn unstash(
     let opts = Options {
         // A signal winds the download down: what arrived stays.
         stop: crate::interrupt::winding_down(),
-        ..Options::default()
+        ..target.opts.clone()
     };
+    let remote = &target.remote;
     let done = blocking::unstash(
         store.clone(),
         name,
@@ -220,21 +242,21 @@ pub fn unstash(
 }
 
 /// The server's names under `prefix` (those the token may read).
-pub fn list(remote: &Remote, prefix: Option<&str>) -> anyhow::Result<Vec<Entry>> {
-    Ok(blocking::list(remote, prefix, &Options::default())?)
+pub fn list(target: &Target, prefix: Option<&str>) -> anyhow::Result<Vec<Entry>> {
+    Ok(blocking::list(&target.remote, prefix, &target.opts)?)
 }
 
 /// Removes names (or every name under a prefix) on the server.
 pub fn remove(
-    remote: &Remote,
+    target: &Target,
     removal: &transfer::client::Removal,
 ) -> anyhow::Result<transfer::client::RemoteRemoveReport> {
-    blocking::remove(remote, removal, &Options::default())
-        .with_context(|| format!("rm on {} failed", remote.display()))
+    blocking::remove(&target.remote, removal, &target.opts)
+        .with_context(|| format!("rm on {} failed", target.remote.display()))
 }
 
 /// Runs a collection with `opts` on the server's store (admin tokens only).
-pub fn gc(remote: &Remote, opts: &store::gc::GcOptions) -> anyhow::Result<RemoteGcReport> {
-    blocking::gc(remote, opts, &Options::default())
-        .with_context(|| format!("gc on {} failed", remote.display()))
+pub fn gc(target: &Target, opts: &store::gc::GcOptions) -> anyhow::Result<RemoteGcReport> {
+    blocking::gc(&target.remote, opts, &target.opts)
+        .with_context(|| format!("gc on {} failed", target.remote.display()))
 }

@@ -40,13 +40,15 @@ complete example). Relative paths in it are relative to the file. Keys:
                                    before it is refused whatever token it
                                    brings, until the oldest ages out; 0: off
   auth_failure_window_secs = 60    the window those failures are counted in
-  validate_addresses_above = 32    handshakes in progress above which a new
-                                   peer must first prove its address (a QUIC
-                                   Retry, one more round trip): forged
+  validate_addresses_above = 32    with this many handshakes in progress, a
+                                   new peer must first prove its address (a
+                                   QUIC Retry, one more round trip): forged
                                    sources then cost no state; 0: every peer
 
   [[token]]                        one per CI trust level
-  name = \"pr-builds\"               label for logs (never the secret)
+  name = \"pr-builds\"               label for logs and metrics (never the
+                                   secret); entries sharing one share its
+                                   max_connections
   sha256 = \"<64 hex>\"              SHA-256 of the token (--new-token prints it)
   read = [\"main\", \"pr\"]            name prefixes it may read (\"*\": all)
   write = [\"pr\"]                   name prefixes it may write
@@ -54,9 +56,9 @@ complete example). Relative paths in it are relative to the file. Keys:
                                    remove any name); for operators only
   max_connections = 64             at most this many connections with this
                                    token at once, more are refused as busy
-                                   (clients retry): keeps one trust level's
-                                   jobs from taking every slot (absent: only
-                                   limits.max_connections)
+                                   (clients wait, --busy-wait): keeps one
+                                   trust level's jobs from taking every slot
+                                   (absent: only limits.max_connections)
 
   [gc]                             scheduled retention and garbage collection
   interval = \"1h\"                  how often (>= 1s); absent: never on a

@@ -23,16 +23,18 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// `ferry ARGS` with this node's environment, not started.
+    fn cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = self.env.cmd();
+        cmd.env("FERRY_REMOTE", &self.server.remote)
+            .env("FERRY_SERVER_CERT", &self.server.cert)
+            .env("FERRY_TOKEN_FILE", self.token)
+            .args(args);
+        cmd
+    }
+
     fn ferry(&self, args: &[&str]) -> Out {
-        run(
-            self.env
-                .cmd()
-                .env("FERRY_REMOTE", &self.server.remote)
-                .env("FERRY_SERVER_CERT", &self.server.cert)
-                .env("FERRY_TOKEN_FILE", self.token)
-                .args(args),
-            None,
-        )
+        run(&mut self.cmd(args), None)
     }
 
     /// `--json` output of several documents, in order.
@@ -232,4 +234,80 @@ fn a_token_file_open_to_other_users_is_warned_about() {
         token.display()
     );
     assert!(out.stderr.contains(&warning), "{}", out.stderr);
+}
+
+/// A token at its connection limit (`max_connections = 1`): with
+/// `--busy-wait 0` a command gives up at once, saying why; by default it
+/// waits for the slot and gets it when the job holding it ends.
+#[test]
+fn a_command_waits_for_its_tokens_connection_slot_unless_told_not_to() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let root = tempfile::tempdir().unwrap();
+    let token = root.path().join("ci.token");
+    let hash = new_token(&token);
+    let server = serve(
+        root.path(),
+        &format!(
+            "[[token]]\nname = \"ci\"\nsha256 = \"{hash}\"\nread = [\"*\"]\nwrite = [\"*\"]\n\
+             max_connections = 1\n"
+        ),
+    );
+    let node = Node::new(&server, &token);
+
+    // A stash reading a pipe that stays open holds the token's connection
+    // (its upload connects at the start).
+    let mut holder = node
+        .cmd(&["stash", "main/held", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = holder.stdin.take().unwrap();
+    pipe.write_all(&random_bytes(5, 300_000)).unwrap();
+    let refusal = "token \"ci\" is at its connection limit (max_connections = 1";
+    // Probes are spaced out: each holds the slot for a moment, and a
+    // holder refused meanwhile would itself wait.
+    let started = std::time::Instant::now();
+    let out = loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = node.ferry(&["ls", "--busy-wait", "0"]);
+        if !out.status.success() || started.elapsed().as_secs() > 20 {
+            break out;
+        }
+    };
+    assert!(!out.status.success(), "the holder never held the slot");
+    assert!(out.stderr.contains(refusal), "{}", out.stderr);
+    // At once: one attempt, no retry, no waiting.
+    assert!(
+        !out.stderr.contains("retrying") && !out.stderr.contains("waiting for a slot"),
+        "{}",
+        out.stderr
+    );
+
+    // By default `ls` waits; it is served once the stash ends.
+    let mut waiting = node
+        .cmd(&["ls"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(waiting.try_wait().unwrap().is_none(), "ls did not wait");
+    drop(pipe);
+    let held = holder.wait_with_output().unwrap();
+    assert!(
+        held.status.success(),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    let listed = waiting.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&listed.stderr);
+    assert!(listed.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("main/held"));
+    assert!(
+        stderr.contains("the server is busy; waiting for a slot"),
+        "{stderr}"
+    );
 }

@@ -8,9 +8,12 @@
 //! lacks, downloads those over parallel streams, verifies and imports them,
 //! and commits the name locally. Both resume: a re-run (or a retry after a
 //! transient error) moves only what is still missing. Transient failures
-//! (unreachable server, lost connection, "busy", "shutting down") are
-//! retried with exponential backoff; persistent ones (bad token, scope,
-//! certificate mismatch, corrupt data) end at once with a clear error.
+//! (unreachable server, lost connection, "shutting down") are retried
+//! `retries` times with exponential backoff; "busy" (no connection slot
+//! free, for the server or for the token) is waited out for up to
+//! `busy_wait`, polling every few seconds; persistent failures (bad token,
+//! scope, certificate mismatch, corrupt data) end at once with a clear
+//! error.
 //!
 //! [`gc`] asks the server to run retention and garbage collection on its
 //! store (admin tokens only) and returns the server's report.
@@ -243,10 +246,16 @@ pub struct Options {
     pub read_ahead: u64,
     /// Retries after transient failures.
     pub retries: u32,
-    /// First backoff; doubled after each failure, up to `max_backoff`.
+    /// First backoff; doubled after each failure, up to `max_backoff`
+    /// (each wait is stretched by a random 0–50 %).
     pub backoff: Duration,
     /// Longest backoff.
     pub max_backoff: Duration,
+    /// How long to keep trying while the server answers "busy" (all its
+    /// connections, or all its connections for this token, are taken):
+    /// such refusals do not count against `retries`, because a slot frees
+    /// only when another job's transfer ends, which can take minutes.
+    pub busy_wait: Duration,
     /// How long to wait for the server to answer a connection.
     pub connect_timeout: Duration,
     /// How long one request may take.
@@ -290,6 +299,7 @@ impl Default for Options {
             retries: 4,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(15),
+            busy_wait: DEFAULT_BUSY_WAIT,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(300),
             stop: Stop::default(),
@@ -722,8 +732,17 @@ fn conn_error(remote: &str, verifier: &Verifier, e: quinn::ConnectionError) -> C
     }
 }
 
+/// How long a client waits for a busy server by default.
+pub const DEFAULT_BUSY_WAIT: Duration = Duration::from_secs(600);
+
+/// Longest backoff while the server is busy: a freed slot should not sit
+/// unused for long, and a refusal costs the server one handshake.
+const BUSY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Runs `attempt` until it succeeds, fails persistently, or the retries
-/// are used up; waits with exponential backoff between tries.
+/// are used up (or, while the server is busy, `busy_wait` is); waits with
+/// exponential backoff between tries, stretched by a random 0–50 % so
+/// that jobs refused together do not come back together.
 pub(crate) async fn with_retries<T, F, Fut>(
     opts: &Options,
     what: &str,
@@ -733,20 +752,35 @@ where
     F: FnMut(u32) -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
+    let started = tokio::time::Instant::now();
     let mut backoff = opts.backoff;
-    let mut n = 0u32;
+    let (mut n, mut busy) = (0u32, 0u32);
     loop {
         n += 1;
+        let wait = backoff.mul_f64(rand::random_range(1.0..=1.5));
         match attempt(n).await {
             Ok(v) => return Ok((v, n)),
-            Err(e) if e.is_transient() && n <= opts.retries => {
-                warn!(error = %e, attempt = n, wait_ms = backoff.as_millis() as u64,
+            // Busy has a budget of its own, in time, not in retries.
+            Err(e) if e.kind() == Some(ErrorKind::Busy) => {
+                if started.elapsed() + wait > opts.busy_wait {
+                    return Err(e);
+                }
+                busy += 1;
+                warn!(error = %e, attempt = n, wait_ms = wait.as_millis() as u64,
+                      busy_wait_secs = opts.busy_wait.as_secs(),
+                      "{what}: the server is busy; waiting for a slot");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(opts.max_backoff.min(BUSY_MAX_BACKOFF));
+                continue;
+            }
+            Err(e) if e.is_transient() && n - busy <= opts.retries => {
+                warn!(error = %e, attempt = n, wait_ms = wait.as_millis() as u64,
                       "{what} failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(opts.max_backoff);
+                tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e),
         }
+        backoff = (backoff * 2).min(opts.max_backoff);
     }
 }
 
@@ -1173,8 +1207,8 @@ pub struct RemoteGcReport {
 /// Runs retention and garbage collection with `gc` on the server's store
 /// and returns the server's report. Needs a token with the admin scope;
 /// any other is refused ([`ErrorKind::Forbidden`]) and nothing runs. A
-/// server already collecting answers [`ErrorKind::Busy`] (retried with
-/// backoff, like other transient failures). The mark slack of `gc` is not
+/// server already collecting answers [`ErrorKind::Busy`] (retried for up
+/// to `opts.busy_wait`, as a full server is). The mark slack of `gc` is not
 /// sent: the server uses its own.
 pub async fn gc(
     remote: &Remote,

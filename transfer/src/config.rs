@@ -74,8 +74,8 @@ pub struct LimitsConfig {
     pub max_auth_failures: u32,
     /// The window failed authentications are counted in, seconds.
     pub auth_failure_window_secs: u64,
-    /// Handshakes in progress above which a new peer must first prove its
-    /// address (a QUIC Retry: one more round trip). Spoofed sources never
+    /// With this many handshakes in progress, a new peer must first prove
+    /// its address (a QUIC Retry: one more round trip). Spoofed sources never
     /// get past it, so a flood of forged packets keeps no handshake state.
     /// 0: every peer.
     pub validate_addresses_above: u32,
@@ -426,15 +426,21 @@ impl ServerConfig {
                 label: t.name.clone(),
                 problem,
             };
-            // Logs, metrics and per-token connection limits go by the label.
-            if self.tokens[..i].iter().any(|u| u.name == t.name) {
-                return bad(
-                    "token.name",
-                    format!(
-                        "{:?} names two [[token]] entries; give each its own",
-                        t.name
-                    ),
-                );
+            // Logs, metrics and connection limits go by the label: entries
+            // that share one (an old and a new token while rotating) count
+            // as one token, so they must agree on its limit.
+            if let Some(other) = self.tokens[..i].iter().find(|u| u.name == t.name) {
+                if other.max_connections != t.max_connections {
+                    return bad(
+                        "token.max_connections",
+                        format!(
+                            "two [[token]] entries named {:?} set different limits; entries \
+                             that share a name share its connections, so give them the same \
+                             max_connections or different names",
+                            t.name
+                        ),
+                    );
+                }
             }
             match t.max_connections {
                 Some(0) => {
@@ -496,6 +502,34 @@ mod tests {
         assert!(cfg.gc.interval.is_some());
         assert!(!cfg.gc.retention.is_empty());
         assert!(cfg.tokens.iter().any(|t| t.admin));
+    }
+
+    /// An old and a new token under one name (a rotation) are one token to
+    /// logs, metrics and its connection limit.
+    #[test]
+    fn tokens_sharing_a_name_share_its_connections() {
+        let hash = |t: &str| crate::auth::Token::new(t).unwrap().hash().to_hex();
+        let text = format!(
+            "listen = \"127.0.0.1:1\"\nstore = \"s\"\ncert = \"c\"\nkey = \"k\"\n\
+             [[token]]\nname = \"ci\"\nsha256 = \"{}\"\nmax_connections = 1\n\
+             [[token]]\nname = \"ci\"\nsha256 = \"{}\"\nmax_connections = 1\n",
+            hash("old-secret"),
+            hash("new-secret"),
+        );
+        let cfg = ServerConfig::parse(&text).unwrap();
+        cfg.validate().unwrap();
+        let table = cfg.token_table().unwrap();
+        let (old, new) = (
+            table.authenticate("old-secret").unwrap(),
+            table.authenticate("new-secret").unwrap(),
+        );
+        let held = std::sync::Arc::new(crate::auth::TokenConnections::new(&table));
+        assert_eq!(held.snapshot(), [("ci".to_string(), 0)]);
+        let _one = held.take(old).unwrap();
+        assert!(
+            held.take(new).is_none(),
+            "the new token has a limit of its own"
+        );
     }
 
     #[test]
@@ -599,11 +633,11 @@ mod tests {
             (
                 format!(
                     "{base}[[token]]\nname = \"ci\"\nsha256 = \"{}\"\n\
-                     [[token]]\nname = \"ci\"\nsha256 = \"{}\"\n",
+                     [[token]]\nname = \"ci\"\nsha256 = \"{}\"\nmax_connections = 3\n",
                     "a".repeat(64),
                     "b".repeat(64)
                 ),
-                "\"ci\" names two [[token]] entries",
+                "two [[token]] entries named \"ci\" set different limits",
             ),
             (format!("{base}[gc]\ninterval = \"0s\"\n"), "gc.interval"),
             (format!("{base}[gc]\ninterval = \"soon\"\n"), "soon"),

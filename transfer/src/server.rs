@@ -602,8 +602,8 @@ impl Drop for Handshake {
     }
 }
 
-/// `incoming`, unless it must first prove its address: with more than
-/// `validate_addresses_above` handshakes in progress, a peer whose address
+/// `incoming`, unless it must first prove its address: once
+/// `validate_addresses_above` handshakes are in progress, a peer whose address
 /// is not yet validated is sent a QUIC Retry and nothing is kept for it.
 /// A real client comes back at once with the Retry's token (an address
 /// validated); a forged source address never does.
@@ -646,8 +646,8 @@ fn token_busy(grant: &Grant) -> Reject {
     Reject {
         kind: ErrorKind::Busy,
         message: format!(
-            "token {:?} is at its limit of {} connections at once (max_connections in \
-             its [[token]] entry); try again later",
+            "token {:?} is at its connection limit (max_connections = {} in its \
+             [[token]] entry); try again later",
             grant.label,
             grant.max_connections.unwrap_or_default()
         ),

@@ -2,6 +2,7 @@
 
 use crate::util::*;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 use transfer::client::{list, pull, push, ClientError, Remote, Session};
 use transfer::proto::{ErrorKind, Message};
 use transfer::tls::Trust;
@@ -360,7 +361,7 @@ async fn a_tokens_own_connection_limit_leaves_the_other_slots_to_other_tokens() 
     assert!(e.is_transient(), "{e}");
     let text = e.to_string();
     assert!(
-        text.contains("token \"pr-1234\" is at its limit of 2 connections at once"),
+        text.contains("token \"pr-1234\" is at its connection limit (max_connections = 2"),
         "{text}"
     );
     assert_eq!(refused(e), ErrorKind::Busy);
@@ -386,10 +387,11 @@ async fn a_tokens_own_connection_limit_leaves_the_other_slots_to_other_tokens() 
         s.close().await;
     }
 
-    // A PR client that retries waits while both PR connections are held
-    // (with two free server slots), and gets in once one of them ends.
+    // A PR client waits while both PR connections are held (with two free
+    // server slots) — busy refusals do not use up its retries, of which
+    // it has none — and gets in once one of them ends.
     let mut patient = opts();
-    patient.retries = 50;
+    patient.busy_wait = Duration::from_secs(30);
     let node = client_store(dir.path(), "pr-node");
     let pull = tokio::spawn({
         let node = node.clone();

@@ -175,6 +175,7 @@ pub fn opts() -> Options {
         retries: 0,
         backoff: Duration::from_millis(100),
         max_backoff: Duration::from_millis(500),
+        busy_wait: Duration::ZERO,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
         stop: Default::default(),
