@@ -766,9 +766,12 @@ where
                     return Err(e);
                 }
                 busy += 1;
-                warn!(error = %e, attempt = n, wait_ms = wait.as_millis() as u64,
-                      busy_wait_secs = opts.busy_wait.as_secs(),
-                      "{what}: the server is busy; waiting for a slot");
+                // Said once, then about once a minute: a job may wait long.
+                if busy % 12 == 1 {
+                    warn!(error = %e, attempt = n, waited_secs = started.elapsed().as_secs(),
+                          busy_wait_secs = opts.busy_wait.as_secs(),
+                          "{what}: the server is busy; waiting for a slot");
+                }
                 tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(opts.max_backoff.min(BUSY_MAX_BACKOFF));
                 continue;
