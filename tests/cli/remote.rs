@@ -60,12 +60,17 @@ impl<'a> Node<'a> {
 /// A `ferry serve` in `root` with one token that reads and writes every
 /// name; the token's file.
 fn ci_server(root: &Path) -> (Serve, std::path::PathBuf) {
+    ci_server_with(root, "")
+}
+
+/// [`ci_server`], with `more` (TOML lines) in the token's entry.
+fn ci_server_with(root: &Path, more: &str) -> (Serve, std::path::PathBuf) {
     let token = root.join("ci.token");
     let hash = new_token(&token);
     let server = serve(
         root,
         &format!(
-            "[[token]]\nname = \"ci\"\nsha256 = \"{hash}\"\nread = [\"*\"]\nwrite = [\"*\"]\n"
+            "[[token]]\nname = \"ci\"\nsha256 = \"{hash}\"\nread = [\"*\"]\nwrite = [\"*\"]\n{more}"
         ),
     );
     (server, token)
@@ -244,15 +249,7 @@ fn a_command_waits_for_its_tokens_connection_slot_unless_told_not_to() {
     use std::io::Write;
     use std::process::Stdio;
     let root = tempfile::tempdir().unwrap();
-    let token = root.path().join("ci.token");
-    let hash = new_token(&token);
-    let server = serve(
-        root.path(),
-        &format!(
-            "[[token]]\nname = \"ci\"\nsha256 = \"{hash}\"\nread = [\"*\"]\nwrite = [\"*\"]\n\
-             max_connections = 1\n"
-        ),
-    );
+    let (server, token) = ci_server_with(root.path(), "max_connections = 1\n");
     let node = Node::new(&server, &token);
 
     // A stash reading a pipe that stays open holds the token's connection

@@ -440,9 +440,10 @@ impl TokenTable {
 /// pull-request build) cannot take all of the server's connection slots
 /// and lock the others (the branch builds) out.
 ///
-/// Counted by label, which the config keeps unique. Sans-IO: the server
-/// takes a [`TokenConnection`] after the hello and holds it while the
-/// connection lives.
+/// Counted by label: entries that share one (an old and a new token while
+/// rotating) share a count, and the config makes them agree on the
+/// limit. Sans-IO: the server takes a [`TokenConnection`] after the hello
+/// and holds it while the connection lives.
 #[derive(Debug, Default)]
 pub struct TokenConnections {
     held: Mutex<HashMap<String, u32>>,

@@ -207,8 +207,9 @@ pub struct TokenConfig {
     #[serde(default)]
     pub admin: bool,
     /// At most this many connections with this token at once; more are
-    /// refused as busy (clients retry). Keeps one class of jobs (every
-    /// pull-request build) from taking all `limits.max_connections`.
+    /// refused as busy (clients wait for a slot, `Options::busy_wait`).
+    /// Keeps one class of jobs (every pull-request build) from taking all
+    /// `limits.max_connections`.
     /// Absent: only the server's limit.
     #[serde(default)]
     pub max_connections: Option<u32>,

@@ -18,7 +18,7 @@
 //! the config) and on demand (`ferry gc --remote`, admin tokens), one
 //! collection at a time, on a blocking thread: it never blocks serving.
 
-use crate::auth::{AuthThrottle, Grant, Scopes, TokenConnections, TokenTable};
+use crate::auth::{AuthThrottle, Grant, Scopes, TokenTable};
 use crate::config::{ConfigError, LimitsConfig, ServerConfig};
 use crate::metrics::{self, GcTrigger, Metrics};
 use crate::proto::{self, Action, ErrorKind, GcRequest, ListEntry, Message, Reject, ServerSession};
@@ -26,7 +26,7 @@ use crate::tls::{self, TlsError};
 use crate::wire::{self, WireError};
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use store::backend::Kind;
@@ -122,8 +122,6 @@ struct Shared {
     limits: LimitsConfig,
     metrics: Arc<Metrics>,
     connections: AtomicU32,
-    /// Connections per token, for tokens with a limit of their own.
-    token_connections: Arc<TokenConnections>,
     /// Failed authentications by address.
     throttle: AuthThrottle,
     /// At most one collection at a time, whoever starts it.
@@ -394,7 +392,6 @@ impl Server {
                 limits: cfg.limits.clone(),
                 metrics: metrics.clone(),
                 connections: AtomicU32::new(0),
-                token_connections: metrics.token_connections.clone(),
                 throttle: AuthThrottle::new(
                     cfg.limits.max_auth_failures,
                     cfg.limits.auth_failure_window(),
@@ -481,7 +478,7 @@ impl Server {
                         };
                         // Counted here, not in the task: the next packet's
                         // decision must already see this handshake.
-                        let handshake = Handshake::start(&shared.metrics);
+                        let handshake = Counted::start(&shared.metrics, |m| &m.handshakes);
                         let shared = shared.clone();
                         let rx = stop.subscribe();
                         let peer = incoming.remote_address();
@@ -559,11 +556,26 @@ fn close_with(conn: &quinn::Connection, kind: ErrorKind, message: &str) {
     conn.close(kind.code().into(), &reason);
 }
 
-struct SessionGuard(Arc<Metrics>);
+/// One unit of a gauge of the metrics (a session, a handshake, a request
+/// in flight), given back when dropped.
+struct Counted {
+    metrics: Arc<Metrics>,
+    gauge: fn(&Metrics) -> &AtomicI64,
+}
 
-impl Drop for SessionGuard {
+impl Counted {
+    fn start(metrics: &Arc<Metrics>, gauge: fn(&Metrics) -> &AtomicI64) -> Counted {
+        gauge(metrics).fetch_add(1, Relaxed);
+        Counted {
+            metrics: metrics.clone(),
+            gauge,
+        }
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.active_sessions.fetch_sub(1, Relaxed);
+        (self.gauge)(&self.metrics).fetch_sub(1, Relaxed);
     }
 }
 
@@ -586,22 +598,6 @@ impl Drop for ConnSlot<'_> {
     }
 }
 
-/// A peer's handshake in progress, counted until dropped.
-struct Handshake(Arc<Metrics>);
-
-impl Handshake {
-    fn start(metrics: &Arc<Metrics>) -> Handshake {
-        metrics.handshakes.fetch_add(1, Relaxed);
-        Handshake(metrics.clone())
-    }
-}
-
-impl Drop for Handshake {
-    fn drop(&mut self) {
-        self.0.handshakes.fetch_sub(1, Relaxed);
-    }
-}
-
 /// `incoming`, unless it must first prove its address: once
 /// `validate_addresses_above` handshakes are in progress, a peer whose address
 /// is not yet validated is sent a QUIC Retry and nothing is kept for it.
@@ -617,22 +613,6 @@ fn validated(incoming: quinn::Incoming, shared: &Shared) -> Option<quinn::Incomi
     match incoming.retry() {
         Ok(()) => None,
         Err(e) => Some(e.into_incoming()),
-    }
-}
-
-/// Counts a request in flight until dropped.
-struct InFlight(Arc<Metrics>);
-
-impl InFlight {
-    fn start(metrics: &Arc<Metrics>) -> InFlight {
-        metrics.requests_in_flight.fetch_add(1, Relaxed);
-        InFlight(metrics.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.requests_in_flight.fetch_sub(1, Relaxed);
     }
 }
 
@@ -657,7 +637,7 @@ fn token_busy(grant: &Grant) -> Reject {
 
 async fn handle_incoming(
     incoming: quinn::Incoming,
-    handshake_counted: Handshake,
+    handshake_counted: Counted,
     shared: Arc<Shared>,
     rx: watch::Receiver<Stop>,
 ) {
@@ -745,7 +725,8 @@ async fn handle_incoming(
     let mut token_hold = None;
     let hello = session.on_hello(msg, &shared.tokens).and_then(|welcome| {
         let grant = session.grant().expect("welcomed sessions have a grant");
-        token_hold = shared.token_connections.take(grant);
+        // Held (and counted in the metrics) while the connection lives.
+        token_hold = shared.metrics.token_connections.take(grant);
         match token_hold {
             Some(_) => Ok(welcome),
             None => Err(token_busy(grant)),
@@ -789,8 +770,7 @@ async fn handle_incoming(
     shared.metrics.observe("hello", started.elapsed());
     let label = session.grant().map(|g| g.label.clone()).unwrap_or_default();
     info!(token = %label, "session started");
-    shared.metrics.active_sessions.fetch_add(1, Relaxed);
-    let _guard = SessionGuard(shared.metrics.clone());
+    let _session_counted = Counted::start(&shared.metrics, |m| &m.active_sessions);
     let session = Arc::new(Mutex::new(session));
     let uploads = Uploads::default();
 
@@ -939,7 +919,7 @@ async fn handle_stream(
     mut recv: quinn::RecvStream,
 ) {
     let started = Instant::now();
-    let _in_flight = InFlight::start(&shared.metrics);
+    let _in_flight = Counted::start(&shared.metrics, |m| &m.requests_in_flight);
     let deadline = shared.limits.request_deadline();
     // One deadline from the first byte of the request to the last of the
     // answer (a collection excepted: it gets a fresh one to answer).
@@ -1489,7 +1469,6 @@ mod tests {
             limits: LimitsConfig::default(),
             metrics: Arc::new(Metrics::default()),
             connections: AtomicU32::new(0),
-            token_connections: Arc::default(),
             throttle: AuthThrottle::new(0, Duration::from_secs(60)),
             gc: Arc::new(watch::channel(None).0),
         })
