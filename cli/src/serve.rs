@@ -44,6 +44,10 @@ complete example). Relative paths in it are relative to the file. Keys:
                                    new peer must first prove its address (a
                                    QUIC Retry, one more round trip): forged
                                    sources then cost no state; 0: every peer
+  min_free_bytes = 1073741824      disk space kept free in the store: uploads
+                                   that would eat into it are refused (\"no
+                                   space\"), so commits, removals and gc
+                                   still run on a full disk; 0: no reserve
 
   [[token]]                        one per CI trust level
   name = \"pr-builds\"               label for logs and metrics (never the

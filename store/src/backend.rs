@@ -153,6 +153,14 @@ impl BackendError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, BackendError::NotFound { .. })
     }
+
+    /// Whether the disk (or the user's quota) is full.
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, BackendError::Io { error, .. } if matches!(
+            error.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        ))
+    }
 }
 
 fn io_hint(error: &io::Error) -> &'static str {
@@ -232,6 +240,12 @@ pub trait Backend: Send + Sync {
     /// Whether the store can only be read (writes will fail).
     fn read_only(&self) -> bool {
         false
+    }
+    /// Bytes that can still be written, if the backend knows (`None`:
+    /// unknown). A server keeps a reserve with it, so that a full disk
+    /// cannot stop commits and collections.
+    fn available_bytes(&self) -> Result<Option<u64>, BackendError> {
+        Ok(None)
     }
     /// Human-readable location of a ref, for messages.
     fn ref_location(&self, name: &Name) -> String;
@@ -845,6 +859,16 @@ impl Backend for LocalDir {
         self.read_only
     }
 
+    fn available_bytes(&self) -> Result<Option<u64>, BackendError> {
+        // What an unprivileged writer may use (`f_bavail`), as `df` shows.
+        let stat = rustix::fs::statvfs(&self.root).map_err(|e| BackendError::Io {
+            action: "query the free space of",
+            location: self.root.display().to_string(),
+            error: e.into(),
+        })?;
+        Ok(Some(stat.f_bavail.saturating_mul(stat.f_frsize)))
+    }
+
     fn ref_modified_ms(&self, name: &Name) -> Result<Option<u64>, BackendError> {
         let path = self.ref_path(name);
         match fs::metadata(&path) {
@@ -898,6 +922,28 @@ mod tests {
         assert!(files_under(store.root()).is_empty());
         // Opening again is fine.
         LocalDir::open(store.root()).unwrap();
+    }
+
+    #[test]
+    fn available_bytes_is_what_the_file_system_reports() {
+        let (_dir, store) = store();
+        let free = store
+            .available_bytes()
+            .unwrap()
+            .expect("a local disk knows");
+        let stat = rustix::fs::statvfs(store.root()).unwrap();
+        assert!(free > 0, "a test directory on a full disk");
+        assert!(
+            free <= stat.f_blocks * stat.f_frsize,
+            "more free than the disk holds"
+        );
+        let missing = LocalDir {
+            root: store.root().join("gone"),
+            ..store
+        };
+        let err = missing.available_bytes().unwrap_err();
+        assert!(err.to_string().contains("free space"), "{err}");
+        assert!(!err.is_storage_full());
     }
 
     #[test]

@@ -492,6 +492,12 @@ impl Store {
         &self.root
     }
 
+    /// Bytes that can still be written to the store's disk, if its backend
+    /// knows.
+    pub fn available_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.backend.available_bytes()?)
+    }
+
     /// The storage backend (for tools that work below the store).
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
@@ -1382,6 +1388,18 @@ impl Store {
 }
 
 impl StoreError {
+    /// Whether the store's disk (or its owner's quota) is full.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StoreError::Backend(error) | StoreError::Open { error, .. } => error.is_storage_full(),
+            StoreError::Output { error, .. } => matches!(
+                error.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
+            _ => false,
+        }
+    }
+
     fn with_input(self, what: &str) -> StoreError {
         match self {
             StoreError::Input { error: source, .. } => StoreError::Input {

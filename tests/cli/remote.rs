@@ -63,7 +63,8 @@ fn ci_server(root: &Path) -> (Serve, std::path::PathBuf) {
     ci_server_with(root, "")
 }
 
-/// [`ci_server`], with `more` (TOML lines) in the token's entry.
+/// [`ci_server`], with `more` (TOML lines) after the token's entry: its
+/// keys, then maybe other tables.
 fn ci_server_with(root: &Path, more: &str) -> (Serve, std::path::PathBuf) {
     let token = root.join("ci.token");
     let hash = new_token(&token);
@@ -151,14 +152,7 @@ fn builders_upload_only_what_the_server_lacks_and_nodes_fetch_only_what_they_lac
     assert!(line.contains(", 0 already there; "), "{line}");
 
     // The server's store is whole.
-    let out = run(
-        std::process::Command::new(FERRY)
-            .arg("--store")
-            .arg(&server.store)
-            .args(["fsck", "--full"]),
-        None,
-    );
-    out.ok();
+    fsck_full(&server.store);
 }
 
 /// Packs are written past the page cache (O_DIRECT) by a local stash, the
@@ -307,4 +301,144 @@ fn a_command_waits_for_its_tokens_connection_slot_unless_told_not_to() {
         stderr.contains("the server is busy; waiting for a slot"),
         "{stderr}"
     );
+}
+
+/// `ferry fsck --full` of a server's store.
+fn fsck_full(store: &Path) {
+    let out = run(
+        std::process::Command::new(FERRY)
+            .arg("--store")
+            .arg(store)
+            .args(["fsck", "--full"]),
+        None,
+    );
+    out.ok();
+}
+
+/// [`ci_server`] with its store on a tmpfs mounted with `options` and
+/// `min_free_bytes = reserve`; `None` where mounting is not allowed.
+fn server_on_tmpfs(
+    root: &Path,
+    options: &str,
+    reserve: u64,
+) -> Option<(Mount, Serve, std::path::PathBuf)> {
+    let disk = Mount::tmpfs(&root.join("disk"), options)?;
+    fs::create_dir(disk.dir.join("store")).unwrap();
+    std::os::unix::fs::symlink(disk.dir.join("store"), root.join("server-store")).unwrap();
+    let (server, token) =
+        ci_server_with(root, &format!("\n[limits]\nmin_free_bytes = {reserve}\n"));
+    Some((disk, server, token))
+}
+
+/// Bytes free on the file system holding `path`, as `df` reports them.
+fn available(path: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// A server whose disk fills up (a 48 MiB tmpfs, taken by another file
+/// down to 8 MiB, below the 16 MiB reserve) refuses uploads, saying why,
+/// and goes on serving: commits of chunks it holds, restores and removals
+/// work in the reserve; once space is freed, uploads work again.
+#[test]
+fn a_server_at_its_disk_reserve_refuses_uploads_and_goes_on_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let Some((disk, server, token)) = server_on_tmpfs(root.path(), "size=48m", 16 << 20) else {
+        return;
+    };
+    let node = Node::new(&server, &token);
+    let old = root.path().join("old.bin");
+    let old_bytes = random_bytes(30, 3 << 20);
+    fs::write(&old, &old_bytes).unwrap();
+    node.stash("main/old", &old);
+
+    let filler = disk.dir.join("filler");
+    let free = available(&disk.dir);
+    fs::write(&filler, vec![7u8; (free - (8 << 20)) as usize]).unwrap();
+    let new = root.path().join("new.bin");
+    fs::write(&new, random_bytes(31, 1 << 20)).unwrap();
+    let out = node.ferry(&["stash", "main/new", new.to_str().unwrap()]);
+    out.expect_code(2);
+    for says in [
+        "the server's disk is full",
+        "less than its reserve of 16.0 MiB (limits.min_free_bytes)",
+        "nothing of this upload was stored",
+        "(no_space)",
+    ] {
+        assert!(out.stderr.contains(says), "{says:?} not in: {}", out.stderr);
+    }
+    // Refused at once, not retried.
+    assert!(!out.stderr.contains("retrying"), "{}", out.stderr);
+    let listed = node.ferry(&["ls"]);
+    listed.ok();
+    assert!(!listed.out().contains("main/new"), "{}", listed.out());
+
+    // What the server holds can still be named, restored and removed.
+    let other = Node::new(&server, &token);
+    let (_, push) = other.stash("main/old-again", &old);
+    assert_eq!(push["stats"]["chunks_sent"], 0, "{push}");
+    let fetched = Node::new(&server, &token);
+    let out = fetched.ferry(&["unstash", "main/old-again", "-"]);
+    out.ok();
+    assert_bytes_eq(&out.stdout, &old_bytes, "main/old-again");
+    node.ferry(&["rm", "main/old-again"]).ok();
+
+    // With space freed, the same command succeeds.
+    fs::remove_file(&filler).unwrap();
+    node.stash("main/new", &new);
+    let out = fetched.ferry(&["unstash", "main/new", "-"]);
+    out.ok();
+    assert_bytes_eq(&out.stdout, &fs::read(&new).unwrap(), "main/new");
+    fsck_full(&server.store);
+    drop(server);
+}
+
+/// A disk that fills under an upload, past the reserve check (here: no
+/// inodes left, so the bytes free say nothing), ends the push with the
+/// same clear refusal, not "internal" and retries; nothing is committed,
+/// and the server recovers once space is freed.
+#[test]
+fn a_disk_filling_under_an_upload_is_reported_as_full() {
+    let root = tempfile::tempdir().unwrap();
+    // No reserve: the bytes are there, the inodes are not.
+    let Some((disk, server, token)) = server_on_tmpfs(root.path(), "size=24m,nr_inodes=64", 0)
+    else {
+        return;
+    };
+    let node = Node::new(&server, &token);
+    node.ferry(&["ls"]).ok();
+
+    // Take every inode left.
+    let fillers = disk.dir.join("fillers");
+    fs::create_dir(&fillers).unwrap();
+    let mut taken = 0;
+    while fs::write(fillers.join(taken.to_string()), b"").is_ok() {
+        taken += 1;
+    }
+    assert!(taken < 64, "the tmpfs ignored nr_inodes");
+    let new = root.path().join("new.bin");
+    let new_bytes = random_bytes(32, 4 << 20);
+    fs::write(&new, &new_bytes).unwrap();
+    let out = node.ferry(&["stash", "main/new", new.to_str().unwrap()]);
+    out.expect_code(2);
+    for says in ["its disk is full; nothing was stored", "(no_space)"] {
+        assert!(out.stderr.contains(says), "{says:?} not in: {}", out.stderr);
+    }
+    assert!(!out.stderr.contains("retrying"), "{}", out.stderr);
+    let listed = node.ferry(&["ls"]);
+    listed.ok();
+    assert!(!listed.out().contains("main/new"), "{}", listed.out());
+
+    fs::remove_dir_all(&fillers).unwrap();
+    node.stash("main/new", &new);
+    let out = Node::new(&server, &token).ferry(&["unstash", "main/new", "-"]);
+    out.ok();
+    assert_bytes_eq(&out.stdout, &new_bytes, "main/new");
+    fsck_full(&server.store);
+    drop(server);
 }

@@ -79,6 +79,11 @@ pub struct LimitsConfig {
     /// get past it, so a flood of forged packets keeps no handshake state.
     /// 0: every peer.
     pub validate_addresses_above: u32,
+    /// Disk space kept free in the store, bytes: an upload that would leave
+    /// less is refused ("no space"), so that commits, removals and
+    /// collections (which need a little space to free more) still work
+    /// when uploads have filled the disk. 0: no reserve.
+    pub min_free_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -94,6 +99,7 @@ impl Default for LimitsConfig {
             max_auth_failures: 10,
             auth_failure_window_secs: 60,
             validate_addresses_above: 32,
+            min_free_bytes: 1 << 30,
         }
     }
 }

@@ -108,6 +108,9 @@ pub enum ErrorKind {
     BadName,
     /// A request took longer than the server's deadline.
     Deadline,
+    /// The server's disk is full, or would be within its reserve
+    /// (`limits.min_free_bytes`): uploads are refused until space is freed.
+    NoSpace,
     /// A code this build does not know.
     Unknown(u8),
 }
@@ -129,6 +132,7 @@ impl ErrorKind {
             ErrorKind::Internal => 11,
             ErrorKind::BadName => 12,
             ErrorKind::Deadline => 13,
+            ErrorKind::NoSpace => 14,
             ErrorKind::Unknown(c) => c,
         }
     }
@@ -149,6 +153,7 @@ impl ErrorKind {
             11 => ErrorKind::Internal,
             12 => ErrorKind::BadName,
             13 => ErrorKind::Deadline,
+            14 => ErrorKind::NoSpace,
             c => ErrorKind::Unknown(c),
         }
     }
@@ -169,6 +174,7 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
             ErrorKind::BadName => "bad_name",
             ErrorKind::Deadline => "deadline",
+            ErrorKind::NoSpace => "no_space",
             ErrorKind::Unknown(_) => "unknown",
         }
     }
@@ -182,7 +188,7 @@ impl ErrorKind {
     }
 
     /// Every known kind (for metrics).
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::Protocol,
         ErrorKind::Version,
         ErrorKind::Unauthenticated,
@@ -196,6 +202,7 @@ impl ErrorKind {
         ErrorKind::Internal,
         ErrorKind::BadName,
         ErrorKind::Deadline,
+        ErrorKind::NoSpace,
     ];
 }
 

@@ -1122,6 +1122,30 @@ fn internal(what: &str, e: &StoreError) -> Message {
     )
 }
 
+/// An upload refused for the disk reserve: bytes free, bytes offered.
+struct NoSpace {
+    free: u64,
+    incoming: u64,
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// The disk filled up under a write (the reserve is 0, or something else
+/// filled it): nothing was stored, and the client should not retry.
+fn disk_full(what: &str, e: &StoreError) -> Message {
+    error!(error = %e, "{what} failed: the disk is full");
+    Message::error(
+        ErrorKind::NoSpace,
+        format!(
+            "the server could not {what}: its disk is full; nothing was stored. \
+             Ask the server's operator to free space (`ferry gc` with retention, or a \
+             larger disk) and to keep a reserve (limits.min_free_bytes)"
+        ),
+    )
+}
+
 async fn execute(
     shared: &Arc<Shared>,
     session: &Arc<Mutex<ServerSession>>,
@@ -1146,13 +1170,48 @@ async fn execute(
         Action::Put { chunks } => {
             let n = chunks.len() as u32;
             let uploads = uploads.clone();
+            let reserve = shared.limits.min_free_bytes;
             let stored = blocking(move || {
+                // Checked first: refusing costs nothing, verifying does.
+                let incoming: u64 = chunks.iter().map(|c| c.bytes.len() as u64).sum();
+                if let Some(free) = store.available_bytes()? {
+                    if free < reserve.saturating_add(incoming) {
+                        return Ok(Err(NoSpace { free, incoming }));
+                    }
+                }
                 // Every chunk is verified before any counts.
                 let verified = verify_all(chunks)?;
-                uploads.add(&store, &verified)
+                uploads.add(&store, &verified).map(Ok)
             });
             match stored.await {
-                Ok(new) => {
+                Ok(Err(NoSpace { free, incoming })) => {
+                    warn!(
+                        free_bytes = free,
+                        upload_bytes = incoming,
+                        min_free_bytes = reserve,
+                        "upload refused: the store's disk is at its reserve"
+                    );
+                    let short = if reserve == 0 {
+                        format!("too little for an upload of {}", mib(incoming))
+                    } else {
+                        format!(
+                            "and an upload of {} would leave less than its reserve of {} \
+                             (limits.min_free_bytes)",
+                            mib(incoming),
+                            mib(reserve)
+                        )
+                    };
+                    Message::error(
+                        ErrorKind::NoSpace,
+                        format!(
+                            "the server's disk is full: {} free, {short}; nothing of this \
+                             upload was stored. Ask the server's operator to free space \
+                             (`ferry gc` with retention, or a larger disk)",
+                            mib(free)
+                        ),
+                    )
+                }
+                Ok(Ok(new)) => {
                     metrics.chunks_received.fetch_add(n as u64, Relaxed);
                     metrics.chunks_stored.fetch_add(new, Relaxed);
                     Message::PutReply {
@@ -1167,6 +1226,7 @@ async fn execute(
                          nothing of this upload was stored"
                     ),
                 ),
+                Err(e) if e.is_storage_full() => disk_full("store uploaded chunks", &e),
                 Err(e) => internal("store uploaded chunks", &e),
             }
         }
@@ -1216,6 +1276,7 @@ async fn execute(
                     ErrorKind::Corrupt,
                     format!("commit of {name} refused: the manifest does not decode ({source})"),
                 ),
+                Err(e) if e.is_storage_full() => disk_full(&format!("commit {name}"), &e),
                 Err(e) => internal("commit", &e),
             }
         }
