@@ -184,11 +184,17 @@ pub fn push(early: blocking::EarlyUpload, name: &Name, out: &Output) -> anyhow::
     ));
     let pushed = early.push(progress.clone());
     progress.finish();
-    let pushed = pushed.with_context(|| {
-        format!(
+    let pushed = pushed.map_err(|e| {
+        // Re-running at once would be refused again.
+        let when = if e.kind() == Some(transfer::proto::ErrorKind::NoSpace) {
+            "once space is freed on the server"
+        } else {
+            "to resume"
+        };
+        anyhow::Error::new(e).context(format!(
             "{name} is stashed locally, but pushing it failed; \
-             run the same command again to resume"
-        )
+             run the same command again {when}"
+        ))
     })?;
     out.emit(&pushed, |p: &PushReport| {
         transfer_line("pushed to", &p.remote, &p.stats, true)

@@ -365,6 +365,7 @@ fn a_server_at_its_disk_reserve_refuses_uploads_and_goes_on_serving() {
     let out = node.ferry(&["stash", "main/new", new.to_str().unwrap()]);
     out.expect_code(2);
     for says in [
+        "run the same command again once space is freed on the server",
         "the server's disk is full",
         "less than its reserve of 16.0 MiB (limits.min_free_bytes)",
         "nothing of this upload was stored",

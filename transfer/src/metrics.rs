@@ -346,14 +346,46 @@ impl Metrics {
     }
 }
 
+/// The store's disk, looked at on every scrape.
+pub(crate) struct Disk {
+    /// `limits.min_free_bytes`.
+    pub reserve: u64,
+    /// Bytes free now, if known (a file-system call: run off the runtime).
+    pub available: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+}
+
+impl Disk {
+    /// Gauges for alerting before uploads are refused: the space free and
+    /// the reserve it is compared with.
+    fn render(&self, available: Option<u64>) -> String {
+        let mut s = String::new();
+        if let Some(free) = available {
+            let _ = writeln!(
+                s,
+                "# HELP ferry_store_available_bytes Bytes free on the store's disk.\n\
+                 # TYPE ferry_store_available_bytes gauge\nferry_store_available_bytes {free}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP ferry_store_reserve_bytes Uploads are refused below this many bytes free \
+             (limits.min_free_bytes).\n\
+             # TYPE ferry_store_reserve_bytes gauge\nferry_store_reserve_bytes {}",
+            self.reserve
+        );
+        s
+    }
+}
+
 /// Answers `GET /metrics` on `listener` until the task is dropped. Every
 /// other path is a 404; requests are bounded in size and time.
-pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, disk: Arc<Disk>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let disk = disk.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
@@ -377,7 +409,12 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/")
             {
-                ("200 OK", metrics.render())
+                let probe = disk.clone();
+                let free = tokio::task::spawn_blocking(move || (probe.available)())
+                    .await
+                    .ok()
+                    .flatten();
+                ("200 OK", metrics.render() + &disk.render(free))
             } else {
                 ("404 Not Found", "not found: try /metrics\n".to_string())
             };

@@ -451,8 +451,14 @@ impl Server {
             gc_schedule: schedule,
             ..
         } = self;
-        let metrics_task =
-            metrics_listener.map(|l| tokio::spawn(metrics::serve(l, shared.metrics.clone())));
+        let metrics_task = metrics_listener.map(|l| {
+            let store = shared.store.clone();
+            let disk = metrics::Disk {
+                reserve: shared.limits.min_free_bytes,
+                available: Box::new(move || store.available_bytes().ok().flatten()),
+            };
+            tokio::spawn(metrics::serve(l, shared.metrics.clone(), Arc::new(disk)))
+        });
         let gc_task = schedule.map(|(interval, opts)| {
             info!(
                 interval_secs = interval.as_secs(),

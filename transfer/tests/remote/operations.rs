@@ -71,6 +71,12 @@ async fn metrics_are_served_in_prometheus_format() {
         ) >= 1.0
     );
     assert!(body.contains("ferry_active_sessions "));
+    // The store's disk: what is free (a tempdir on a real disk) and the reserve.
+    assert!(metric(&body, "ferry_store_available_bytes") > 0.0);
+    assert_eq!(
+        metric(&body, "ferry_store_reserve_bytes"),
+        (1u64 << 30) as f64
+    );
     let nf = tokio::task::spawn_blocking(move || http_get(addr, "/nope"))
         .await
         .unwrap();
