@@ -44,6 +44,12 @@ complete example). Relative paths in it are relative to the file. Keys:
                                    new peer must first prove its address (a
                                    QUIC Retry, one more round trip): forged
                                    sources then cost no state; 0: every peer
+  max_unauthenticated_per_address = 16
+                                   connections from one address (IPv4, or
+                                   IPv6 /64) done with their handshake but
+                                   not yet with their hello; more are busy
+                                   (keeps one host from holding every slot
+                                   without a token); 0: no limit
   min_free_bytes = 1073741824      disk space kept free in the store: uploads
                                    that would eat into it are refused (\"no
                                    space\"), so commits, removals and gc

@@ -640,9 +640,118 @@ impl AuthThrottle {
     }
 }
 
+/// Connections from one address (keyed as [`AuthThrottle::key`]) whose
+/// handshake is done but whose hello is not answered yet. A peer needs no
+/// token to get that far, and each such connection holds a server slot
+/// until the hello deadline: without a bound, one host could hold them
+/// all. Authenticated connections do not count, so many clients behind one
+/// NAT are not limited (their hellos take a round trip). Sans-IO: the
+/// server holds a [`PendingHello`] from the handshake to the welcome.
+#[derive(Debug)]
+pub struct PendingHellos {
+    max: u32,
+    by_address: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One connection from an address waiting to say hello; counted until
+/// dropped.
+#[derive(Debug)]
+pub struct PendingHello {
+    table: Arc<PendingHellos>,
+    key: IpAddr,
+}
+
+impl PendingHellos {
+    /// At most `max` per address (0: no limit).
+    pub fn new(max: u32) -> Arc<PendingHellos> {
+        Arc::new(PendingHellos {
+            max,
+            by_address: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The limit (0: none).
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// A place for one more connection from `addr`, or `None` if `max` of
+    /// its connections are waiting to say hello already.
+    pub fn take(self: &Arc<Self>, addr: IpAddr) -> Option<PendingHello> {
+        let key = AuthThrottle::key(addr);
+        let mut map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key).or_insert(0);
+        if self.max > 0 && *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(PendingHello {
+            table: Arc::clone(self),
+            key,
+        })
+    }
+
+    /// Connections from `addr` waiting now.
+    pub fn waiting(&self, addr: IpAddr) -> u32 {
+        let map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&AuthThrottle::key(addr)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for PendingHello {
+    fn drop(&mut self) {
+        let mut map = self
+            .table
+            .by_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            // Gone when none wait: the map holds only live connections.
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_waiting_to_say_hello_are_bounded_per_address() {
+        let table = PendingHellos::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = table.take(a).unwrap();
+        let second = table.take(a).unwrap();
+        assert!(table.take(a).is_none(), "a third from one address");
+        let other = table
+            .take(b)
+            .expect("another address has places of its own");
+        assert_eq!((table.waiting(a), table.waiting(b)), (2, 1));
+        drop(first);
+        let again = table.take(a).expect("a place freed by a welcome");
+        drop((second, again, other));
+        assert_eq!((table.waiting(a), table.waiting(b)), (0, 0));
+        assert!(table.by_address.lock().unwrap().is_empty(), "no entry left");
+
+        // An IPv6 host holds its /64 and counts as one address.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let one = table.take(v6("2001:db8::1")).unwrap();
+        let two = table.take(v6("2001:db8::ffff:2")).unwrap();
+        assert!(table.take(v6("2001:db8::3")).is_none());
+        assert!(table.take(v6("2001:db8:0:1::1")).is_some(), "another /64");
+        drop((one, two));
+
+        // 0: no limit.
+        let open = PendingHellos::new(0);
+        let held: Vec<_> = (0..100).map(|_| open.take(a).unwrap()).collect();
+        assert_eq!(open.waiting(a), 100);
+        drop(held);
+        assert_eq!(open.waiting(a), 0);
+    }
 
     fn name(s: &str) -> Name {
         Name::parse(s).unwrap()

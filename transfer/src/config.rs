@@ -79,6 +79,12 @@ pub struct LimitsConfig {
     /// get past it, so a flood of forged packets keeps no handshake state.
     /// 0: every peer.
     pub validate_addresses_above: u32,
+    /// Connections from one address (IPv4, or an IPv6 /64) that have done
+    /// their handshake but not yet said hello; more are refused as busy.
+    /// No token is needed to get that far, and each holds a slot until the
+    /// hello deadline: this keeps one host from taking every slot.
+    /// Authenticated connections do not count. 0: no limit.
+    pub max_unauthenticated_per_address: u32,
     /// Disk space kept free in the store, bytes: an upload that would leave
     /// less is refused ("no space"), so that commits, removals and
     /// collections (which need a little space to free more) still work
@@ -99,6 +105,7 @@ impl Default for LimitsConfig {
             max_auth_failures: 10,
             auth_failure_window_secs: 60,
             validate_addresses_above: 32,
+            max_unauthenticated_per_address: 16,
             min_free_bytes: 1 << 30,
         }
     }

@@ -18,7 +18,7 @@
 //! the config) and on demand (`ferry gc --remote`, admin tokens), one
 //! collection at a time, on a blocking thread: it never blocks serving.
 
-use crate::auth::{AuthThrottle, Grant, Scopes, TokenTable};
+use crate::auth::{AuthThrottle, Grant, PendingHellos, Scopes, TokenTable};
 use crate::config::{ConfigError, LimitsConfig, ServerConfig};
 use crate::metrics::{self, GcTrigger, Metrics};
 use crate::proto::{self, Action, ErrorKind, GcRequest, ListEntry, Message, Reject, ServerSession};
@@ -124,6 +124,8 @@ struct Shared {
     connections: AtomicU32,
     /// Failed authentications by address.
     throttle: AuthThrottle,
+    /// Connections by address that have not said hello yet.
+    pending_hellos: Arc<PendingHellos>,
     /// At most one collection at a time, whoever starts it.
     gc: Arc<GcSlot>,
 }
@@ -392,6 +394,7 @@ impl Server {
                 limits: cfg.limits.clone(),
                 metrics: metrics.clone(),
                 connections: AtomicU32::new(0),
+                pending_hellos: PendingHellos::new(cfg.limits.max_unauthenticated_per_address),
                 throttle: AuthThrottle::new(
                     cfg.limits.max_auth_failures,
                     cfg.limits.auth_failure_window(),
@@ -665,6 +668,23 @@ async fn handle_incoming(
             return;
         }
     };
+    // Before a slot is taken: a host's silent connections past its share
+    // take none.
+    let ip = conn.remote_address().ip();
+    let Some(pending_hello) = shared.pending_hellos.take(ip) else {
+        shared.metrics.connections.fetch_add(1, Relaxed);
+        shared.metrics.error(ErrorKind::Busy);
+        let message = format!(
+            "too many connections from {} are waiting to say hello ({} at most: \
+             limits.max_unauthenticated_per_address); try again shortly",
+            AuthThrottle::key(ip),
+            shared.pending_hellos.max()
+        );
+        // Not at warn: a host that floods must not flood the log too.
+        debug!(%message, "refusing a connection");
+        conn.close(ErrorKind::Busy.code().into(), message.as_bytes());
+        return;
+    };
     let (_slot, count) = ConnSlot::take(&shared);
     shared.metrics.connections.fetch_add(1, Relaxed);
     if count > limits.max_connections {
@@ -683,7 +703,6 @@ async fn handle_incoming(
     // An address that failed to authenticate too often is refused whatever
     // token it brings now: otherwise guessing would go on at full speed.
     // Not logged at warn: the lockout itself was, once.
-    let ip = conn.remote_address().ip();
     if let Some(left) = shared.throttle.refused_for(ip, Instant::now()) {
         shared.metrics.auth_refused.fetch_add(1, Relaxed);
         shared.metrics.error(ErrorKind::Unauthenticated);
@@ -773,6 +792,7 @@ async fn handle_incoming(
             return;
         }
     }
+    drop(pending_hello);
     shared.metrics.observe("hello", started.elapsed());
     let label = session.grant().map(|g| g.label.clone()).unwrap_or_default();
     info!(token = %label, "session started");
@@ -1537,6 +1557,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             connections: AtomicU32::new(0),
             throttle: AuthThrottle::new(0, Duration::from_secs(60)),
+            pending_hellos: PendingHellos::new(0),
             gc: Arc::new(watch::channel(None).0),
         })
     }

@@ -1034,6 +1034,71 @@ async fn connections_past_the_limit_are_refused_and_half_open_ones_take_no_slot(
     server.stop().await;
 }
 
+/// A host whose connections never say hello holds at most
+/// `max_unauthenticated_per_address` of them: the next is refused "busy"
+/// (naming the limit) before it takes a slot, while other addresses are
+/// served; once the silent ones are cut off at the hello deadline, the
+/// host gets in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_from_one_address_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = abuse_config(dir.path());
+    cfg.limits.max_unauthenticated_per_address = 3;
+    let (server, before) = seeded(dir.path(), cfg).await;
+    let open = || server.metrics.connections_open.load(Relaxed);
+    wait_for(5, "the seeding clients gone", || open() == 0).await;
+    let host = PeerOpts {
+        from: [127, 0, 0, 2].into(),
+        ..PeerOpts::default()
+    };
+
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(peer(&server, &host).await);
+    }
+    wait_for(5, "three silent connections held", || open() == 3).await;
+    let busy = errors(&server, ErrorKind::Busy);
+    let (kind, why) = refused_peer(&server, &host, MAIN).await;
+    assert_eq!(kind, ErrorKind::Busy, "{why}");
+    assert!(
+        why.contains("too many connections from 127.0.0.2 are waiting to say hello (3 at most: limits.max_unauthenticated_per_address)"),
+        "{why}"
+    );
+    assert_eq!(errors(&server, ErrorKind::Busy), busy + 1);
+    // It took no slot.
+    assert_eq!(open(), 3);
+
+    // Another address is served meanwhile.
+    let s = Session::connect(&server.remote(MAIN), &opts())
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.request(&Message::List {
+            prefix: String::new()
+        })
+        .await
+        .unwrap(),
+        Message::Listing { .. }
+    ));
+    s.close().await;
+
+    // The silent ones end at the hello deadline; then the host gets in.
+    for p in &silent {
+        let (kind, why) = p.closed(10).await;
+        assert_eq!(kind, ErrorKind::Deadline, "{why}");
+    }
+    let welcomed = peer(&server, &host).await;
+    welcomed.hello(MAIN).await;
+    drop(welcomed);
+    drop(silent);
+
+    before
+        .assert_unchanged(&server.store_dir, "silent connections")
+        .await;
+    still_serves(&server, dir.path(), "silent-host").await;
+    server.stop().await;
+}
+
 /// Past `validate_addresses_above` handshakes in progress, a peer must
 /// prove its address first (a QUIC Retry): peers that never answer —
 /// forged sources — get no handshake state, while real clients pay one
