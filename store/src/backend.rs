@@ -156,11 +156,16 @@ impl BackendError {
 
     /// Whether the disk (or the user's quota) is full.
     pub fn is_storage_full(&self) -> bool {
-        matches!(self, BackendError::Io { error, .. } if matches!(
-            error.kind(),
-            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-        ))
+        matches!(self, BackendError::Io { error, .. } if is_storage_full(error))
     }
+}
+
+/// Whether `error` says the disk (or the user's quota) is full.
+pub fn is_storage_full(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 fn io_hint(error: &io::Error) -> &'static str {

@@ -686,15 +686,9 @@ impl Store {
             Err(_) if self.backend.read_only() && matches!(purpose, "unstash" | "fsck") => None,
             // A full disk must not stop reads: restoring or checking is
             // what one does before freeing space. (Nothing can collect on
-            // a full disk either: gc needs to write its marks first.)
-            Err(BackendError::Io { ref error, .. })
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-                ) && matches!(purpose, "unstash" | "fsck") =>
-            {
-                None
-            }
+            // a full disk either, gc needs to write its marks first: the
+            // server keeps a reserve for it.)
+            Err(e) if e.is_storage_full() && matches!(purpose, "unstash" | "fsck") => None,
             Err(e) => return Err(e.into()),
         };
         *self.condemned.write().expect("condemned lock") =
@@ -1392,10 +1386,7 @@ impl StoreError {
     pub fn is_storage_full(&self) -> bool {
         match self {
             StoreError::Backend(error) | StoreError::Open { error, .. } => error.is_storage_full(),
-            StoreError::Output { error, .. } => matches!(
-                error.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            ),
+            StoreError::Output { error, .. } => crate::backend::is_storage_full(error),
             _ => false,
         }
     }

@@ -350,8 +350,9 @@ impl Metrics {
 pub(crate) struct Disk {
     /// `limits.min_free_bytes`.
     pub reserve: u64,
-    /// Bytes free now, if known (a file-system call: run off the runtime).
-    pub available: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+    /// The store, asked for its free space (a file-system call: off the
+    /// runtime).
+    pub store: Arc<store::repo::Store>,
 }
 
 impl Disk {
@@ -410,10 +411,13 @@ pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>, disk: Ar
             let (status, body) = if head.starts_with("GET ") && (path == "/metrics" || path == "/")
             {
                 let probe = disk.clone();
-                let free = tokio::task::spawn_blocking(move || (probe.available)())
-                    .await
-                    .ok()
-                    .flatten();
+                // Not known (or failed): the gauge is left out.
+                let free = tokio::task::spawn_blocking(move || {
+                    probe.store.available_bytes().ok().flatten()
+                })
+                .await
+                .ok()
+                .flatten();
                 ("200 OK", metrics.render() + &disk.render(free))
             } else {
                 ("404 Not Found", "not found: try /metrics\n".to_string())

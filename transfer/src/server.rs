@@ -455,10 +455,9 @@ impl Server {
             ..
         } = self;
         let metrics_task = metrics_listener.map(|l| {
-            let store = shared.store.clone();
             let disk = metrics::Disk {
                 reserve: shared.limits.min_free_bytes,
-                available: Box::new(move || store.available_bytes().ok().flatten()),
+                store: shared.store.clone(),
             };
             tokio::spawn(metrics::serve(l, shared.metrics.clone(), Arc::new(disk)))
         });
