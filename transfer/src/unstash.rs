@@ -23,8 +23,8 @@
 //!   them from the pack).
 //!
 //! Memory stays bounded by the window (or, by offset, the requests in
-//! flight), one pack and the restore's batches, whatever the size of the
-//! stash. A lost connection is re-established (with backoff, within the
+//! flight), the importer's queue ([`IMPORT_QUEUE_BYTES`]), one pack and the
+//! restore's batches, whatever the size of the stash. A lost connection is re-established (with backoff, within the
 //! retry budget) and the outstanding requests are asked again, so standard
 //! output never sees a byte twice. The local name is committed last, once
 //! every chunk is durable in the node's store.
@@ -189,8 +189,14 @@ pub async fn unstash(
     let mut importer = None;
     if let Ok(placed) = planned_rx.await {
         debug!(chunks = board.lock().missing.len(), "chunks to download");
-        let (tx, rx) = std::sync::mpsc::sync_channel::<VerifiedChunk>(64);
-        importer = Some(spawn_importer(store.clone(), board.clone(), rx));
+        let (tx, rx) = std::sync::mpsc::channel::<VerifiedChunk>();
+        let queue = Arc::new(ImportQueue::new(IMPORT_QUEUE_BYTES));
+        importer = Some(spawn_importer(
+            store.clone(),
+            board.clone(),
+            rx,
+            queue.clone(),
+        ));
         let limits = link.limits().await;
         let streams = opts.streams.clamp(1, limits.max_streams as usize);
         // Requests small enough that every stream has one in the window.
@@ -199,16 +205,27 @@ pub async fn unstash(
             .max(1 << 20);
         let max_ids = limits.max_batch_ids as usize;
         for _ in 0..streams {
-            let (board, link, counters, tx, placed) = (
+            let importer = Importing {
+                chunks: tx.clone(),
+                queue: queue.clone(),
+            };
+            let (board, link, counters, placed) = (
                 board.clone(),
                 link.clone(),
                 counters.clone(),
-                tx.clone(),
                 placed.clone(),
             );
             workers.spawn(async move {
-                let r =
-                    download(&board, &link, &counters, tx, placed, request_bytes, max_ids).await;
+                let r = download(
+                    &board,
+                    &link,
+                    &counters,
+                    importer,
+                    placed,
+                    request_bytes,
+                    max_ids,
+                )
+                .await;
                 if let Err(e) = &r {
                     board.fail(e);
                 }
@@ -321,7 +338,7 @@ async fn download(
     board: &Arc<Arrivals>,
     link: &Link,
     counters: &Counters,
-    importer: std::sync::mpsc::SyncSender<VerifiedChunk>,
+    importer: Importing,
     placed: Option<Arc<PlacedFile>>,
     request_bytes: u64,
     max_ids: usize,
@@ -376,7 +393,7 @@ async fn download(
                 }
                 // A stopped importer (the node's store failed) is reported
                 // when it is joined; the restore goes on without it.
-                let _ = tx.send(v);
+                tx.send(v);
             }
             Ok::<(), Failed>(())
         })
@@ -411,17 +428,109 @@ type ImporterThread = std::thread::JoinHandle<Result<Importer<Arc<Store>>, Store
 /// for their pack to be written.
 const RETAIN_LIMIT: u64 = 32 << 20;
 
+/// Stored bytes of verified chunks that may wait for the importer. It
+/// stops at each full pack while the pack is made durable (an fsync, 70-150
+/// ms on the bench VM) and writes past the page cache at the device's
+/// pace. Behind a queue of 64 chunks (about 2 MiB) the downloaders waited
+/// for it 11-16 s of their 8 x 5.5 s in an unstash of v1, with the cores
+/// not busy; with 48 MiB the unstash took 0.2-1.0 s less in six
+/// alternating pairs (BENCHMARKS.md §4, 2026-12-03). Costs up to this much
+/// more memory.
+const IMPORT_QUEUE_BYTES: u64 = 32 << 20;
+
+/// The downloaders' end of the importer's queue.
+#[derive(Clone)]
+struct Importing {
+    chunks: std::sync::mpsc::Sender<VerifiedChunk>,
+    queue: Arc<ImportQueue>,
+}
+
+impl Importing {
+    /// Queues `chunk` for the importer; waits while the queue is full. A
+    /// stopped importer takes nothing (its error is reported when joined).
+    fn send(&self, chunk: VerifiedChunk) {
+        self.queue.take(chunk.stored().bytes.len() as u64);
+        let _ = self.chunks.send(chunk);
+    }
+}
+
+/// The bytes in the importer's queue, bounded: senders wait while it is
+/// full, unless it is empty (a chunk larger than the bound still goes) or
+/// the importer has stopped.
+struct ImportQueue {
+    state: Mutex<Queued>,
+    freed: Condvar,
+    limit: u64,
+}
+
+#[derive(Default)]
+struct Queued {
+    bytes: u64,
+    /// The importer has stopped.
+    closed: bool,
+}
+
+impl ImportQueue {
+    fn new(limit: u64) -> ImportQueue {
+        ImportQueue {
+            state: Mutex::default(),
+            freed: Condvar::new(),
+            limit,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queued> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts `bytes` in, once they fit.
+    fn take(&self, bytes: u64) {
+        let mut q = self.lock();
+        while !q.closed && q.bytes > 0 && q.bytes + bytes > self.limit {
+            q = self.freed.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        q.bytes += bytes;
+    }
+
+    /// Counts `bytes` out: the importer is done with them.
+    fn give(&self, bytes: u64) {
+        let mut q = self.lock();
+        q.bytes = q.bytes.saturating_sub(bytes);
+        drop(q);
+        self.freed.notify_all();
+    }
+
+    /// The importer stopped: nobody waits any more.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.freed.notify_all();
+    }
+}
+
+/// Closes the queue when the importer thread ends, however it ends.
+struct CloseOnDrop(Arc<ImportQueue>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Appends verified chunks to the node's store as they come; tells the
 /// board when they are durable.
 fn spawn_importer(
     store: Arc<Store>,
     board: Arc<Arrivals>,
     rx: std::sync::mpsc::Receiver<VerifiedChunk>,
+    queue: Arc<ImportQueue>,
 ) -> ImporterThread {
     std::thread::spawn(move || {
+        let _close = CloseOnDrop(queue.clone());
         let mut importer = Importer::shared(store)?;
         for chunk in rx {
-            let mut durable = importer.add(&chunk)?;
+            let added = importer.add(&chunk);
+            queue.give(chunk.stored().bytes.len() as u64);
+            let mut durable = added?;
             if durable.is_empty() && board.retained() > RETAIN_LIMIT {
                 // Chunks read once and wanted again wait in memory until
                 // their pack is written: write it early rather than hold
@@ -1041,6 +1150,45 @@ mod tests {
         assert_eq!(board.next_work(1000, 100), Work::Wait);
         board.want_the_rest();
         assert_eq!(board.next_work(1000, 100), Work::Fetch(vec![id(9)]));
+    }
+
+    /// `take(bytes)` on a thread of its own; the receiver hears when it returns.
+    fn takes_soon(queue: &Arc<ImportQueue>, bytes: u64) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = queue.clone();
+        std::thread::spawn(move || {
+            q.take(bytes);
+            let _ = tx.send(());
+        });
+        rx
+    }
+
+    #[test]
+    fn the_importers_queue_holds_senders_while_full_and_never_once_closed() {
+        let wait = Duration::from_millis(50);
+        let queue = Arc::new(ImportQueue::new(100));
+        // Larger than the bound, into an empty queue: it goes.
+        queue.take(150);
+        let blocked = takes_soon(&queue, 1);
+        assert!(
+            blocked.recv_timeout(wait).is_err(),
+            "took into a full queue"
+        );
+        queue.give(150);
+        blocked.recv_timeout(Duration::from_secs(5)).unwrap();
+        // 1 queued: up to the bound goes, one byte more waits.
+        queue.take(98);
+        assert!(takes_soon(&queue, 1)
+            .recv_timeout(Duration::from_secs(5))
+            .is_ok());
+        let blocked = takes_soon(&queue, 1);
+        assert!(blocked.recv_timeout(wait).is_err(), "took past the bound");
+        // A stopped importer frees every sender, now and later.
+        queue.close();
+        blocked.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(takes_soon(&queue, 1000)
+            .recv_timeout(Duration::from_secs(5))
+            .is_ok());
     }
 
     #[test]

@@ -743,3 +743,76 @@ async fn a_stopped_unstash_keeps_what_arrived_and_leaves_no_output() {
     assert!(std::fs::read(&target).unwrap() == data);
     server.stop().await;
 }
+
+/// A node store that cannot keep what arrives (its packs cannot be
+/// written) does not hold up the unstash: the importer stops at its first
+/// pack, the downloaders stop queueing for it, the output is whole, and the
+/// report says why nothing was kept. The image is larger than the
+/// importer's queue, so a downloader would wait forever on a dead
+/// importer's full queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_store_that_cannot_keep_chunks_does_not_hold_up_the_unstash() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let remote = server.remote(MAIN);
+    let a = client_store(dir.path(), "a");
+    // Incompressible: 48 MiB stored, past the importer's queue of 32 MiB.
+    let data = random_bytes(41, 48 << 20);
+    stash_bytes(&a, "main/big", &data).await;
+    push(a.clone(), &name("main/big"), &remote, &opts(), none())
+        .await
+        .unwrap();
+
+    for (target, label) in [("stream", "node-stream"), ("file", "node-file")] {
+        let node = small_pack_store(dir.path(), label);
+        // The index is read (the packs listed) once, before they go.
+        node.missing(&[store::ChunkId::of(b"x")]).unwrap();
+        let packs = dir.path().join(label).join("packs");
+        std::fs::remove_dir_all(&packs).unwrap();
+        std::fs::write(&packs, b"not a directory").unwrap();
+        let out = dir.path().join(format!("{label}.bin"));
+        let destination = match target {
+            "stream" => Destination::Writer(Box::new(std::fs::File::create(&out).unwrap())),
+            _ => Destination::Path(out.clone()),
+        };
+        // On a runtime of its own: a downloader stuck on the queue would
+        // keep a runtime from shutting down, and this test from ending.
+        let (done, ended) = std::sync::mpsc::channel();
+        let (n, remote) = (node.clone(), remote.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let r = rt.block_on(unstash(
+                n,
+                &name("main/big"),
+                destination,
+                false,
+                &remote,
+                &opts(),
+                none(),
+            ));
+            let _ = done.send(r);
+        });
+        let wait = std::time::Duration::from_secs(120);
+        let r = tokio::task::spawn_blocking(move || ended.recv_timeout(wait))
+            .await
+            .unwrap()
+            .unwrap_or_else(|_| panic!("{target}: the unstash did not end"))
+            .unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "{target}: output differs"
+        );
+        let why = r
+            .cache_error
+            .unwrap_or_else(|| panic!("{target}: no cache error"));
+        assert!(why.contains("packs"), "{target}: {why}");
+        assert!(
+            node.list(None).unwrap().is_empty(),
+            "{target}: a name without its chunks"
+        );
+    }
+}
