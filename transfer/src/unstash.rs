@@ -23,11 +23,12 @@
 //!   them from the pack).
 //!
 //! Memory stays bounded by the window (or, by offset, the requests in
-//! flight), the importer's queue ([`IMPORT_QUEUE_BYTES`]), one pack and the
-//! restore's batches, whatever the size of the stash. A lost connection is re-established (with backoff, within the
-//! retry budget) and the outstanding requests are asked again, so standard
-//! output never sees a byte twice. The local name is committed last, once
-//! every chunk is durable in the node's store.
+//! flight), the importer's queue (32 MiB), one pack and the restore's
+//! batches, whatever the size of the stash. A lost connection is
+//! re-established (with backoff, within the retry budget) and the
+//! outstanding requests are asked again, so standard output never sees a
+//! byte twice. The local name is committed last, once every chunk is
+//! durable in the node's store.
 
 use crate::client::{
     blocking, delta_bases, fetch_manifest, frame_budget, get_chunks, with_retries, ClientError,
