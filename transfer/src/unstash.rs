@@ -434,9 +434,9 @@ const RETAIN_LIMIT: u64 = 32 << 20;
 /// ms on the bench VM) and writes past the page cache at the device's
 /// pace. Behind a queue of 64 chunks (about 2 MiB) the downloaders waited
 /// for it 11-16 s of their 8 x 5.5 s in an unstash of v1, with the cores
-/// not busy; with 48 MiB the unstash took 0.2-1.0 s less in six
-/// alternating pairs (BENCHMARKS.md §4, 2026-12-03). Costs up to this much
-/// more memory.
+/// not busy. A 48 MiB queue took 0.2-1.0 s off the unstash in six
+/// alternating pairs; 16-96 MiB did about alike, and 32 MiB costs 20-25
+/// MiB more peak RSS than before (BENCHMARKS.md §4, 2026-12-03).
 const IMPORT_QUEUE_BYTES: u64 = 32 << 20;
 
 /// The downloaders' end of the importer's queue.
