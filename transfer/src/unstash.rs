@@ -435,7 +435,7 @@ const RETAIN_LIMIT: u64 = 32 << 20;
 /// pace. Behind a queue of 64 chunks (about 2 MiB) the downloaders waited
 /// for it 11-16 s of their 8 x 5.5 s in an unstash of v1, with the cores
 /// not busy. A 48 MiB queue took 0.2-1.0 s off the unstash in six
-/// alternating pairs; 16-96 MiB did about alike, and 32 MiB costs 20-25
+/// alternating pairs; 16-96 MiB did about alike, and 32 MiB costs 10-30
 /// MiB more peak RSS than before (BENCHMARKS.md §4, 2026-12-03).
 const IMPORT_QUEUE_BYTES: u64 = 32 << 20;
 
