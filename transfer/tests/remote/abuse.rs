@@ -1036,8 +1036,8 @@ async fn connections_past_the_limit_are_refused_and_half_open_ones_take_no_slot(
 
 /// A host whose connections never say hello holds at most
 /// `max_unauthenticated_per_address` of them: the next is refused "busy"
-/// (naming the limit), while other addresses are served; once the silent ones are cut off at the hello deadline, the
-/// host gets in again.
+/// (naming the limit), while other addresses are served; once the silent
+/// ones are cut off at the hello deadline, the host gets in again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_from_one_address_are_bounded() {
     let dir = tempfile::tempdir().unwrap();

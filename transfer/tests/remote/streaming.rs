@@ -815,4 +815,5 @@ async fn a_node_store_that_cannot_keep_chunks_does_not_hold_up_the_unstash() {
             "{target}: a name without its chunks"
         );
     }
+    server.stop().await;
 }
