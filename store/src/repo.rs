@@ -7,9 +7,10 @@
 //! SHA-256 of the stream; the tar splitter sends tar structure to the
 //! metadata stream and file contents to the content stream; each stream is
 //! chunked and hashed in parallel; chunks the store lacks are compressed in
-//! parallel and appended to a pack. Packs are durable before the manifest,
-//! and the manifest before the name: a killed stash leaves unreferenced
-//! packs, never a name that points at missing data.
+//! parallel, a job at a time, while a thread beside appends the job before
+//! to a pack. Packs are durable before the manifest, and the manifest
+//! before the name: a killed stash leaves unreferenced packs, never a name
+//! that points at missing data.
 
 use crate::backend::{Backend, BackendError, Kind, LocalDir};
 use crate::chunker::{Batch, Chunker, ChunkerParams, StreamChunker};
@@ -1585,19 +1586,36 @@ struct WriterStats {
 /// New chunks on their way to the packer: (id, raw bytes).
 type PackJob = Vec<(ChunkId, Vec<u8>)>;
 
-/// Compresses new chunks and appends them to packs; makes each full pack
-/// durable and visible in the index. Runs on its own thread during a stash
-/// (so compression overlaps reading and chunking), or inline for imports.
+/// Compresses a job's chunks in parallel (on rayon's pool).
+fn compress_job(job: &PackJob, level: i32) -> Vec<StoredChunk> {
+    let compressed: Vec<(Codec, Vec<u8>)> = job
+        .par_iter()
+        .map_init(Vec::new, |buf, (_, raw)| {
+            let codec = compress::compress(raw, level, buf);
+            (codec, buf.clone())
+        })
+        .collect();
+    job.iter()
+        .zip(compressed)
+        .map(|((id, raw), (codec, stored))| StoredChunk {
+            id: *id,
+            codec,
+            raw_len: raw.len() as u32,
+            bytes: stored.into(),
+        })
+        .collect()
+}
+
+/// Appends stored chunks to packs; makes each full pack durable and visible
+/// in the index. During a stash it runs on a thread of its own, fed jobs as
+/// they are compressed (`ChunkWriter`); imports use it inline.
 pub(crate) struct Packer {
     backend: Arc<dyn Backend>,
     index: Arc<RwLock<Index>>,
-    level: i32,
     pack_size: u64,
     pack: Option<PackWriter>,
     /// Told the ids of each pack's chunks once the pack is durable.
     stored: Option<std::sync::mpsc::Sender<Vec<ChunkId>>>,
-    /// Handed each job's chunks once compressed, if wanted.
-    compressed: Option<std::sync::mpsc::Sender<Vec<StoredChunk>>>,
     new_chunks: u64,
     new_bytes: u64,
     stored_bytes: u64,
@@ -1608,11 +1626,9 @@ impl Packer {
         Ok(Packer {
             backend: Arc::clone(&store.backend),
             index: Arc::clone(store.index()?),
-            level: store.opts.level,
             pack_size: store.opts.pack_size,
             pack: None,
             stored: None,
-            compressed: None,
             new_chunks: 0,
             new_bytes: 0,
             stored_bytes: 0,
@@ -1623,30 +1639,9 @@ impl Packer {
         self.pack.as_ref().is_some_and(|p| p.contains(id))
     }
 
-    /// Compresses a job's chunks in parallel, then appends them in order.
-    fn pack_job(&mut self, job: PackJob) -> Result<(), StoreError> {
-        let level = self.level;
-        let compressed: Vec<(Codec, Vec<u8>)> = job
-            .par_iter()
-            .map_init(Vec::new, |buf, (_, raw)| {
-                let codec = compress::compress(raw, level, buf);
-                (codec, buf.clone())
-            })
-            .collect();
-        let chunks: Vec<StoredChunk> = job
-            .iter()
-            .zip(compressed)
-            .map(|((id, raw), (codec, stored))| StoredChunk {
-                id: *id,
-                codec,
-                raw_len: raw.len() as u32,
-                bytes: stored.into(),
-            })
-            .collect();
-        if let Some(tx) = &self.compressed {
-            let _ = tx.send(chunks.clone()); // shares the bytes
-        }
-        for c in &chunks {
+    /// Appends compressed chunks in order.
+    fn append_all(&mut self, chunks: &[StoredChunk]) -> Result<(), StoreError> {
+        for c in chunks {
             self.append(c.id, c.codec, c.raw_len, &c.bytes)?;
         }
         Ok(())
@@ -1723,19 +1718,51 @@ impl<'a> ChunkWriter<'a> {
         let (stored_tx, stored) = std::sync::mpsc::channel();
         let mut packer = Packer::new(store)?;
         packer.stored = Some(stored_tx);
-        let compressed = wants_compressed.then(|| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            packer.compressed = Some(tx);
-            rx
-        });
+        let (compressed_tx, compressed) = match wants_compressed {
+            true => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let level = store.opts.level;
         let thread = std::thread::Builder::new()
             .name("ferry-packer".into())
             .spawn(move || {
-                for job in rx {
-                    packer.pack_job(job)?;
-                }
-                packer.flush()?;
-                Ok(packer)
+                // This thread compresses each job while a second one
+                // appends the job before it: the cores go on compressing
+                // while a pack is written and made durable.
+                let (appends, to_append) = std::sync::mpsc::sync_channel::<Vec<StoredChunk>>(1);
+                let written = std::thread::scope(|s| {
+                    let packer = &mut packer;
+                    let appender = std::thread::Builder::new()
+                        .name("ferry-append".into())
+                        .spawn_scoped(s, move || -> Result<(), StoreError> {
+                            for chunks in to_append {
+                                packer.append_all(&chunks)?;
+                            }
+                            packer.flush()
+                        })
+                        .map_err(|e| StoreError::Output {
+                            what: "a pack writer thread".into(),
+                            error: e,
+                        })?;
+                    for job in rx {
+                        let chunks = compress_job(&job, level);
+                        if let Some(tx) = &compressed_tx {
+                            let _ = tx.send(chunks.clone()); // shares the bytes
+                        }
+                        if appends.send(chunks).is_err() {
+                            break; // the appender failed: its error says why
+                        }
+                    }
+                    drop(appends);
+                    appender.join().map_err(|_| StoreError::Output {
+                        what: "the pack writer".into(),
+                        error: io::Error::other("the pack writer thread panicked"),
+                    })?
+                });
+                written.map(|()| packer)
             })
             .map_err(|e| StoreError::Output {
                 what: "a packer thread".into(),
