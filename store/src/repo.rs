@@ -1859,7 +1859,8 @@ impl<'a> ChunkWriter<'a> {
 impl Drop for ChunkWriter<'_> {
     fn drop(&mut self) {
         // On an error path: stop the packer and wait for it, so no thread
-        // outlives the stash (its partial pack is dropped, leaving nothing).
+        // outlives the stash. What it had appended is flushed into a pack
+        // that no name uses, for a later collection to take back.
         self.jobs = None;
         if let Some(t) = self.packer.take() {
             let _ = t.join();
