@@ -589,10 +589,11 @@ async fn an_unreadable_name_is_refused_before_writing() {
 
 /// A server holding `main/big` (6 MiB of random bytes from `seed`), a node
 /// store with small packs, and a progress that collects on the node
-/// halfway through.
+/// halfway through (waiting there for a sealed pack if `wait`).
 async fn collecting_node(
     dir: &std::path::Path,
     seed: u64,
+    wait: bool,
 ) -> (TestServer, Vec<u8>, Arc<Store>, Arc<CollectHalfway>) {
     let server = TestServer::start(dir).await;
     let a = client_store(dir, "a");
@@ -605,8 +606,10 @@ async fn collecting_node(
     let progress = Arc::new(CollectHalfway {
         node: node.clone(),
         half: data.len() as u64 / 2,
+        wait,
         written: Mutex::new(0),
         report: Mutex::new(None),
+        deleted: Mutex::new(0),
     });
     (server, data, node, progress)
 }
@@ -616,18 +619,34 @@ async fn collecting_node(
 struct CollectHalfway {
     node: Arc<Store>,
     half: u64,
+    /// Whether the call that passes half waits (up to 20 s) for the
+    /// node's importer to seal a pack. It may lag behind the output by its
+    /// queue (32 MiB, more than this stash), so without the wait a loaded
+    /// machine can finish the output before any pack is sealed. Only where
+    /// the progress is called on a thread of its own (the restore's), not
+    /// on a runtime worker.
+    wait: bool,
     written: Mutex<u64>,
     report: Mutex<Option<store::gc::GcReport>>,
+    /// Packs deleted by any of the collections.
+    deleted: Mutex<u64>,
 }
 
 impl CollectHalfway {
-    /// The collection ran, condemned the packs written so far, and deleted
-    /// none of them (the transfer's lease kept them).
+    /// The collection ran, condemned the packs written so far, and none
+    /// of the collections deleted any of them (the transfer's lease kept
+    /// them).
     fn condemned_and_kept(&self) {
         let report = self.report.lock().unwrap().clone();
         let report = report.expect("a collection ran");
         assert!(report.packs_condemned >= 1, "{report:?}");
-        assert_eq!(report.packs_deleted, 0, "{report:?}");
+        assert_eq!(*self.deleted.lock().unwrap(), 0, "{report:?}");
+    }
+
+    fn collect(&self) -> store::gc::GcReport {
+        let report = self.node.gc(&collect_now()).unwrap();
+        *self.deleted.lock().unwrap() += report.packs_deleted;
+        report
     }
 }
 
@@ -638,8 +657,18 @@ impl store::repo::Progress for CollectHalfway {
         let mut report = self.report.lock().unwrap();
         // Until a collection finds a sealed pack to condemn: the node's
         // importer may not have sealed one yet when half has arrived.
-        if *written >= self.half && report.as_ref().is_none_or(|r| r.packs_condemned == 0) {
-            *report = Some(self.node.gc(&collect_now()).unwrap());
+        if *written < self.half || report.as_ref().is_some_and(|r| r.packs_condemned > 0) {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let r = self.collect();
+            let condemned = r.packs_condemned > 0;
+            *report = Some(r);
+            if condemned || !self.wait || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
 }
@@ -651,7 +680,7 @@ impl store::repo::Progress for CollectHalfway {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_on_the_node_during_an_unstash_keeps_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, data, node, progress) = collecting_node(dir.path(), 31).await;
+    let (server, data, node, progress) = collecting_node(dir.path(), 31, true).await;
     let remote = server.remote(MAIN);
     let sink = Sink::default();
     let r = unstash(
@@ -684,7 +713,7 @@ async fn a_collection_on_the_node_during_an_unstash_keeps_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_on_the_node_during_a_pull_does_not_fail_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (server, data, node, progress) = collecting_node(dir.path(), 32).await;
+    let (server, data, node, progress) = collecting_node(dir.path(), 32, false).await;
     let remote = server.remote(MAIN);
     // Small import groups: packs are sealed while the pull runs.
     let o = transfer::Options {
