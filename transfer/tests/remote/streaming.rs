@@ -596,12 +596,8 @@ async fn collecting_node(
     wait: bool,
 ) -> (TestServer, Vec<u8>, Arc<Store>, Arc<CollectHalfway>) {
     let server = TestServer::start(dir).await;
-    let a = client_store(dir, "a");
     let data = random_bytes(seed, 6 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a, &name("main/big"), &server.remote(MAIN), &opts(), none())
-        .await
-        .unwrap();
+    push_big(dir, &server.remote(MAIN), &data).await;
     let node = small_pack_store(dir, "node");
     let progress = Arc::new(CollectHalfway {
         node: node.clone(),
@@ -784,13 +780,9 @@ async fn a_node_store_that_cannot_keep_chunks_does_not_hold_up_the_unstash() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let remote = server.remote(MAIN);
-    let a = client_store(dir.path(), "a");
     // Incompressible: 48 MiB stored, past the importer's queue of 32 MiB.
     let data = random_bytes(41, 48 << 20);
-    stash_bytes(&a, "main/big", &data).await;
-    push(a.clone(), &name("main/big"), &remote, &opts(), none())
-        .await
-        .unwrap();
+    push_big(dir.path(), &remote, &data).await;
 
     for (target, label) in [("stream", "node-stream"), ("file", "node-file")] {
         let node = small_pack_store(dir.path(), label);
