@@ -1749,6 +1749,7 @@ impl<'a> ChunkWriter<'a> {
                         })?;
                     for job in rx {
                         let chunks = compress_job(&job, level);
+                        drop(job); // not held while the appender is busy
                         if let Some(tx) = &compressed_tx {
                             let _ = tx.send(chunks.clone()); // shares the bytes
                         }
