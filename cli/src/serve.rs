@@ -86,6 +86,12 @@ One collection runs at a time (scheduled or remote), beside any number of
 stashes; its report is logged and counted in the metrics (ferry_gc_*).
 SIGTERM or Ctrl-C: stop accepting, let in-flight requests and a running
 collection finish (up to shutdown_grace_secs), exit.
+SIGHUP: read the config again and replace the [[token]] entries (rotate or
+revoke tokens without a restart). New connections use the new tokens at
+once; an open session whose token is gone, or whose scopes changed, is
+closed (\"unauthenticated\", saying why); the others go on. Other keys take
+effect only at a restart (the log names those that changed); a config that
+does not load or check changes nothing (logged at error).
 Logs go to stderr (FERRY_LOG=error|warn|info|debug|trace, default info).
 UDP: 8 MiB socket buffers are asked for (Linux caps them at
 net.core.rmem_max / wmem_max: raise those on a busy server); QUIC datagrams
@@ -128,7 +134,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<()> {
         .with_max_level(level)
         .try_init();
     let quiet = out.quiet;
-    transfer::server::serve_until_signal(&cfg, |server| {
+    transfer::server::serve_until_signal(&cfg, Some(&path), |server| {
         if quiet {
             return;
         }

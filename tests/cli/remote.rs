@@ -443,3 +443,48 @@ fn a_disk_filling_under_an_upload_is_reported_as_full() {
     fsck_full(&server.store);
     drop(server);
 }
+
+/// `kill -HUP` makes a running `ferry serve` re-read its config's tokens:
+/// a token taken out is refused from then on, one put in works at once,
+/// without a restart; a config that does not load changes nothing.
+#[test]
+fn sighup_reloads_the_tokens_of_a_running_server() {
+    let root = tempfile::tempdir().unwrap();
+    let (server, old_token) = ci_server(root.path());
+    let data = root.path().join("notes.txt");
+    fs::write(&data, b"stashed before the reload\n").unwrap();
+    Node::new(&server, &old_token).stash("main/notes", &data);
+
+    // The token is rotated: the config gets the new one instead.
+    let rotated = root.path().join("rotated.token");
+    let new_hash = new_token(&rotated);
+    let config = fs::read_to_string(&server.config).unwrap();
+    let old_hash = config
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_owned();
+    fs::write(&server.config, config.replace(&old_hash, &new_hash)).unwrap();
+    server.signal("HUP");
+    let line = server.wait_for_log("SIGHUP: tokens reloaded", 1, 20);
+    assert!(line.contains("changed=[\"ci\"]"), "{line}");
+
+    let out = Node::new(&server, &old_token).ferry(&["ls"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("the token is not known to this server"),
+        "{}",
+        out.stderr
+    );
+    let out = Node::new(&server, &rotated).ferry(&["ls"]);
+    out.ok();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("main/notes"));
+
+    // A broken config: logged, and the rotated token still works.
+    fs::write(&server.config, "listen = [").unwrap();
+    server.signal("HUP");
+    let line = server.wait_for_log("SIGHUP: the config was not reloaded", 1, 20);
+    assert!(line.contains(server.config.to_str().unwrap()), "{line}");
+    Node::new(&server, &rotated).ferry(&["ls"]).ok();
+}

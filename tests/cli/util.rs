@@ -29,6 +29,44 @@ pub struct Serve {
     pub cert: PathBuf,
     /// Its store.
     pub store: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log (stderr) so far, line by line.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    /// Sends it a signal (`kill -s SIGNAL`, e.g. `HUP`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} failed");
+    }
+
+    /// Waits (up to `secs`) until the log has `n` lines containing
+    /// `needle`; returns the last of them.
+    #[track_caller]
+    pub fn wait_for_log(&self, needle: &str, n: usize, secs: u64) -> String {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                let found: Vec<&String> = log.iter().filter(|l| l.contains(needle)).collect();
+                if found.len() >= n {
+                    return found[n - 1].clone();
+                }
+                if Instant::now() > until {
+                    panic!(
+                        "no {n} log lines with {needle:?} within {secs} s:\n{}",
+                        log.join("\n")
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Serve {
@@ -87,13 +125,22 @@ pub fn serve(root: &Path, tokens_toml: &str) -> Serve {
         }
     }
     let remote = remote.expect("ferry serve did not start");
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // Keep reading the log (so the server never blocks on a full pipe),
+    // for tests that look at it.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            kept.lock().unwrap().push(line);
+        }
+    });
     Serve {
         child,
         remote,
         cert,
         store,
+        config,
+        log,
     }
 }
 

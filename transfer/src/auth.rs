@@ -26,7 +26,7 @@
 
 use rand::Rng;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -410,10 +410,15 @@ impl TokenTable {
     /// The grant of `token`, if it is known. Every entry is compared, in
     /// constant time, so timing does not tell how close a guess was.
     pub fn authenticate(&self, token: &str) -> Option<&Grant> {
-        let hash = TokenHash::of(token);
+        self.grant_of(&TokenHash::of(token))
+    }
+
+    /// What the token whose hash is `hash` is granted now, if anything:
+    /// for a session authenticated earlier, after the table was replaced.
+    pub fn grant_of(&self, hash: &TokenHash) -> Option<&Grant> {
         let mut found = None;
         for (h, grant) in &self.entries {
-            if h.ct_eq(&hash) && found.is_none() {
+            if h.ct_eq(hash) && found.is_none() {
                 found = Some(grant);
             }
         }
@@ -456,6 +461,18 @@ impl TokenConnections {
         let held = tokens.labels().map(|l| (l.to_string(), 0)).collect();
         TokenConnections {
             held: Mutex::new(held),
+        }
+    }
+
+    /// After the tokens were replaced by `tokens`: new labels get a count
+    /// (at 0); labels no token has any more are dropped unless connections
+    /// still hold them.
+    pub fn retain_tokens(&self, tokens: &TokenTable) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let labels: HashSet<&str> = tokens.labels().collect();
+        held.retain(|label, n| *n > 0 || labels.contains(label.as_str()));
+        for label in labels {
+            held.entry(label.to_string()).or_insert(0);
         }
     }
 

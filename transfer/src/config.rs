@@ -51,7 +51,7 @@ pub enum ConfigError {
 }
 
 /// `[limits]`: what one peer may use.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Concurrent connections; more are refused with "busy".
@@ -202,7 +202,7 @@ impl LimitsConfig {
 }
 
 /// `[[token]]`: one token the server accepts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// A label for logs and metrics (never the secret).
@@ -248,7 +248,7 @@ fn some_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D:
 }
 
 /// `[[gc.retention]]`: one retention rule, as in `ferry gc --config`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Names the rule applies to (whole parts); alone, drop them all.
@@ -263,7 +263,7 @@ pub struct RetentionConfig {
 }
 
 /// `[gc]`: the server's scheduled retention and garbage collection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GcConfig {
     /// How often to collect; `None` (the key absent): never on a schedule.
@@ -348,7 +348,7 @@ impl GcConfig {
 }
 
 /// The whole server configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// UDP address to listen on, e.g. `0.0.0.0:4433`.
@@ -421,6 +421,37 @@ impl ServerConfig {
     /// Parses TOML text (no path resolution, no checks).
     pub fn parse(text: &str) -> Result<ServerConfig, toml::de::Error> {
         toml::from_str(text)
+    }
+
+    /// The keys whose change a reload does not apply (only `[[token]]`
+    /// entries are reloaded): what differs between `self` and `newer`
+    /// among them.
+    pub fn restart_only_changes(&self, newer: &ServerConfig) -> Vec<&'static str> {
+        // Destructured, so that a new key cannot be forgotten here.
+        let ServerConfig {
+            listen,
+            store,
+            cert,
+            key,
+            cert_names,
+            metrics_listen,
+            limits,
+            tokens: _,
+            gc,
+        } = newer;
+        [
+            ("listen", self.listen != *listen),
+            ("store", self.store != *store),
+            ("cert", self.cert != *cert),
+            ("key", self.key != *key),
+            ("cert_names", self.cert_names != *cert_names),
+            ("metrics_listen", self.metrics_listen != *metrics_listen),
+            ("[limits]", self.limits != *limits),
+            ("[gc]", self.gc != *gc),
+        ]
+        .into_iter()
+        .filter_map(|(k, changed)| changed.then_some(k))
+        .collect()
     }
 
     /// Checks the limits, the tokens and the collection schedule.

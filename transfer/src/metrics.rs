@@ -91,6 +91,13 @@ pub struct Metrics {
     /// Connections refused because their address failed to authenticate
     /// too often.
     pub auth_refused: AtomicU64,
+    /// Config reloads (SIGHUP) that replaced the tokens.
+    pub config_reloads: AtomicU64,
+    /// Config reloads refused (the file did not load or check).
+    pub config_reload_failures: AtomicU64,
+    /// Sessions closed because a reload removed their token or changed
+    /// its scopes.
+    pub sessions_revoked: AtomicU64,
     /// Collections finished, by trigger (schedule, remote).
     gc_runs: [AtomicU64; 2],
     /// Collections that failed, by trigger.
@@ -177,7 +184,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, u64); 11] = [
+        let counters: [(&str, &str, u64); 14] = [
             (
                 "ferry_bytes_received_total",
                 "Frame bytes received from clients.",
@@ -232,6 +239,21 @@ impl Metrics {
                 "ferry_auth_refused_total",
                 "Connections refused: their address failed to authenticate too often.",
                 self.auth_refused.load(Relaxed),
+            ),
+            (
+                "ferry_config_reloads_total",
+                "Config reloads (SIGHUP) that replaced the tokens.",
+                self.config_reloads.load(Relaxed),
+            ),
+            (
+                "ferry_config_reload_failures_total",
+                "Config reloads refused: the file did not load or check; the tokens stayed.",
+                self.config_reload_failures.load(Relaxed),
+            ),
+            (
+                "ferry_sessions_revoked_total",
+                "Sessions closed because a reload removed their token or changed its scopes.",
+                self.sessions_revoked.load(Relaxed),
             ),
         ];
         for (name, help, v) in counters {
@@ -475,6 +497,12 @@ mod tests {
         let t = m.render();
         assert!(t.contains("ferry_auth_failures_total 3\n"));
         assert!(t.contains("ferry_auth_refused_total 0\n"));
+        m.sessions_revoked.fetch_add(1, Relaxed);
+        let t = m.render();
+        assert!(t.contains("ferry_config_reloads_total 0\n"));
+        assert!(t.contains(
+            "# TYPE ferry_sessions_revoked_total counter\nferry_sessions_revoked_total 1\n"
+        ));
         assert!(t.contains("# TYPE ferry_requests_in_flight gauge\nferry_requests_in_flight 2\n"));
         assert!(t.contains("ferry_connections_open 0\n"));
         assert!(t.contains("ferry_active_sessions 0\n"));

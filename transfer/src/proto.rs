@@ -33,7 +33,7 @@
 //! assert_eq!(dec.next_message().unwrap(), Some(msg));
 //! ```
 
-use crate::auth::{Grant, Scopes, TokenTable};
+use crate::auth::{Grant, Scopes, TokenHash, TokenTable};
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -1507,6 +1507,9 @@ pub struct ServerSession {
     /// At most this many ids in `readable` ([`MAX_READABLE_IDS`]; tests
     /// lower it).
     max_readable: usize,
+    /// The hash of the token it was welcomed with: to tell, when the
+    /// server's tokens change, whether it still holds the same grant.
+    token: Option<TokenHash>,
 }
 
 impl ServerSession {
@@ -1517,6 +1520,7 @@ impl ServerSession {
             limits,
             readable: HashSet::new(),
             max_readable: MAX_READABLE_IDS,
+            token: None,
         }
     }
 
@@ -1572,7 +1576,39 @@ impl ServerSession {
             write: grant.scopes.write.iter().map(|s| s.to_string()).collect(),
         };
         self.state = State::Ready(grant.clone());
+        self.token = Some(TokenHash::of(&token));
         Ok(welcome)
+    }
+
+    /// The server's tokens were replaced (its config reloaded): a session
+    /// whose token is gone, or whose scopes (or admin) changed, is closed
+    /// with the refusal to send. It is not moved to the new scopes, because
+    /// requests it has in flight were checked against the old ones; the
+    /// client reconnects and is welcomed (or refused) afresh. A new label
+    /// or connection limit alone leaves it open.
+    pub fn on_tokens_changed(&mut self, tokens: &TokenTable) -> Result<(), Reject> {
+        let State::Ready(grant) = &self.state else {
+            return Ok(());
+        };
+        let now = self.token.as_ref().and_then(|h| tokens.grant_of(h));
+        if now.is_some_and(|g| g.scopes == grant.scopes) {
+            return Ok(());
+        }
+        let label = grant.label.clone();
+        self.close();
+        Err(Reject::fatal(
+            ErrorKind::Unauthenticated,
+            match now {
+                None => format!(
+                    "the server no longer accepts this token (\"{label}\"): its config was \
+                     reloaded without it; use a token it accepts"
+                ),
+                Some(_) => format!(
+                    "the server's config was reloaded and changed what this token (\"{label}\") \
+                     may do; run the command again to reconnect under the new grant"
+                ),
+            },
+        ))
     }
 
     fn batch(&self, n: usize, what: &str) -> Result<(), Reject> {

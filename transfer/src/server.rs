@@ -19,7 +19,7 @@
 //! collection at a time, on a blocking thread: it never blocks serving.
 
 use crate::auth::{AuthThrottle, Grant, PendingHellos, Scopes, TokenTable};
-use crate::config::{ConfigError, LimitsConfig, ServerConfig};
+use crate::config::{ConfigError, LimitsConfig, ServerConfig, TokenConfig};
 use crate::metrics::{self, GcTrigger, Metrics};
 use crate::proto::{self, Action, ErrorKind, GcRequest, ListEntry, Message, Reject, ServerSession};
 use crate::tls::{self, TlsError};
@@ -88,10 +88,70 @@ enum Stop {
     Now,
 }
 
-/// Stops a running [`Server`].
+/// Stops a running [`Server`], or replaces its tokens.
 #[derive(Debug, Clone)]
 pub struct ServerHandle {
     tx: Arc<watch::Sender<Stop>>,
+    reloader: Arc<Reloader>,
+}
+
+/// The tokens in effect; connections watch it for reloads.
+type TokenWatch = watch::Sender<Arc<TokenTable>>;
+
+/// Replaces a running server's tokens ([`ServerHandle::reload`]).
+#[derive(Debug)]
+struct Reloader {
+    tokens: Arc<TokenWatch>,
+    /// The config in effect: as the server started, with the tokens of
+    /// the last reload.
+    config: Mutex<ServerConfig>,
+    metrics: Arc<Metrics>,
+}
+
+/// What a [`ServerHandle::reload`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// `[[token]]` entries in effect now.
+    pub tokens: usize,
+    /// Labels (`name`) of tokens the new config added.
+    pub added: Vec<String>,
+    /// Labels it no longer has: their sessions are closed.
+    pub removed: Vec<String>,
+    /// Labels whose entries changed (hash, scopes, admin or connection
+    /// limit); sessions whose scopes changed are closed.
+    pub changed: Vec<String>,
+    /// Other keys that differ from the config in effect: they take effect
+    /// only at a restart, and were left as they were.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Reloaded {
+    /// The token labels added, removed and changed between two configs.
+    fn between(old: &[TokenConfig], new: &[TokenConfig]) -> Reloaded {
+        use std::collections::BTreeMap;
+        let by_label = |tokens: &[TokenConfig]| {
+            let mut m: BTreeMap<String, Vec<TokenConfig>> = BTreeMap::new();
+            for t in tokens {
+                m.entry(t.name.clone()).or_default().push(t.clone());
+            }
+            m
+        };
+        let (old, new) = (by_label(old), by_label(new));
+        let mut r = Reloaded::default();
+        for (label, entries) in &new {
+            match old.get(label) {
+                None => r.added.push(label.clone()),
+                Some(before) if before != entries => r.changed.push(label.clone()),
+                Some(_) => {}
+            }
+        }
+        r.removed = old
+            .keys()
+            .filter(|l| !new.contains_key(*l))
+            .cloned()
+            .collect();
+        r
+    }
 }
 
 impl ServerHandle {
@@ -111,6 +171,35 @@ impl ServerHandle {
     pub fn stop_now(&self) {
         self.tx.send_replace(Stop::Now);
     }
+
+    /// Replaces the server's tokens with those of `cfg` (`[[token]]`),
+    /// after checking the whole config as at start: a config that does not
+    /// check changes nothing. New connections are authenticated against
+    /// the new tokens at once. A session whose token is gone, or whose
+    /// scopes changed, is closed (its client gets "unauthenticated" saying
+    /// why); every other session goes on. The other keys are not reloaded:
+    /// those that differ are listed in [`Reloaded::needs_restart`].
+    pub fn reload(&self, cfg: &ServerConfig) -> Result<Reloaded, ConfigError> {
+        let r = &self.reloader;
+        let table = match cfg.validate().and_then(|()| cfg.token_table()) {
+            Ok(table) => table,
+            Err(e) => {
+                r.metrics.config_reload_failures.fetch_add(1, Relaxed);
+                return Err(e);
+            }
+        };
+        let mut current = r.config.lock().unwrap_or_else(|e| e.into_inner());
+        let reloaded = Reloaded {
+            tokens: table.len(),
+            needs_restart: current.restart_only_changes(cfg),
+            ..Reloaded::between(&current.tokens, &cfg.tokens)
+        };
+        r.metrics.token_connections.retain_tokens(&table);
+        r.tokens.send_replace(Arc::new(table));
+        current.tokens = cfg.tokens.clone();
+        r.metrics.config_reloads.fetch_add(1, Relaxed);
+        Ok(reloaded)
+    }
 }
 
 /// The collection running now, if any: what started it, and when.
@@ -118,7 +207,7 @@ type GcSlot = watch::Sender<Option<(GcTrigger, Instant)>>;
 
 struct Shared {
     store: Arc<Store>,
-    tokens: TokenTable,
+    tokens: Arc<TokenWatch>,
     limits: LimitsConfig,
     metrics: Arc<Metrics>,
     connections: AtomicU32,
@@ -311,6 +400,7 @@ pub struct Server {
     fingerprint: String,
     generated: bool,
     stop: Arc<watch::Sender<Stop>>,
+    reloader: Arc<Reloader>,
     /// `[gc]`: how often, and with what options.
     gc_schedule: Option<(Duration, GcOptions)>,
 }
@@ -386,8 +476,15 @@ impl Server {
         };
         let (tx, _) = watch::channel(Stop::Running);
         let metrics = Arc::new(Metrics::for_tokens(&tokens));
+        let tokens = Arc::new(watch::channel(Arc::new(tokens)).0);
+        let reloader = Arc::new(Reloader {
+            tokens: tokens.clone(),
+            config: Mutex::new(cfg.clone()),
+            metrics: metrics.clone(),
+        });
         Ok(Server {
             endpoint,
+            reloader,
             shared: Arc::new(Shared {
                 store: Arc::new(store),
                 tokens,
@@ -441,6 +538,7 @@ impl Server {
     pub fn handle(&self) -> ServerHandle {
         ServerHandle {
             tx: self.stop.clone(),
+            reloader: self.reloader.clone(),
         }
     }
 
@@ -747,7 +845,10 @@ async fn handle_incoming(
     shared.metrics.bytes_in.fetch_add(n as u64, Relaxed);
     let mut session = ServerSession::new(limits.proto());
     let mut token_hold = None;
-    let hello = session.on_hello(msg, &shared.tokens).and_then(|welcome| {
+    // Watched from before the hello: a reload after it is not missed.
+    let mut tokens = shared.tokens.subscribe();
+    let table = tokens.borrow_and_update().clone();
+    let hello = session.on_hello(msg, &table).and_then(|welcome| {
         let grant = session.grant().expect("welcomed sessions have a grant");
         // Held (and counted in the metrics) while the connection lives.
         token_hold = shared.metrics.token_connections.take(grant);
@@ -801,9 +902,26 @@ async fn handle_incoming(
 
     let mut streams = JoinSet::new();
     let mut rx = rx;
+    let mut revoked = false;
     loop {
         tokio::select! {
+            // In this order: a reload is seen before any request that
+            // arrived after it.
+            biased;
             _ = rx.wait_for(|s| *s != Stop::Running) => break,
+            Ok(()) = tokens.changed() => {
+                let table = tokens.borrow_and_update().clone();
+                let changed = session
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .on_tokens_changed(&table);
+                if let Err(rej) = changed {
+                    shared.metrics.sessions_revoked.fetch_add(1, Relaxed);
+                    cut_off(&conn, &shared, rej.kind, &rej.message);
+                    revoked = true;
+                    break;
+                }
+            }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     streams.spawn(
@@ -826,7 +944,7 @@ async fn handle_incoming(
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
         }
     }
-    let stop = *rx.borrow();
+    let stop = if revoked { Stop::Running } else { *rx.borrow() };
     if stop == Stop::Graceful {
         // Let in-flight requests finish; the server's loop bounds the wait.
         while streams.join_next().await.is_some() {}
@@ -1514,9 +1632,12 @@ fn manifest_reply(
 
 /// Runs a server from `cfg` until SIGTERM or SIGINT, on a runtime of its
 /// own. `ready` is called once the server listens (to print the address
-/// and the certificate's fingerprint).
+/// and the certificate's fingerprint). On SIGHUP the config is read again
+/// from `reload_from` and its tokens replace the server's
+/// ([`ServerHandle::reload`]); what happened is logged.
 pub fn serve_until_signal(
     cfg: &ServerConfig,
+    reload_from: Option<&std::path::Path>,
     ready: impl FnOnce(&Server),
 ) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1529,12 +1650,22 @@ pub fn serve_until_signal(
         let handle = server.handle();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(ServerError::Runtime)?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(ServerError::Runtime)?;
+        let path = reload_from.map(|p| p.to_path_buf());
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM"),
-                _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM"),
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+                    Some(()) = hup.recv() => {
+                        reload(&handle, path.as_deref()).await;
+                        continue;
+                    }
+                }
+                handle.shutdown();
+                return;
             }
-            handle.shutdown();
         });
         server.run().await
     });
@@ -1544,6 +1675,59 @@ pub fn serve_until_signal(
     served
 }
 
+/// Reloads the tokens from the config file at `path` (SIGHUP), logging
+/// what changed or why nothing did.
+async fn reload(handle: &ServerHandle, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        warn!("SIGHUP: this server was not started from a config file; nothing to reload");
+        return;
+    };
+    let owned = path.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || ServerConfig::load(&owned)).await;
+    let loaded = loaded.unwrap_or_else(|e| {
+        Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            error: std::io::Error::other(e),
+        })
+    });
+    let reloaded = match loaded {
+        Ok(cfg) => handle.reload(&cfg),
+        Err(e) => {
+            handle
+                .reloader
+                .metrics
+                .config_reload_failures
+                .fetch_add(1, Relaxed);
+            Err(e)
+        }
+    };
+    match reloaded {
+        Ok(r) => {
+            info!(
+                config = %path.display(),
+                tokens = r.tokens,
+                added = ?r.added,
+                removed = ?r.removed,
+                changed = ?r.changed,
+                "SIGHUP: tokens reloaded"
+            );
+            if !r.needs_restart.is_empty() {
+                warn!(
+                    keys = ?r.needs_restart,
+                    "SIGHUP: these settings changed in the config but take effect only at a \
+                     restart; they were left as they were"
+                );
+            }
+            if r.tokens == 0 {
+                warn!("no [[token]] in the config: every client will be refused");
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "SIGHUP: the config was not reloaded; the tokens in effect stay")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1551,7 +1735,7 @@ mod tests {
     fn shared(dir: &std::path::Path) -> Arc<Shared> {
         Arc::new(Shared {
             store: Arc::new(Store::open(dir).unwrap()),
-            tokens: TokenTable::default(),
+            tokens: Arc::new(watch::channel(Arc::new(TokenTable::default())).0),
             limits: LimitsConfig::default(),
             metrics: Arc::new(Metrics::default()),
             connections: AtomicU32::new(0),

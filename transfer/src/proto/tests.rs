@@ -359,6 +359,68 @@ fn session_requires_a_known_token_first() {
     );
 }
 
+#[test]
+fn a_reload_closes_only_sessions_whose_token_went_or_whose_scopes_changed() {
+    let welcomed = |token: &str| {
+        let mut s = ServerSession::new(Limits::default());
+        s.on_hello(hello(token), &table()).unwrap();
+        s
+    };
+    let list = || Message::List { prefix: "".into() };
+    // The same tokens (a reload that changed something else), or another
+    // token added: nothing happens
+    let mut pr = welcomed("pr1");
+    pr.on_tokens_changed(&table()).unwrap();
+    let mut entries = vec![(
+        "pr-1".to_string(),
+        Token::new("pr1").unwrap().hash(),
+        Scopes::parse(&["main", "pr/1"], &["pr/1"]).unwrap(),
+    )];
+    let without_main = TokenTable::new(entries.clone());
+    entries.push((
+        "new".into(),
+        Token::new("new").unwrap().hash(),
+        Scopes::parse(&["*"], &[]).unwrap(),
+    ));
+    let more = TokenTable::new(entries).limit_connections("pr-1", 2);
+    // (nor does a connection limit of its own).
+    pr.on_tokens_changed(&more).unwrap();
+    assert!(matches!(pr.on_request(list()), Ok(Action::List { .. })));
+
+    // Its token removed: closed, and nothing more is served.
+    let mut main = welcomed("main");
+    let r = main.on_tokens_changed(&without_main).unwrap_err();
+    assert_eq!((r.kind, r.fatal), (ErrorKind::Unauthenticated, true));
+    assert!(
+        r.message
+            .contains("no longer accepts this token (\"main\")"),
+        "{}",
+        r.message
+    );
+    assert!(main.is_closed());
+    assert!(main.on_request(list()).is_err());
+    // The PR token still there with the same scopes: kept.
+    pr.on_tokens_changed(&without_main).unwrap();
+
+    // The same token, narrower: closed, saying so.
+    let narrower = TokenTable::new(vec![(
+        "pr-1".into(),
+        Token::new("pr1").unwrap().hash(),
+        Scopes::parse(&["pr/1"], &["pr/1"]).unwrap(),
+    )]);
+    let r = pr.on_tokens_changed(&narrower).unwrap_err();
+    assert_eq!(r.kind, ErrorKind::Unauthenticated);
+    assert!(
+        r.message.contains("changed what this token"),
+        "{}",
+        r.message
+    );
+    assert!(pr.is_closed());
+    // A session not yet welcomed has nothing to lose.
+    let mut fresh = ServerSession::new(Limits::default());
+    fresh.on_tokens_changed(&narrower).unwrap();
+}
+
 /// A manifest of one-byte chunks with these ids.
 fn manifest_of(ids: &[u8]) -> Manifest {
     Manifest {

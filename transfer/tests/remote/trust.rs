@@ -3,6 +3,7 @@
 use crate::util::*;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
+use transfer::auth::Token;
 use transfer::client::{list, pull, push, ClientError, Remote, Session};
 use transfer::proto::{ErrorKind, Message};
 use transfer::tls::Trust;
@@ -409,5 +410,128 @@ async fn a_tokens_own_connection_limit_leaves_the_other_slots_to_other_tokens() 
         s.close().await;
     }
     wait_for(5, "every slot free", || open() == 0).await;
+    server.stop().await;
+}
+
+/// A reload (SIGHUP in `ferry serve`) replaces the tokens: a removed token
+/// is refused from then on and its open sessions are closed, a token whose
+/// scopes changed is served under the new ones after reconnecting, new
+/// tokens work at once, and every other session goes on undisturbed. A
+/// config that does not check changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_replaces_the_tokens_and_closes_only_the_sessions_it_revokes() {
+    const NEW: &str = "a-token-added-by-reload";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "127.0.0.1:0".parse().unwrap());
+    let server = TestServer::start_with(cfg.clone()).await;
+    let c = client_store(dir.path(), "c");
+    stash_bytes(&c, "main/base", &mixed_bytes(3, 200_000)).await;
+    push(
+        c.clone(),
+        &name("main/base"),
+        &server.remote(MAIN),
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap();
+    let list_main = Message::List {
+        prefix: "main".into(),
+    };
+    let main = Session::connect(&server.remote(MAIN), &opts())
+        .await
+        .unwrap();
+    let pr = Session::connect(&server.remote(PR), &opts()).await.unwrap();
+    let reader = Session::connect(&server.remote(READER), &opts())
+        .await
+        .unwrap();
+    for s in [&main, &pr, &reader] {
+        assert!(matches!(
+            s.request(&list_main).await,
+            Ok(Message::Listing { .. })
+        ));
+    }
+
+    // The reader's token goes, the PR token no longer reads main, a new
+    // token comes, and a limit changes (which needs a restart).
+    let mut newer = cfg.clone();
+    newer.tokens.retain(|t| t.name != "reader");
+    let pr_entry = newer
+        .tokens
+        .iter_mut()
+        .find(|t| t.name == "pr-1234")
+        .unwrap();
+    pr_entry.read = vec!["pr/1234".into()];
+    let mut added = newer.tokens[0].clone();
+    (added.name, added.sha256) = ("new".into(), Token::new(NEW).unwrap().hash().to_hex());
+    added.write = vec![];
+    newer.tokens.push(added);
+    newer.limits.max_connections = 7;
+    let reloaded = server.handle().reload(&newer).unwrap();
+    assert_eq!(
+        (
+            reloaded.tokens,
+            reloaded.added,
+            reloaded.removed,
+            reloaded.changed
+        ),
+        (
+            4,
+            vec!["new".to_string()],
+            vec!["reader".to_string()],
+            vec!["pr-1234".to_string()]
+        )
+    );
+    assert_eq!(reloaded.needs_restart, ["[limits]"]);
+
+    // Untouched: served on the same connection.
+    assert!(matches!(
+        main.request(&list_main).await,
+        Ok(Message::Listing { .. })
+    ));
+    // Revoked and changed: their connections are closed, saying why.
+    let e = reader.request(&list_main).await.unwrap_err().to_string();
+    assert!(
+        e.contains("no longer accepts this token (\"reader\")"),
+        "{e}"
+    );
+    let e = pr.request(&list_main).await.unwrap_err().to_string();
+    assert!(e.contains("changed what this token (\"pr-1234\")"), "{e}");
+    assert_eq!(server.metrics.sessions_revoked.load(Relaxed), 2);
+    assert_eq!(server.metrics.config_reloads.load(Relaxed), 1);
+
+    // New connections: the removed token is refused, the PR token gets
+    // its new scopes, the new token works.
+    let e = Session::connect(&server.remote(READER), &opts())
+        .await
+        .unwrap_err();
+    assert_eq!(refused(e), ErrorKind::Unauthenticated);
+    let node = client_store(dir.path(), "pr-node");
+    let e = pull(
+        node,
+        &name("main/base"),
+        &server.remote(PR),
+        &opts(),
+        none(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused(e), ErrorKind::Forbidden);
+    let names = list(&server.remote(NEW), Some("main"), &opts())
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    // A config that does not check: nothing changes, the failure counted.
+    let mut broken = newer.clone();
+    broken.tokens[0].sha256 = "not-hex".into();
+    let e = server.handle().reload(&broken).unwrap_err().to_string();
+    assert!(e.contains("main"), "{e}");
+    assert_eq!(server.metrics.config_reload_failures.load(Relaxed), 1);
+    let names = list(&server.remote(NEW), Some("main"), &opts())
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    main.close().await;
     server.stop().await;
 }
