@@ -91,7 +91,8 @@ revoke tokens without a restart). New connections use the new tokens at
 once; an open session whose token is gone, or whose scopes changed, is
 closed (\"unauthenticated\", saying why); the others go on. Other keys take
 effect only at a restart (the log names those that changed); a config that
-does not load or check changes nothing (logged at error).
+does not load or check changes nothing (logged at error). Try a config with
+--check first.
 Logs go to stderr (FERRY_LOG=error|warn|info|debug|trace, default info).
 UDP: 8 MiB socket buffers are asked for (Linux caps them at
 net.core.rmem_max / wmem_max: raise those on a busy server); QUIC datagrams
@@ -102,6 +103,7 @@ buffered); see docs/remote.md, section Disk.
 
 Examples:
   ferry serve --config /etc/ferry/server.toml
+  ferry serve --config /etc/ferry/server.toml --check   # then kill -HUP the server
   ferry serve --new-token /etc/ferry/tokens/main   # then paste the printed [[token]]";
 
 #[derive(clap::Args, Debug)]
@@ -113,6 +115,13 @@ pub struct Args {
     /// its owner only) and print the [[token]] entry for the config.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     new_token: Option<PathBuf>,
+    /// Instead of serving: check the config (keys, limits, tokens,
+    /// schedule, and the certificate and key if they exist), print what a
+    /// server would use, and exit: 0 if it would start, 2 if not. Binds,
+    /// creates and generates nothing, so it can run beside the server
+    /// before a restart or a SIGHUP.
+    #[arg(long, requires = "config")]
+    check: bool,
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<()> {
@@ -121,6 +130,10 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<()> {
     }
     let path = args.config.context("--config FILE is required")?;
     let cfg = ServerConfig::load(&path)?;
+    if args.check {
+        let report = transfer::server::check(&cfg)?;
+        return out.emit(&report, |r| render_check(&path, r));
+    }
     let level = match std::env::var("FERRY_LOG").as_deref() {
         Ok("error") => tracing_subscriber::filter::LevelFilter::ERROR,
         Ok("warn") => tracing_subscriber::filter::LevelFilter::WARN,
@@ -163,6 +176,62 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<()> {
         }
     })?;
     Ok(())
+}
+
+fn render_check(path: &std::path::Path, r: &transfer::server::ConfigCheck) -> String {
+    use std::fmt::Write as _;
+    let mut s = format!("{}: OK\n", path.display());
+    let _ = writeln!(s, "listen   quic://{}", r.listen);
+    let _ = match r.metrics_listen {
+        Some(m) => writeln!(s, "metrics  http://{m}/metrics"),
+        None => writeln!(s, "metrics  off (no metrics_listen)"),
+    };
+    let made = if r.store_exists {
+        ""
+    } else {
+        " (made at start)"
+    };
+    let _ = writeln!(s, "store    {}{made}", r.store.display());
+    let _ = match &r.certificate {
+        Some(f) => writeln!(s, "cert     {f}"),
+        None => writeln!(
+            s,
+            "cert     none yet: a self-signed one is generated at the first start"
+        ),
+    };
+    let _ = writeln!(s, "tokens   {}", r.tokens.len());
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    for t in &r.tokens {
+        let _ = write!(
+            s,
+            "  {}: read {}; write {}",
+            t.name,
+            list(&t.read),
+            list(&t.write)
+        );
+        if t.admin {
+            s.push_str("; admin");
+        }
+        if let Some(n) = t.max_connections {
+            let _ = write!(s, "; max_connections {n}");
+        }
+        s.push('\n');
+    }
+    let _ = match r.gc_interval_secs {
+        Some(i) => writeln!(
+            s,
+            "gc       every {i} s, {} retention rule(s)",
+            r.retention_rules
+        ),
+        None => writeln!(s, "gc       no schedule (only `ferry gc --remote`)"),
+    };
+    s
 }
 
 fn new_token(path: &std::path::Path, out: &Output) -> anyhow::Result<()> {

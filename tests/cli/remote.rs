@@ -488,3 +488,88 @@ fn sighup_reloads_the_tokens_of_a_running_server() {
     assert!(line.contains(server.config.to_str().unwrap()), "{line}");
     Node::new(&server, &rotated).ferry(&["ls"]).ok();
 }
+
+/// `ferry serve --check` says what a server would use from a config, or
+/// why it would not start, and binds, creates and generates nothing.
+#[test]
+fn serve_check_reports_a_config_and_touches_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let hash = new_token(&root.path().join("pr.token"));
+    let config = root.path().join("server.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:4433\"\nstore = \"store\"\ncert = \"tls/cert.pem\"\n\
+         key = \"tls/key.pem\"\n\n[[token]]\nname = \"pr-7\"\nsha256 = \"{hash}\"\n\
+         read = [\"main\", \"pr/7\"]\nwrite = [\"pr/7\"]\nmax_connections = 4\n\n\
+         [gc]\ninterval = \"1h\"\n"
+    );
+    fs::write(&config, &text).unwrap();
+    let check = |json: bool| {
+        let mut cmd = std::process::Command::new(FERRY);
+        if json {
+            cmd.arg("--json");
+        }
+        run(
+            cmd.args(["serve", "--check", "--config"]).arg(&config),
+            None,
+        )
+    };
+    let out = check(false);
+    out.ok();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    for expected in [
+        ": OK\n",
+        "listen   quic://127.0.0.1:4433\n",
+        "(made at start)",
+        "none yet: a self-signed one is generated at the first start",
+        "  pr-7: read main/*, pr/7/*; write pr/7/*; max_connections 4\n",
+        "gc       every 3600 s, 0 retention rule(s)\n",
+    ] {
+        assert!(shown.contains(expected), "{expected:?} in\n{shown}");
+    }
+    let doc = check(true).json();
+    assert_eq!(doc["tokens"][0]["write"], serde_json::json!(["pr/7/*"]));
+    assert_eq!(doc["certificate"], Value::Null);
+    let left: Vec<_> = fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "only the token and the config: {left:?}");
+
+    // With a certificate: its fingerprint, as `ferry serve` prints it.
+    let (a_root, b_root) = (root.path().join("a"), root.path().join("b"));
+    fs::create_dir_all(&a_root).unwrap();
+    fs::create_dir_all(&b_root).unwrap();
+    let (a, b) = (serve(&a_root, ""), serve(&b_root, ""));
+    let (a_dir, b_dir) = (a.cert.parent().unwrap(), b.cert.parent().unwrap());
+    let with_cert = text
+        .replace("tls/cert.pem", a.cert.to_str().unwrap())
+        .replace("tls/key.pem", a_dir.join("key.pem").to_str().unwrap());
+    fs::write(&config, &with_cert).unwrap();
+    let doc = check(true).json();
+    let fingerprint = doc["certificate"].as_str().unwrap().to_owned();
+    assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+    let printed = a.wait_for_log("ferry serve: certificate sha256:", 1, 10);
+    assert!(
+        printed.contains(&format!("certificate {fingerprint} ")),
+        "{printed}"
+    );
+    // Another server's key: refused, as the start would be.
+    fs::write(
+        &config,
+        with_cert.replace(
+            a_dir.join("key.pem").to_str().unwrap(),
+            b_dir.join("key.pem").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = check(false);
+    out.expect_code(2);
+    assert!(out.stderr.to_lowercase().contains("key"), "{}", out.stderr);
+
+    // A token entry that does not check: refused, naming it.
+    fs::write(&config, text.replace(&hash, "abc")).unwrap();
+    let out = check(false);
+    out.expect_code(2);
+    assert!(out.stderr.contains("pr-7"), "{}", out.stderr);
+    drop((a, b));
+}

@@ -391,6 +391,89 @@ async fn gc_schedule(
     }
 }
 
+/// What [`check`] found in a config: what a server started from it would
+/// use. Nothing is created or bound to find it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigCheck {
+    /// UDP address it would serve on.
+    pub listen: SocketAddr,
+    /// Where the metrics would be served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The store directory.
+    pub store: std::path::PathBuf,
+    /// Whether the store directory exists (else it is made at start).
+    pub store_exists: bool,
+    /// SHA-256 fingerprint of the certificate (what clients pin); `None`:
+    /// neither certificate nor key exists yet, a self-signed pair is
+    /// generated at the first start.
+    pub certificate: Option<String>,
+    /// The tokens, in config order.
+    pub tokens: Vec<TokenCheck>,
+    /// How often collections run on a schedule, if they do.
+    pub gc_interval_secs: Option<u64>,
+    /// `[[gc.retention]]` rules.
+    pub retention_rules: usize,
+}
+
+/// One `[[token]]` entry, as [`check`] reports it (never the secret).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenCheck {
+    /// Its label.
+    pub name: String,
+    /// Readable prefixes, as scopes (`main/*`; `*`: all).
+    pub read: Vec<String>,
+    /// Writable prefixes.
+    pub write: Vec<String>,
+    /// May run `ferry gc --remote`.
+    pub admin: bool,
+    /// Its own connection limit, if any.
+    pub max_connections: Option<u32>,
+}
+
+/// Checks `cfg` as [`Server::bind`] would, without binding, creating or
+/// generating anything: the limits, tokens and schedule, and a certificate
+/// and key that exist (readable, PEM, the key matching the certificate).
+/// For `ferry serve --check` before a start or a reload.
+pub fn check(cfg: &ServerConfig) -> Result<ConfigCheck, ServerError> {
+    cfg.validate()?;
+    let certificate = if cfg.cert.exists() || cfg.key.exists() {
+        // Both exist (load_or_generate generates only when neither does).
+        let identity = tls::load_or_generate(&cfg.cert, &cfg.key, &cfg.cert_names)?;
+        tls::server_config(&identity)?;
+        Some(identity.fingerprint())
+    } else {
+        None
+    };
+    let tokens = cfg
+        .tokens
+        .iter()
+        .map(|t| {
+            let read: Vec<&str> = t.read.iter().map(String::as_str).collect();
+            let write: Vec<&str> = t.write.iter().map(String::as_str).collect();
+            // validate() parsed them already.
+            let scopes = Scopes::parse(&read, &write).unwrap_or_default();
+            let scopes = scopes.with_admin(t.admin);
+            TokenCheck {
+                name: t.name.clone(),
+                read: scopes.read.iter().map(|s| s.to_string()).collect(),
+                write: scopes.write.iter().map(|s| s.to_string()).collect(),
+                admin: scopes.admin,
+                max_connections: t.max_connections,
+            }
+        })
+        .collect();
+    Ok(ConfigCheck {
+        listen: cfg.listen,
+        metrics_listen: cfg.metrics_listen,
+        store: cfg.store.clone(),
+        store_exists: cfg.store.is_dir(),
+        certificate,
+        tokens,
+        gc_interval_secs: cfg.gc.interval.map(|i| i.as_secs()),
+        retention_rules: cfg.gc.retention.len(),
+    })
+}
+
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     endpoint: quinn::Endpoint,
