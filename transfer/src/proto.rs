@@ -1508,7 +1508,7 @@ pub struct ServerSession {
     /// lower it).
     max_readable: usize,
     /// The hash of the token it was welcomed with: to tell, when the
-    /// server's tokens change, whether it still holds the same grant.
+    /// server's tokens change, whether that token still has its scopes.
     token: Option<TokenHash>,
 }
 
@@ -1562,7 +1562,8 @@ impl ServerSession {
                 "no token: pass --token-file FILE or set FERRY_TOKEN_FILE",
             ));
         }
-        let Some(grant) = tokens.authenticate(&token) else {
+        let hash = TokenHash::of(&token);
+        let Some(grant) = tokens.grant_of(&hash) else {
             return Err(Reject::fatal(
                 ErrorKind::Unauthenticated,
                 "the token is not known to this server (check the token file, \
@@ -1576,7 +1577,7 @@ impl ServerSession {
             write: grant.scopes.write.iter().map(|s| s.to_string()).collect(),
         };
         self.state = State::Ready(grant.clone());
-        self.token = Some(TokenHash::of(&token));
+        self.token = Some(hash);
         Ok(welcome)
     }
 
