@@ -228,6 +228,19 @@ pub struct TokenConfig {
     pub max_connections: Option<u32>,
 }
 
+impl TokenConfig {
+    /// Its scopes, parsed (with the admin scope if set).
+    pub fn scopes(&self) -> Result<Scopes, ConfigError> {
+        let read: Vec<&str> = self.read.iter().map(String::as_str).collect();
+        let write: Vec<&str> = self.write.iter().map(String::as_str).collect();
+        let scopes = Scopes::parse(&read, &write).map_err(|problem| ConfigError::Token {
+            label: self.name.clone(),
+            problem,
+        })?;
+        Ok(scopes.with_admin(self.admin))
+    }
+}
+
 /// A duration in a config file: `"90s"`, `"15m"`, `"12h"`, `"7d"`, `"2w"`,
 /// or a number of seconds.
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -456,9 +469,14 @@ impl ServerConfig {
 
     /// Checks the limits, the tokens and the collection schedule.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.checked_token_table().map(|_| ())
+    }
+
+    /// [`validate`](Self::validate), returning the token table it built.
+    pub fn checked_token_table(&self) -> Result<TokenTable, ConfigError> {
         self.limits.validate()?;
         self.gc.validate()?;
-        self.token_table().map(|_| ())
+        self.token_table()
     }
 
     /// The tokens as a lookup table.
@@ -501,12 +519,7 @@ impl ServerConfig {
                 None => {}
             }
             let hash = TokenHash::from_hex(&t.sha256).map_err(err)?;
-            let read: Vec<&str> = t.read.iter().map(String::as_str).collect();
-            let write: Vec<&str> = t.write.iter().map(String::as_str).collect();
-            let scopes = Scopes::parse(&read, &write)
-                .map_err(err)?
-                .with_admin(t.admin);
-            entries.push((t.name.clone(), hash, scopes));
+            entries.push((t.name.clone(), hash, t.scopes()?));
         }
         Ok(limits
             .into_iter()

@@ -181,7 +181,7 @@ impl ServerHandle {
     /// those that differ are listed in [`Reloaded::needs_restart`].
     pub fn reload(&self, cfg: &ServerConfig) -> Result<Reloaded, ConfigError> {
         let r = &self.reloader;
-        let table = match cfg.validate().and_then(|()| cfg.token_table()) {
+        let table = match cfg.checked_token_table() {
             Ok(table) => table,
             Err(e) => {
                 r.metrics.config_reload_failures.fetch_add(1, Relaxed);
@@ -448,20 +448,16 @@ pub fn check(cfg: &ServerConfig) -> Result<ConfigCheck, ServerError> {
         .tokens
         .iter()
         .map(|t| {
-            let read: Vec<&str> = t.read.iter().map(String::as_str).collect();
-            let write: Vec<&str> = t.write.iter().map(String::as_str).collect();
-            // validate() parsed them already.
-            let scopes = Scopes::parse(&read, &write).unwrap_or_default();
-            let scopes = scopes.with_admin(t.admin);
-            TokenCheck {
+            let scopes = t.scopes()?;
+            Ok(TokenCheck {
                 name: t.name.clone(),
                 read: scopes.read.iter().map(|s| s.to_string()).collect(),
                 write: scopes.write.iter().map(|s| s.to_string()).collect(),
                 admin: scopes.admin,
                 max_connections: t.max_connections,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<_, ConfigError>>()?;
     Ok(ConfigCheck {
         listen: cfg.listen,
         metrics_listen: cfg.metrics_listen,
@@ -501,8 +497,7 @@ impl Server {
     /// Opens the store, loads (or generates) the certificate and binds the
     /// UDP socket and the metrics listener. Must run inside a tokio runtime.
     pub async fn bind(cfg: &ServerConfig) -> Result<Server, ServerError> {
-        cfg.validate()?;
-        let tokens = cfg.token_table()?;
+        let tokens = cfg.checked_token_table()?;
         if tokens.is_empty() {
             warn!("no [[token]] in the config: every client will be refused");
         }
