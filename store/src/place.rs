@@ -206,7 +206,7 @@ pub struct PlacedFile {
 }
 
 /// To the writer thread: a chunk's position in the placement, its raw bytes.
-type Queue = std::sync::mpsc::SyncSender<(usize, Vec<u8>)>;
+type Queue = std::sync::mpsc::SyncSender<Vec<(usize, Vec<u8>)>>;
 
 /// What the writer thread did, shared.
 struct Placing {
@@ -215,9 +215,23 @@ struct Placing {
     failed: Option<String>,
 }
 
-/// Chunks placed but not written yet: at most this many (each at most the
-/// chunker's maximum, 256 KiB by default).
-const QUEUE: usize = 32;
+/// Batches of chunks placed but not written yet: at most this many.
+const QUEUE: usize = 8;
+
+/// Raw bytes per batch handed to the writer, at most (a single chunk
+/// larger than this goes alone); callers of [`PlacedFile::place_all`]
+/// gather about this much before handing chunks over. Handed over one by
+/// one, the chunks of a remote unstash of the benchmark's v1 woke the
+/// writer for nearly each of its 28,000 chunks (18,000-21,000 voluntary
+/// context switches in all, 6,000-7,000 in batches), and the unstash took
+/// 4.06-4.23 s against 3.54-3.77 s in batches (four alternating pairs,
+/// BENCHMARKS.md §4, 2026-12-03). With [`QUEUE`], at most 16 MiB wait for
+/// the writer.
+pub const BATCH_BYTES: usize = 2 << 20;
+
+/// Chunks read from the store's packs per hand-over to the writer: about
+/// 2 MiB at the average chunk size.
+const PLACE_STORED_GROUP: usize = 32;
 
 impl Store {
     /// Starts restoring `manifest` (named `label` in messages) into the
@@ -295,7 +309,7 @@ fn write_placed(
     file: ScratchFile,
     placement: &Placement,
     state: &Mutex<Placing>,
-    queue: std::sync::mpsc::Receiver<(usize, Vec<u8>)>,
+    queue: std::sync::mpsc::Receiver<Vec<(usize, Vec<u8>)>>,
     progress: &dyn Progress,
 ) -> Option<ScratchFile> {
     let failed = |e: std::io::Error| {
@@ -303,7 +317,7 @@ fn write_placed(
         None
     };
     let mut gather = Gather::new(file.as_file(), placement.size);
-    for (i, raw) in queue {
+    for (i, raw) in queue.into_iter().flatten() {
         if lock(state).placed[i] {
             continue;
         }
@@ -366,6 +380,46 @@ impl PlacedFile {
     /// Placing a chunk twice does nothing the second time. Fails if the
     /// chunk does not belong here or an earlier write failed.
     pub fn place(&self, id: &ChunkId, raw: Vec<u8>) -> Result<(), StoreError> {
+        self.place_all(vec![(*id, raw)])
+    }
+
+    /// [`place`](Self::place) for several chunks at once: the writer
+    /// thread is handed them in a few batches instead of one by one, so
+    /// it wakes less often. Checks every chunk before queueing any.
+    pub fn place_all(&self, chunks: Vec<(ChunkId, Vec<u8>)>) -> Result<(), StoreError> {
+        let mut positions = Vec::with_capacity(chunks.len());
+        for (id, raw) in &chunks {
+            positions.push(self.check(id, raw)?);
+        }
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(queue) = queue else {
+            // Finished: only chunks already written may come again.
+            let state = lock(&self.state);
+            if positions.iter().all(|&i| state.placed[i]) {
+                return Ok(());
+            }
+            drop(state);
+            return Err(self.write_error("the file is already complete".into()));
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for (i, (_, raw)) in positions.into_iter().zip(chunks) {
+            if bytes > 0 && bytes + raw.len() > BATCH_BYTES {
+                self.send(&queue, std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+            bytes += raw.len();
+            batch.push((i, raw));
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.send(&queue, batch)
+    }
+
+    /// Where chunk `id` goes, once its bytes `raw` are checked against the
+    /// placement.
+    fn check(&self, id: &ChunkId, raw: &[u8]) -> Result<usize, StoreError> {
         let wrong = |detail: String| StoreError::CorruptChunk {
             name: self.name.clone(),
             chunk: *id,
@@ -383,16 +437,17 @@ impl PlacedFile {
         if pieces.iter().any(|p| p.from + p.len > len) {
             return Err(wrong("the manifest gives it two lengths".into()));
         }
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let sent = match queue {
-            Some(q) => q.send((i, raw)).is_ok(),
-            None => lock(&self.state).placed[i],
-        };
-        if sent {
+        Ok(i)
+    }
+
+    /// Hands `batch` to the writer; waits while its queue is full. Fails
+    /// if the writer stopped (an earlier write failed).
+    fn send(&self, queue: &Queue, batch: Vec<(usize, Vec<u8>)>) -> Result<(), StoreError> {
+        if queue.send(batch).is_ok() {
             return Ok(());
         }
         let why = lock(&self.state).failed.clone();
-        Err(self.write_error(why.unwrap_or_else(|| "the file is already complete".into())))
+        Err(self.write_error(why.unwrap_or_else(|| "the writer stopped".into())))
     }
 
     /// Places chunks this store holds, reading and verifying them from its
@@ -404,15 +459,20 @@ impl PlacedFile {
             order.push((self.placement.first_at(i), i));
         }
         order.sort_unstable();
-        order.par_iter().try_for_each(|&(_, i)| {
-            let chunk = ChunkRef {
-                id: self.placement.ids[i],
-                len: self.placement.lens[i],
-            };
-            let loc = self.index.read().expect("index lock").get(&chunk.id);
-            let mut raw = Vec::new();
-            read_chunk(self.backend.as_ref(), &self.name, &chunk, loc, &mut raw)?;
-            self.place(&chunk.id, raw)
+        // Groups of chunks: each is one hand-over to the writer.
+        order.par_chunks(PLACE_STORED_GROUP).try_for_each(|group| {
+            let mut batch = Vec::with_capacity(group.len());
+            for &(_, i) in group {
+                let chunk = ChunkRef {
+                    id: self.placement.ids[i],
+                    len: self.placement.lens[i],
+                };
+                let loc = self.index.read().expect("index lock").get(&chunk.id);
+                let mut raw = Vec::new();
+                read_chunk(self.backend.as_ref(), &self.name, &chunk, loc, &mut raw)?;
+                batch.push((chunk.id, raw));
+            }
+            self.place_all(batch)
         })
     }
 

@@ -683,13 +683,24 @@ fn place_shuffled(s: &Store, n: &str, path: &Path, seed: u64, given: usize) -> U
     let mut ids = placed.placement().chunks().to_vec();
     ids.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     let given = given.min(ids.len());
-    let mut raw = Vec::new();
-    for id in &ids[..given] {
-        let c = s.read_stored(id).unwrap().unwrap();
-        verify_stored(&c, &mut raw).unwrap();
-        placed.place(id, raw.clone()).unwrap();
-        // Twice is harmless (a chunk asked again after a reconnect).
-        placed.place(id, raw.clone()).unwrap();
+    let raw_of = |id: &ChunkId| {
+        let mut raw = Vec::new();
+        verify_stored(&s.read_stored(id).unwrap().unwrap(), &mut raw).unwrap();
+        raw
+    };
+    if seed.is_multiple_of(2) {
+        for id in &ids[..given] {
+            placed.place(id, raw_of(id)).unwrap();
+            // Twice is harmless (a chunk asked again after a reconnect).
+            placed.place(id, raw_of(id)).unwrap();
+        }
+    } else {
+        // In batches, as the downloaders hand them over.
+        for group in ids[..given].chunks(1 + seed as usize % 7) {
+            let batch = || group.iter().map(|id| (*id, raw_of(id))).collect();
+            placed.place_all(batch()).unwrap();
+            placed.place_all(batch()).unwrap();
+        }
     }
     placed.place_stored(&ids[given..]).unwrap();
     let report = placed.finish().unwrap();
@@ -724,6 +735,31 @@ proptest! {
 }
 
 #[test]
+fn chunks_placed_all_at_once_are_split_into_batches_and_all_written() {
+    let (d, s) = store();
+    // More raw bytes than one batch to the writer holds.
+    let data = random(3 * crate::place::BATCH_BYTES + 12_345, 7);
+    stash_bytes(&s, "p/x", &data);
+    let (_, m) = s.manifest(&name("p/x")).unwrap();
+    let path = d.path().join("out");
+    let placed = s
+        .place_file("p/x", &m, &path, false, Arc::new(NoProgress))
+        .unwrap();
+    let ids = placed.placement().chunks().to_vec();
+    let all = ids
+        .iter()
+        .map(|id| {
+            let mut raw = Vec::new();
+            verify_stored(&s.read_stored(id).unwrap().unwrap(), &mut raw).unwrap();
+            (*id, raw)
+        })
+        .collect();
+    placed.place_all(all).unwrap();
+    assert_eq!(placed.finish().unwrap().size, data.len() as u64);
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+}
+
+#[test]
 fn a_placed_file_appears_only_when_complete() {
     let (d, s) = store();
     let data = [random(1 << 20, 1), random(1 << 20, 1)].concat();
@@ -751,6 +787,15 @@ fn a_placed_file_appears_only_when_complete() {
     let ids = placed.placement().chunks().to_vec();
     assert!(ids.len() > 2, "{} chunks", ids.len());
     placed.place_stored(&ids[1..]).unwrap();
+    // A batch with one wrong chunk is refused whole: the good one in it is
+    // not written either (else the file would be complete).
+    let mut raw = Vec::new();
+    verify_stored(&s.read_stored(&ids[0]).unwrap().unwrap(), &mut raw).unwrap();
+    let err = placed
+        .place_all(vec![(ids[0], raw), (ChunkId([9; 32]), vec![0; 10])])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not name it"), "{err}");
     let err = placed.finish().unwrap_err().to_string();
     assert!(err.contains("never written"), "{err}");
     assert_eq!(placed.unplaced(), 1);

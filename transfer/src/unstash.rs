@@ -379,23 +379,39 @@ async fn download(
         counters.bytes_received.fetch_add(stored, Relaxed);
         let (b, tx, placed) = (board.clone(), importer.clone(), placed.clone());
         let verified = tokio::task::spawn_blocking(move || {
+            // Chunks for the file go to its writer a batch at a time.
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            let place = |batch: Vec<(ChunkId, Vec<u8>)>| {
+                let Some(placed) = &placed else { return Ok(()) };
+                let ids: Vec<ChunkId> = batch.iter().map(|c| c.0).collect();
+                placed.place_all(batch).map_err(Failed::Write)?;
+                for id in ids {
+                    b.arrive(id, Vec::new());
+                }
+                Ok(())
+            };
             for c in chunks {
                 let id = c.id;
                 let mut raw = Vec::with_capacity(c.raw_len as usize);
                 let v = c
                     .verify(&mut raw)
                     .map_err(|e| Failed::Corrupt(id, e.to_string()))?;
-                match &placed {
-                    Some(placed) => {
-                        placed.place(&id, raw).map_err(Failed::Write)?;
-                        b.arrive(id, Vec::new());
+                if placed.is_some() {
+                    batch_bytes += raw.len();
+                    batch.push((id, raw));
+                    if batch_bytes >= store::place::BATCH_BYTES {
+                        place(std::mem::take(&mut batch))?;
+                        batch_bytes = 0;
                     }
-                    None => b.arrive(id, raw),
+                } else {
+                    b.arrive(id, raw);
                 }
                 // A stopped importer (the node's store failed) is reported
                 // when it is joined; the restore goes on without it.
                 tx.send(v);
             }
+            place(batch)?;
             Ok::<(), Failed>(())
         })
         .await
