@@ -398,12 +398,14 @@ async fn download(
                     .verify(&mut raw)
                     .map_err(|e| Failed::Corrupt(id, e.to_string()))?;
                 if placed.is_some() {
-                    batch_bytes += raw.len();
-                    batch.push((id, raw));
-                    if batch_bytes >= store::place::BATCH_BYTES {
+                    // Handed over before it would outgrow one batch, so
+                    // place_all need not split it.
+                    if batch_bytes > 0 && batch_bytes + raw.len() > store::place::BATCH_BYTES {
                         place(std::mem::take(&mut batch))?;
                         batch_bytes = 0;
                     }
+                    batch_bytes += raw.len();
+                    batch.push((id, raw));
                 } else {
                     b.arrive(id, raw);
                 }
