@@ -223,7 +223,7 @@ const QUEUE: usize = 8;
 /// gather about this much before handing chunks over. Handed over one by
 /// one, the chunks of a remote unstash of the benchmark's v1 woke the
 /// writer for nearly each of its 28,000 chunks (18,000-21,000 voluntary
-/// context switches in all, 6,000-7,000 in batches), and the unstash took
+/// context switches in all, 6,000-11,000 in batches), and the unstash took
 /// 4.06-4.23 s against 3.54-3.77 s in batches (four alternating pairs,
 /// BENCHMARKS.md §4, 2026-12-03). With [`QUEUE`], at most 16 MiB wait for
 /// the writer.
